@@ -1,0 +1,164 @@
+#include "dispatch.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace pwcpu {
+namespace detail {
+namespace {
+
+struct IsaEntry {
+    const char* name;
+    const kernels::IsaKernels& (*table)();
+    bool (*cpu_has)();
+};
+
+// Best first. An ISA is usable only when it was compiled in *and* the CPU (and OS, which
+// __builtin_cpu_supports checks through XGETBV) supports it.
+const std::vector<IsaEntry>& known_isas() {
+    static const std::vector<IsaEntry> isas{
+#if defined(PWCPU_HAVE_X86_KERNELS)
+        {"avx512", kernels::avx512_kernels, [] { return __builtin_cpu_supports("avx512f") != 0; }},
+        {"avx2", kernels::avx2_kernels,
+         [] { return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0; }},
+#endif
+        {"scalar", kernels::scalar_kernels, [] { return true; }},
+    };
+    return isas;
+}
+
+struct Selection {
+    const kernels::IsaKernels* kernels = nullptr;
+    std::string reason;
+};
+
+std::mutex selection_mutex;
+std::atomic<const kernels::IsaKernels*> selected{nullptr};
+std::string selection_reason;
+
+Selection choose(const std::string& requested, const char* source) {
+    const auto& isas = known_isas();
+    if (requested.empty() || requested == "auto") {
+        for (const auto& isa : isas) {
+            if (isa.cpu_has()) return {&isa.table(), std::string("best ISA this CPU supports")};
+        }
+    }
+    for (const auto& isa : isas) {
+        if (requested != isa.name) continue;
+        if (!isa.cpu_has()) {
+            throw std::invalid_argument(std::string(source) + " asks for ISA '" + requested +
+                                     "', which this CPU does not support");
+        }
+        return {&isa.table(), std::string("requested by ") + source};
+    }
+    std::string names;
+    for (const auto& isa : known_isas()) names += std::string(names.empty() ? "" : ", ") + isa.name;
+    throw std::invalid_argument(std::string(source) + " = '" + requested +
+                                "' is not a known ISA; expected one of: auto, " + names);
+}
+
+int64_t sysfs_cache_size(int level, const char* type) {
+    for (int index = 0; index < 8; ++index) {
+        const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+        std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+        int found_level = 0;
+        std::string found_type, size;
+        if (!(level_file >> found_level) || !(type_file >> found_type) || !(size_file >> size)) continue;
+        if (found_level != level || (found_type != type && found_type != "Unified")) continue;
+        int64_t bytes = std::strtoll(size.c_str(), nullptr, 10);
+        if (!size.empty() && (size.back() == 'K')) bytes *= 1024;
+        if (!size.empty() && (size.back() == 'M')) bytes *= 1024 * 1024;
+        return bytes;
+    }
+    return 0;
+}
+
+int64_t cache_size(int sysconf_name, int level, const char* type, int64_t fallback) {
+    int64_t bytes = sysconf(sysconf_name);
+    if (bytes <= 0) bytes = sysfs_cache_size(level, type);
+    return bytes > 0 ? bytes : fallback;
+}
+
+}  // namespace
+
+const kernels::IsaKernels& active_kernels() {
+    const kernels::IsaKernels* current = selected.load(std::memory_order_acquire);
+    if (current != nullptr) return *current;
+    std::lock_guard<std::mutex> lock(selection_mutex);
+    current = selected.load(std::memory_order_relaxed);
+    if (current == nullptr) {
+        const char* env = std::getenv("PWCPU_ISA");
+        Selection s = choose(env != nullptr ? env : "", "PWCPU_ISA");
+        if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") {
+            s.reason = "best ISA this CPU supports (PWCPU_ISA not set)";
+        }
+        selection_reason = s.reason;
+        current = s.kernels;
+        selected.store(current, std::memory_order_release);
+    }
+    return *current;
+}
+
+const CacheSizes& cache_sizes() {
+    static const CacheSizes sizes{
+        cache_size(_SC_LEVEL1_DCACHE_SIZE, 1, "Data", 32 * 1024),
+        cache_size(_SC_LEVEL2_CACHE_SIZE, 2, "Unified", 1024 * 1024),
+        cache_size(_SC_LEVEL3_CACHE_SIZE, 3, "Unified", 8 * 1024 * 1024),
+    };
+    return sizes;
+}
+
+}  // namespace detail
+
+void select_isa(const std::string& name) {
+    detail::active_kernels();  // settle the initial choice first so it cannot overwrite this one
+    detail::Selection s = detail::choose(name, "select_isa()");
+    std::lock_guard<std::mutex> lock(detail::selection_mutex);
+    detail::selection_reason = s.reason;
+    detail::selected.store(s.kernels, std::memory_order_release);
+}
+
+RuntimeInfo runtime_info() {
+    RuntimeInfo info;
+    const kernels::IsaKernels& k = detail::active_kernels();
+    info.isa = k.isa;
+    {
+        std::lock_guard<std::mutex> lock(detail::selection_mutex);
+        info.isa_reason = detail::selection_reason;
+    }
+    info.kernel_main = k.main.name;
+    info.kernel_narrow = k.narrow.name;
+    for (const auto& isa : detail::known_isas()) {
+        if (isa.cpu_has()) info.supported_isas.emplace_back(isa.name);
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+#define PWCPU_FEATURE(name) \
+    if (__builtin_cpu_supports(name)) info.cpu_features.emplace_back(name);
+    PWCPU_FEATURE("sse4.2")
+    PWCPU_FEATURE("avx")
+    PWCPU_FEATURE("avx2")
+    PWCPU_FEATURE("fma")
+    PWCPU_FEATURE("avx512f")
+    PWCPU_FEATURE("avx512dq")
+    PWCPU_FEATURE("avx512bw")
+    PWCPU_FEATURE("avx512vl")
+    PWCPU_FEATURE("avx512vnni")
+    PWCPU_FEATURE("avx512bf16")
+#undef PWCPU_FEATURE
+#endif
+    const detail::CacheSizes& caches = detail::cache_sizes();
+    info.l1d_bytes = caches.l1d;
+    info.l2_bytes = caches.l2;
+    info.l3_bytes = caches.l3;
+    return info;
+}
+
+}  // namespace pwcpu

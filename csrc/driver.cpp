@@ -1,0 +1,299 @@
+// The driver: weight packing, cache blocking, threading and the fused epilogue's bookkeeping.
+// It knows kernels only through the contract in kernels/ukernel.hpp and the dispatch table.
+#include <omp.h>
+#include <xmmintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <vector>
+
+#include "dispatch.hpp"
+#include "pwcpu/pwcpu.hpp"
+
+namespace pwcpu {
+
+using kernels::GemmKernel;
+using kernels::GemmTileArgs;
+
+namespace {
+
+constexpr int kMaxMR = 32;
+constexpr size_t kAlignment = 64;
+
+struct AlignedFree {
+    void operator()(float* p) const { std::free(p); }
+};
+using AlignedBuffer = std::unique_ptr<float[], AlignedFree>;
+
+AlignedBuffer allocate_floats(size_t count) {
+    const size_t bytes = std::max<size_t>(kAlignment, (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment);
+    void* p = std::aligned_alloc(kAlignment, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return AlignedBuffer(static_cast<float*>(p));
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- threads --------------------------------------------------------------------------------
+
+// 0 = follow OpenMP's setting for the calling thread (OMP_NUM_THREADS, threadpoolctl).
+std::atomic<int> requested_threads{0};
+// Calls in flight, so that concurrent callers share the cores instead of multiplying threads.
+std::atomic<int> calls_in_flight{0};
+
+struct CallGuard {
+    CallGuard() { calls_in_flight.fetch_add(1, std::memory_order_relaxed); }
+    ~CallGuard() { calls_in_flight.fetch_sub(1, std::memory_order_relaxed); }
+};
+
+// Flush denormals to zero for the duration of a call on this thread, then restore the caller's
+// floating-point state: denormal inputs must not make a call slow.
+struct DenormalsAreZero {
+    unsigned saved = _mm_getcsr();
+    DenormalsAreZero() { _mm_setcsr(saved | 0x8040u); }  // FTZ | DAZ
+    ~DenormalsAreZero() { _mm_setcsr(saved); }
+};
+
+// ---- blocking -------------------------------------------------------------------------------
+
+struct Blocking {
+    int64_t kc;          // reduction length per K block
+    int64_t k_blocks;
+    int64_t nc_panels;   // panels whose kc x NR weights are kept in L2 together
+    int64_t mc_tiles;    // tiles per M block when the reduction is split
+};
+
+Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, int64_t tiles) {
+    const detail::CacheSizes& cache = detail::cache_sizes();
+    const int64_t bytes = sizeof(float);
+    // One MR x kc tile of activations stays in L1 while it meets every panel of the block.
+    const int64_t kc_max = std::max<int64_t>(64, cache.l1d * 3 / 4 / (kernel.mr * bytes) / 16 * 16);
+    Blocking b{};
+    b.k_blocks = cg <= kc_max ? 1 : ceil_div(cg, kc_max);
+    b.kc = std::max<int64_t>(1, ceil_div(cg, b.k_blocks));
+    // The weights of a block of panels stream from L2, shared by all tiles.
+    b.nc_panels = std::clamp<int64_t>(cache.l2 / 2 / (b.kc * kernel.nr * bytes), 1, std::max<int64_t>(panels, 1));
+    // With a split reduction, partial outputs of an M block must still be in L2 for the next K block.
+    b.mc_tiles = b.k_blocks == 1
+                     ? std::max<int64_t>(tiles, 1)
+                     : std::max<int64_t>(1, cache.l2 / 2 / (b.nc_panels * kernel.nr * kernel.mr * bytes));
+    return b;
+}
+
+// A rectangle of the (tiles x panels) grid given to one thread.
+struct WorkRange {
+    int64_t tile_begin, tile_end, panel_begin, panel_end;
+};
+
+// Split rows and panels over a threads_m x threads_n grid. Among grids of equal balance, prefer the
+// one that moves fewer bytes: each thread column reads all weights of its panels, each thread
+// row all activations of its tiles.
+std::vector<WorkRange> partition(int64_t tiles, int64_t panels, int64_t rows, const GemmKernel& kernel, int64_t cg,
+                                 int threads) {
+    struct Candidate {
+        int tm, tn;
+        double cost;
+    };
+    Candidate best{1, 1, 0.0};
+    bool have_best = false;
+    for (int tm = 1; tm <= threads; ++tm) {
+        if (threads % tm != 0) continue;
+        const int tn = threads / tm;
+        if (tm > tiles || tn > panels) continue;
+        const double rows_per_thread = static_cast<double>(ceil_div(tiles, tm)) * kernel.mr;
+        const double slowest = std::min<double>(rows_per_thread, static_cast<double>(rows)) *
+                               static_cast<double>(ceil_div(panels, tn)) * kernel.nr * static_cast<double>(cg + 8);
+        const double traffic = static_cast<double>(tn) * static_cast<double>(rows) * static_cast<double>(cg) +
+                               static_cast<double>(tm) * static_cast<double>(panels) * kernel.nr * static_cast<double>(cg);
+        const double cost = slowest + 0.25 * traffic;
+        if (!have_best || cost < best.cost) best = {tm, tn, cost};
+        have_best = true;
+    }
+    std::vector<WorkRange> ranges;
+    for (int i = 0; i < best.tm; ++i) {
+        for (int j = 0; j < best.tn; ++j) {
+            ranges.push_back({tiles * i / best.tm, tiles * (i + 1) / best.tm, panels * j / best.tn,
+                              panels * (j + 1) / best.tn});
+        }
+    }
+    return ranges;
+}
+
+}  // namespace
+
+// ---- packed weights -------------------------------------------------------------------------
+
+struct PackedWeights::Impl {
+    const kernels::IsaKernels* isa = nullptr;
+    GemmKernel kernel;
+    int64_t k = 0, cg = 0, groups = 1;
+    int64_t kg = 0, panels_per_group = 0, panel_stride = 0;
+    AlignedBuffer panels;
+
+    int64_t panel_count() const { return groups * panels_per_group; }
+    const float* panel(int64_t p) const { return panels.get() + p * panel_stride; }
+
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
+             Activation act) const;
+};
+
+PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
+                             int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups)
+    : impl_(std::make_unique<Impl>()) {
+    if (groups < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % groups != 0) {
+        throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
+    }
+    Impl& w = *impl_;
+    w.isa = &detail::active_kernels();
+    w.k = out_channels;
+    w.cg = in_channels_per_group;
+    w.groups = groups;
+    w.kg = out_channels / groups;
+    w.kernel = w.kg <= w.isa->narrow.nr ? w.isa->narrow : w.isa->main;
+    const int64_t nr = w.kernel.nr;
+    w.panels_per_group = ceil_div(w.kg, nr);
+    w.panel_stride = nr * (1 + w.cg);
+    w.panels = allocate_floats(static_cast<size_t>(w.panel_count() * w.panel_stride));
+
+    const int64_t panel_count = w.panel_count();
+#pragma omp parallel for schedule(static) if (panel_count * w.panel_stride > (1 << 16))
+    for (int64_t p = 0; p < panel_count; ++p) {
+        const int64_t g = p / w.panels_per_group;
+        const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
+        const int64_t width = std::min<int64_t>(nr, (g + 1) * w.kg - first);
+        float* dst = w.panels.get() + p * w.panel_stride;
+        std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));
+        for (int64_t n = 0; n < width; ++n) dst[n] = bias != nullptr ? bias[first + n] : 0.0f;
+        for (int64_t n = 0; n < width; ++n) {
+            const float* src = weight + (first + n) * row_stride;
+            for (int64_t c = 0; c < w.cg; ++c) dst[nr * (1 + c) + n] = src[c * col_stride];
+        }
+    }
+}
+
+PackedWeights::~PackedWeights() = default;
+
+int64_t PackedWeights::out_channels() const { return impl_->k; }
+int64_t PackedWeights::in_channels() const { return impl_->cg * impl_->groups; }
+int64_t PackedWeights::groups() const { return impl_->groups; }
+const char* PackedWeights::isa() const { return impl_->isa->isa; }
+const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
+
+void PackedWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
+                        const ConvGeometry& geometry, Activation activation) const {
+    impl_->run(x, out, residual, geometry, activation);
+}
+
+void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const TensorView* residual,
+                              const ConvGeometry& geo, Activation act) const {
+    const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2];
+    const int64_t rows = batch * ho * wo;
+    if (rows == 0 || k == 0) return;
+
+    const int64_t mr = kernel.mr;
+    const int64_t tiles = ceil_div(rows, mr);
+    const int64_t panels_total = panel_count();
+    const Blocking blk = choose_blocking(kernel, cg, panels_total, tiles);
+
+    // Padding reads a row of zeros, so border pixels get bias, residual and activation only.
+    const bool padded = geo.pad_h > 0 || geo.pad_w > 0;
+    std::vector<float> zeros(padded ? static_cast<size_t>(std::max<int64_t>(cg * groups, 1)) : 0, 0.0f);
+
+    CallGuard guard;
+    const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg);
+    int threads = get_num_threads();
+    threads = std::max(1, threads / std::max(1, calls_in_flight.load(std::memory_order_relaxed)));
+    if (flops < 4.0e5) threads = 1;  // a fork-join would cost more than it saves
+    const std::vector<WorkRange> ranges = partition(tiles, panels_total, rows, kernel, cg, threads);
+    const int teams = static_cast<int>(ranges.size());
+
+    const auto work = [&](const WorkRange& range) {
+        const float* x_rows[kMaxMR];
+        float* out_rows[kMaxMR];
+        const float* res_rows[kMaxMR];
+        const float* a_rows[kMaxMR];
+        GemmTileArgs args{};
+        args.c = out_rows;
+        args.a = a_rows;
+
+        const auto fill_rows = [&](int64_t tile) {
+            const int64_t first = tile * mr;
+            args.mr = static_cast<size_t>(std::min<int64_t>(mr, rows - first));
+            for (int64_t m = 0; m < mr; ++m) {
+                // Rows past the end repeat the last row: the kernel reads them but never stores them.
+                const int64_t i = first + std::min<int64_t>(m, static_cast<int64_t>(args.mr) - 1);
+                const int64_t n = i / (ho * wo), oh = (i / wo) % ho, ow = i % wo;
+                const int64_t ih = oh * geo.stride_h - geo.pad_h, iw = ow * geo.stride_w - geo.pad_w;
+                const bool inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
+                x_rows[m] = inside ? x.data + n * x.strides[0] + ih * x.strides[1] + iw * x.strides[2] : zeros.data();
+                out_rows[m] = out.data + n * out.strides[0] + oh * out.strides[1] + ow * out.strides[2];
+                if (residual != nullptr) {
+                    res_rows[m] = residual->data + n * residual->strides[0] + oh * residual->strides[1] +
+                                  ow * residual->strides[2];
+                }
+            }
+        };
+
+        for (int64_t pb = range.panel_begin; pb < range.panel_end; pb += blk.nc_panels) {
+            const int64_t pe = std::min(range.panel_end, pb + blk.nc_panels);
+            for (int64_t mb = range.tile_begin; mb < range.tile_end; mb += blk.mc_tiles) {
+                const int64_t me = std::min(range.tile_end, mb + blk.mc_tiles);
+                for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
+                    const int64_t k0 = kb * blk.kc;
+                    args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
+                    args.final = kb + 1 == blk.k_blocks;
+                    args.act = args.final ? act : Activation::none;
+                    for (int64_t t = mb; t < me; ++t) {
+                        fill_rows(t);
+                        int64_t group = -1;
+                        for (int64_t p = pb; p < pe; ++p) {
+                            if (p / panels_per_group != group) {
+                                group = p / panels_per_group;
+                                for (int64_t m = 0; m < mr; ++m) a_rows[m] = x_rows[m] + group * cg + k0;
+                            }
+                            const int64_t col = group * kg + (p % panels_per_group) * kernel.nr;
+                            args.nr = static_cast<size_t>(std::min<int64_t>(kernel.nr, (group + 1) * kg - col));
+                            args.col = static_cast<size_t>(col);
+                            args.bias = kb == 0 ? panel(p) : nullptr;
+                            args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
+                            args.w = panel(p) + kernel.nr * (1 + k0);
+                            kernel.fn(args);
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    if (teams == 1) {
+        DenormalsAreZero daz;
+        work(ranges[0]);
+        return;
+    }
+#pragma omp parallel num_threads(teams)
+    {
+        DenormalsAreZero daz;
+        // A smaller team than asked for (nested or limited OpenMP) still covers every range.
+        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
+    }
+}
+
+// ---- thread control -------------------------------------------------------------------------
+
+int get_num_threads() {
+    const int omp_threads = std::max(1, omp_get_max_threads());
+    const int requested = requested_threads.load(std::memory_order_relaxed);
+    return requested > 0 ? std::min(requested, omp_threads) : omp_threads;
+}
+
+void set_num_threads(int n) {
+    if (n < 1) throw std::invalid_argument("set_num_threads: the number of threads must be >= 1");
+    requested_threads.store(n, std::memory_order_relaxed);
+    omp_set_num_threads(n);
+}
+
+}  // namespace pwcpu

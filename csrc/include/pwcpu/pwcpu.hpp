@@ -1,0 +1,81 @@
+// pwcpu: pointwise (1x1) convolution on the CPU.
+//
+// The C++ interface below has no Python dependency; the Python module is a thin binding over it.
+// Tensors are NHWC float32 with the channel axis contiguous; every other stride is free (in
+// elements, negative allowed), so crops, strided views and channel slices of larger buffers work
+// without copies.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pwcpu {
+
+enum class Activation : int { none = 0, relu, relu6, silu, gelu, hardswish, sigmoid };
+
+// A 4-D NHWC view: data + shape + element strides. strides[3] (channels) must be 1 unless the
+// channel count is <= 1.
+struct TensorView {
+    float* data = nullptr;
+    int64_t shape[4] = {0, 0, 0, 0};
+    int64_t strides[4] = {0, 0, 0, 1};
+};
+
+struct ConvGeometry {
+    int64_t stride_h = 1, stride_w = 1;
+    int64_t pad_h = 0, pad_w = 0;
+};
+
+// Weights (and bias) packed for the kernel of the ISA active at construction: per group, NR-wide
+// panels of output channels, each panel starting with its NR biases followed by C x NR weights.
+class PackedWeights {
+public:
+    // weight: K rows of C/groups values, element strides (row_stride, col_stride).
+    // bias: K values or nullptr.
+    PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
+                  int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups);
+    ~PackedWeights();
+    PackedWeights(const PackedWeights&) = delete;
+    PackedWeights& operator=(const PackedWeights&) = delete;
+
+    int64_t out_channels() const;
+    int64_t in_channels() const;  // C = groups * C/groups
+    int64_t groups() const;
+    // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512").
+    const char* isa() const;
+    const char* kernel_name() const;
+
+    // out = act(conv(x) + bias + residual). residual may be null, or alias out exactly.
+    // Shapes must already be validated: out is (N, Ho, Wo, K) for x (N, H, W, C).
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual,
+             const ConvGeometry& geometry, Activation activation) const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// Threads used by one call (defaults to OMP_NUM_THREADS or the number of cores).
+int get_num_threads();
+void set_num_threads(int n);
+
+// Runtime introspection.
+struct RuntimeInfo {
+    std::string isa;             // ISA whose kernels are used
+    std::string isa_reason;      // why it was chosen
+    std::vector<std::string> cpu_features;
+    std::vector<std::string> supported_isas;  // compiled in and supported by this CPU
+    std::string kernel_main, kernel_narrow;
+    int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
+};
+RuntimeInfo runtime_info();
+
+// Choose the ISA by name ("scalar", "avx2", "avx512", or "auto"); throws std::invalid_argument
+// for an unknown name or one this CPU or build cannot run.
+void select_isa(const std::string& name);
+
+}  // namespace pwcpu

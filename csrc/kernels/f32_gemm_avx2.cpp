@@ -1,0 +1,55 @@
+// AVX2+FMA microkernels: 8 lanes; tails through vmaskmov, used only in the epilogue.
+// Compiled with -mavx2 -mfma only; called only when the CPU reports both.
+#include <immintrin.h>
+
+#include "kernels/ukernel.hpp"
+
+namespace pwcpu::kernels {
+namespace avx2 {
+
+struct Vec {
+    static constexpr int W = 8;
+    using R = __m256;
+    static __m256i mask(size_t n) {
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static R set1(float x) { return _mm256_set1_ps(x); }
+    static R load(const float* p) { return _mm256_loadu_ps(p); }
+    static R load_n(const float* p, size_t n) { return n == W ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(n)); }
+    static void store_n(float* p, R x, size_t n) {
+        if (n == W) {
+            _mm256_storeu_ps(p, x);
+        } else {
+            _mm256_maskstore_ps(p, mask(n), x);
+        }
+    }
+    static R add(R a, R b) { return _mm256_add_ps(a, b); }
+    static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+    static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+    static R div(R a, R b) { return _mm256_div_ps(a, b); }
+    static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+    static R max(R a, R b) { return _mm256_max_ps(a, b); }
+    static R min(R a, R b) { return _mm256_min_ps(a, b); }
+    static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+    static R round(R a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static R pow2(R n) {
+        const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_castsi256_ps(bits);
+    }
+    static R select_neg(R x, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)); }
+};
+
+#include "kernels/f32_gemm_tile.inl"
+
+}  // namespace avx2
+
+const IsaKernels& avx2_kernels() {
+    static const IsaKernels table{
+        "avx2",
+        {avx2::f32_gemm_tile<6, 2>, 6, 16, "f32_gemm_bias_act_6x16_avx2"},
+        {avx2::f32_gemm_tile<12, 1>, 12, 8, "f32_gemm_bias_act_12x8_avx2"},
+    };
+    return table;
+}
+
+}  // namespace pwcpu::kernels

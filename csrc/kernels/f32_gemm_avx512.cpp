@@ -1,0 +1,49 @@
+// AVX-512F microkernels: 16 lanes, native lane masks for the tails, embedded broadcasts.
+// Compiled with -mavx512f (and friends) only; called only when the CPU reports AVX-512F.
+#include <immintrin.h>
+
+#include "kernels/ukernel.hpp"
+
+namespace pwcpu::kernels {
+namespace avx512 {
+
+struct Vec {
+    static constexpr int W = 16;
+    using R = __m512;
+    static __mmask16 mask(size_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+    static R set1(float x) { return _mm512_set1_ps(x); }
+    static R load(const float* p) { return _mm512_loadu_ps(p); }
+    static R load_n(const float* p, size_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+    static void store_n(float* p, R x, size_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
+    static R add(R a, R b) { return _mm512_add_ps(a, b); }
+    static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+    static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+    static R div(R a, R b) { return _mm512_div_ps(a, b); }
+    static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+    static R max(R a, R b) { return _mm512_max_ps(a, b); }
+    static R min(R a, R b) { return _mm512_min_ps(a, b); }
+    static R abs(R a) { return _mm512_abs_ps(a); }
+    static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static R pow2(R n) {
+        const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+        return _mm512_castsi512_ps(bits);
+    }
+    static R select_neg(R x, R a, R b) {
+        return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), b, a);
+    }
+};
+
+#include "kernels/f32_gemm_tile.inl"
+
+}  // namespace avx512
+
+const IsaKernels& avx512_kernels() {
+    static const IsaKernels table{
+        "avx512",
+        {avx512::f32_gemm_tile<14, 2>, 14, 32, "f32_gemm_bias_act_14x32_avx512"},
+        {avx512::f32_gemm_tile<14, 1>, 14, 16, "f32_gemm_bias_act_14x16_avx512"},
+    };
+    return table;
+}
+
+}  // namespace pwcpu::kernels

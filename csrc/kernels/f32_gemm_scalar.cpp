@@ -1,0 +1,58 @@
+// Portable microkernels: plain C++ over small fixed-size arrays, which the compiler may
+// auto-vectorise for the baseline target. Runs on every CPU; every test can force it.
+#include <cmath>
+
+#include "kernels/ukernel.hpp"
+
+namespace pwcpu::kernels {
+namespace scalar {
+
+struct Vec {
+    static constexpr int W = 4;
+    struct R {
+        float lane[W];
+    };
+    template <class F>
+    static R map(F f) {
+        R r;
+        for (int i = 0; i < W; ++i) r.lane[i] = f(i);
+        return r;
+    }
+    static R set1(float x) { return map([&](int) { return x; }); }
+    static R load(const float* p) { return map([&](int i) { return p[i]; }); }
+    static R load_n(const float* p, size_t n) {
+        return map([&](int i) { return static_cast<size_t>(i) < n ? p[i] : 0.0f; });
+    }
+    static void store_n(float* p, R x, size_t n) {
+        for (size_t i = 0; i < n; ++i) p[i] = x.lane[i];
+    }
+    static R add(R a, R b) { return map([&](int i) { return a.lane[i] + b.lane[i]; }); }
+    static R sub(R a, R b) { return map([&](int i) { return a.lane[i] - b.lane[i]; }); }
+    static R mul(R a, R b) { return map([&](int i) { return a.lane[i] * b.lane[i]; }); }
+    static R div(R a, R b) { return map([&](int i) { return a.lane[i] / b.lane[i]; }); }
+    // Multiply-add in two roundings, as the baseline target has no FMA instruction.
+    static R fma(R a, R b, R c) { return map([&](int i) { return a.lane[i] * b.lane[i] + c.lane[i]; }); }
+    static R max(R a, R b) { return map([&](int i) { return a.lane[i] > b.lane[i] ? a.lane[i] : b.lane[i]; }); }
+    static R min(R a, R b) { return map([&](int i) { return a.lane[i] < b.lane[i] ? a.lane[i] : b.lane[i]; }); }
+    static R abs(R a) { return map([&](int i) { return std::fabs(a.lane[i]); }); }
+    static R round(R a) { return map([&](int i) { return std::nearbyint(a.lane[i]); }); }
+    static R pow2(R n) {
+        return map([&](int i) { return std::isnan(n.lane[i]) ? n.lane[i] : std::ldexp(1.0f, static_cast<int>(n.lane[i])); });
+    }
+    static R select_neg(R x, R a, R b) { return map([&](int i) { return x.lane[i] < 0.0f ? a.lane[i] : b.lane[i]; }); }
+};
+
+#include "kernels/f32_gemm_tile.inl"
+
+}  // namespace scalar
+
+const IsaKernels& scalar_kernels() {
+    static const IsaKernels table{
+        "scalar",
+        {scalar::f32_gemm_tile<4, 2>, 4, 8, "f32_gemm_bias_act_4x8_scalar"},
+        {scalar::f32_gemm_tile<4, 1>, 4, 4, "f32_gemm_bias_act_4x4_scalar"},
+    };
+    return table;
+}
+
+}  // namespace pwcpu::kernels

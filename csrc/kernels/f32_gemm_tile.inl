@@ -1,0 +1,157 @@
+// The f32 GEMM tile microkernel and its fused epilogue, written once over a vector type.
+//
+// This file holds no intrinsics. Each ISA's translation unit defines `struct Vec` (its register
+// type and a dozen primitive operations) and includes this file *inside its own namespace*, so
+// every instantiation is a distinct symbol compiled with that unit's flags: an AVX-512 copy can
+// never be picked by the linker for the scalar path.
+//
+// Vec provides: W (lanes), R (register type), set1, load (aligned to nothing), load_n/store_n
+// (first n lanes, 0 <= n <= W), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
+// max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
+// as b keeps NaN), abs, round (to nearest), pow2 (2^n for integral n in [-126, 127]) and
+// select_neg(x, a, b) = x < 0 ? a : b.
+
+#define PWCPU_INLINE inline __attribute__((always_inline))
+
+using R = Vec::R;
+
+PWCPU_INLINE R k(float value) { return Vec::set1(value); }
+
+// exp(x) after Cephes' expf: range reduction by ln2 in two parts and a degree-6 polynomial.
+// Relative error ~1.5 ulp. Inputs are clamped to the range where 2^n stays a normal number.
+PWCPU_INLINE R exp_approx(R x) {
+    x = Vec::min(k(88.3762626647949f), Vec::max(k(-87.3365478515625f), x));
+    const R n = Vec::round(Vec::mul(x, k(1.44269504088896341f)));
+    R r = Vec::fma(n, k(-0.693359375f), x);
+    r = Vec::fma(n, k(2.12194440e-4f), r);
+    R p = k(1.9875691500e-4f);
+    p = Vec::fma(p, r, k(1.3981999507e-3f));
+    p = Vec::fma(p, r, k(8.3334519073e-3f));
+    p = Vec::fma(p, r, k(4.1665795894e-2f));
+    p = Vec::fma(p, r, k(1.6666665459e-1f));
+    p = Vec::fma(p, r, k(5.0000001201e-1f));
+    p = Vec::fma(p, Vec::mul(r, r), Vec::add(r, k(1.0f)));
+    return Vec::mul(p, Vec::pow2(n));
+}
+
+PWCPU_INLINE R sigmoid(R x) {
+    return Vec::div(k(1.0f), Vec::add(k(1.0f), exp_approx(Vec::sub(k(0.0f), x))));
+}
+
+// gelu(x) = x/2 * (1 + erf(x / sqrt 2)), exact erf form as PyTorch's default. erfc(|z|) comes
+// from Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7); building 1 + erf from erfc keeps
+// the relative accuracy for negative x, where 1 + erf is tiny.
+PWCPU_INLINE R gelu(R x) {
+    const R z = Vec::mul(Vec::abs(x), k(0.70710678118654752f));
+    const R t = Vec::div(k(1.0f), Vec::fma(z, k(0.3275911f), k(1.0f)));
+    R poly = k(1.061405429f);
+    poly = Vec::fma(poly, t, k(-1.453152027f));
+    poly = Vec::fma(poly, t, k(1.421413741f));
+    poly = Vec::fma(poly, t, k(-0.284496736f));
+    poly = Vec::fma(poly, t, k(0.254829592f));
+    const R erfc_abs = Vec::mul(Vec::mul(poly, t), exp_approx(Vec::sub(k(0.0f), Vec::mul(z, z))));
+    const R one_plus_erf = Vec::select_neg(x, erfc_abs, Vec::sub(k(2.0f), erfc_abs));
+    return Vec::mul(Vec::mul(x, k(0.5f)), one_plus_erf);
+}
+
+template <Activation A>
+PWCPU_INLINE R activate(R x) {
+    if constexpr (A == Activation::relu) {
+        return Vec::max(k(0.0f), x);
+    } else if constexpr (A == Activation::relu6) {
+        return Vec::min(k(6.0f), Vec::max(k(0.0f), x));
+    } else if constexpr (A == Activation::silu) {
+        return Vec::mul(x, sigmoid(x));
+    } else if constexpr (A == Activation::gelu) {
+        return gelu(x);
+    } else if constexpr (A == Activation::hardswish) {
+        const R gate = Vec::min(k(6.0f), Vec::max(k(0.0f), Vec::add(x, k(3.0f))));
+        return Vec::mul(x, Vec::mul(gate, k(1.0f / 6.0f)));
+    } else if constexpr (A == Activation::sigmoid) {
+        return sigmoid(x);
+    } else {
+        return x;
+    }
+}
+
+template <Activation A, int MR, int NV>
+PWCPU_INLINE void activate_tile(R (&acc)[MR][NV]) {
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = activate<A>(acc[m][v]);
+}
+
+template <int MR, int NV>
+PWCPU_INLINE void activate_tile(R (&acc)[MR][NV], Activation act) {
+    switch (act) {
+        case Activation::none: break;
+        case Activation::relu: activate_tile<Activation::relu>(acc); break;
+        case Activation::relu6: activate_tile<Activation::relu6>(acc); break;
+        case Activation::silu: activate_tile<Activation::silu>(acc); break;
+        case Activation::gelu: activate_tile<Activation::gelu>(acc); break;
+        case Activation::hardswish: activate_tile<Activation::hardswish>(acc); break;
+        case Activation::sigmoid: activate_tile<Activation::sigmoid>(acc); break;
+    }
+}
+
+// Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
+// live across the whole K block; the N tail costs nothing here because panels are zero-padded.
+template <int MR, int NV>
+void f32_gemm_tile(const GemmTileArgs& p) {
+    constexpr int W = Vec::W;
+    size_t lanes[NV];
+    for (int v = 0; v < NV; ++v) {
+        const size_t first = static_cast<size_t>(v) * W;
+        lanes[v] = p.nr > first ? (p.nr - first < W ? p.nr - first : W) : 0;
+    }
+
+    R acc[MR][NV];
+    if (p.bias != nullptr) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            const R b = Vec::load(p.bias + v * W);
+#pragma GCC unroll 32
+            for (int m = 0; m < MR; ++m) acc[m][v] = b;
+        }
+        if (p.residual != nullptr) {
+#pragma GCC unroll 32
+            for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v)
+                    acc[m][v] = Vec::add(acc[m][v], Vec::load_n(p.residual[m] + p.col + v * W, lanes[v]));
+        }
+    } else {
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::load_n(p.c[m] + p.col + v * W, lanes[v]);
+    }
+
+    const float* a[MR];
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m) a[m] = p.a[m];
+    const float* w = p.w;
+    for (size_t kk = 0; kk < p.kc; ++kk) {
+        R b[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) b[v] = Vec::load(w + v * W);
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) {
+            const R am = Vec::set1(a[m][kk]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fma(am, b[v], acc[m][v]);
+        }
+        w += NV * W;
+    }
+
+    if (p.final) activate_tile<MR, NV>(acc, p.act);
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m) {
+        if (static_cast<size_t>(m) >= p.mr) break;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) Vec::store_n(p.c[m] + p.col + v * W, acc[m][v], lanes[v]);
+    }
+}
+
+#undef PWCPU_INLINE
