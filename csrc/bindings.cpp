@@ -33,7 +33,7 @@ pwcpu::TensorView nhwc_view(const py::array& a, const char* name, bool writable)
         }
         v.strides[d] = a.strides(d) / static_cast<py::ssize_t>(sizeof(float));
     }
-    if (v.shape[3] > 1 && v.strides[3] != 1) {
+    if (a.size() > 0 && v.shape[3] > 1 && v.strides[3] != 1) {
         throw py::value_error(std::string(name) + " must have a contiguous channel axis");
     }
     return v;
@@ -59,6 +59,14 @@ public:
             }
             if (bias_array.shape(0) != weight.shape(0)) throw py::value_error("bias must have K elements");
             bias_data = static_cast<const float*>(bias_array.data());
+        }
+        for (int d = 0; d < 2; ++d) {
+            if (weight.strides(d) % static_cast<py::ssize_t>(sizeof(float)) != 0) {
+                throw py::value_error("weight strides must be multiples of 4 bytes");
+            }
+        }
+        if (reinterpret_cast<uintptr_t>(weight.data()) % alignof(float) != 0) {
+            throw py::value_error("weight must be aligned to float32");
         }
         const auto* w = static_cast<const float*>(weight.data());
         const int64_t rs = weight.strides(0) / static_cast<py::ssize_t>(sizeof(float));
@@ -121,6 +129,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
     m.def("select_isa", &pwcpu::select_isa, py::arg("name"));
+    m.def("active_isa", &pwcpu::active_isa);
     m.def("runtime_info", [] {
         const pwcpu::RuntimeInfo info = pwcpu::runtime_info();
         py::dict d;

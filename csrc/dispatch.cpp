@@ -80,9 +80,10 @@ int64_t sysfs_cache_size(int level, const char* type) {
     return 0;
 }
 
+// The kernel's view (sysfs) first: under some hypervisors glibc's CPUID-based sysconf misreports.
 int64_t cache_size(int sysconf_name, int level, const char* type, int64_t fallback) {
-    int64_t bytes = sysconf(sysconf_name);
-    if (bytes <= 0) bytes = sysfs_cache_size(level, type);
+    int64_t bytes = sysfs_cache_size(level, type);
+    if (bytes <= 0) bytes = sysconf(sysconf_name);
     return bytes > 0 ? bytes : fallback;
 }
 
@@ -124,6 +125,8 @@ void select_isa(const std::string& name) {
     detail::selection_reason = s.reason;
     detail::selected.store(s.kernels, std::memory_order_release);
 }
+
+const char* active_isa() { return detail::active_kernels().isa; }
 
 RuntimeInfo runtime_info() {
     RuntimeInfo info;

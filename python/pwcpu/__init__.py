@@ -1,1 +1,26 @@
-__all__ = []
+"""pwcpu: fast pointwise (1x1) convolution on the CPU, with a NumPy API.
+
+The core is C++ SIMD/OpenMP microkernels (AVX-512, AVX2 and a portable path, chosen at run time;
+``PWCPU_ISA=scalar|avx2|avx512`` forces one) driven as a cache-tiled GEMM over NHWC data.
+"""
+
+from . import _core, reference
+from ._api import ACTIVATIONS, PointwiseConv, conv1x1, pointwise
+from ._runtime import get_num_threads, num_threads, runtime_info, set_num_threads, show_runtime
+
+__version__ = _core.__version__
+
+_core.active_isa()  # an unknown or unsupported PWCPU_ISA is an error at import, not at first call
+
+__all__ = [
+    "ACTIVATIONS",
+    "PointwiseConv",
+    "__version__",
+    "conv1x1",
+    "get_num_threads",
+    "num_threads",
+    "pointwise",
+    "runtime_info",
+    "set_num_threads",
+    "show_runtime",
+]

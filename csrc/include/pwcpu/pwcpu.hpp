@@ -73,6 +73,7 @@ struct RuntimeInfo {
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
 };
 RuntimeInfo runtime_info();
+const char* active_isa();  // cheap: the name of the ISA whose kernels new packings use
 
 // Choose the ISA by name ("scalar", "avx2", "avx512", or "auto"); throws std::invalid_argument
 // for an unknown name or one this CPU or build cannot run.

@@ -1,0 +1,62 @@
+"""The specification: the same operations computed plainly in float64 with NumPy.
+
+Short and obviously right; every test compares pwcpu against these functions. Results are float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "pointwise"]
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+ACTIVATION_FUNCTIONS = {
+    None: lambda z: z,
+    "relu": lambda z: np.maximum(z, 0.0),
+    "relu6": lambda z: np.clip(z, 0.0, 6.0),
+    "silu": lambda z: z * _sigmoid(z),
+    "gelu": lambda z: 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)).astype(np.float64)),
+    "hardswish": lambda z: z * np.clip(z + 3.0, 0.0, 6.0) / 6.0,
+    "sigmoid": _sigmoid,
+}
+
+
+def _pair(v):
+    return (v, v) if np.isscalar(v) else tuple(v)
+
+
+def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    w = w.reshape(w.shape[0], w.shape[1])
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    xs = padded[:, ::sh, ::sw, :]
+    cg, kg = w.shape[1], w.shape[0] // groups
+    z = np.concatenate(
+        [xs[..., g * cg : (g + 1) * cg] @ w[g * kg : (g + 1) * kg].T for g in range(groups)], axis=-1
+    )
+    return _epilogue(z, bias, residual, activation)
+
+
+def pointwise(x, weight, bias=None, *, activation=None, residual=None):
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    z = x @ w.reshape(w.shape[0], w.shape[1]).T
+    return _epilogue(z, bias, residual, activation)
+
+
+def _epilogue(z, bias, residual, activation):
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)
+    if residual is not None:
+        z = z + np.asarray(residual, dtype=np.float64)
+    return ACTIVATION_FUNCTIONS[activation](z)

@@ -1,0 +1,32 @@
+import zlib
+
+import numpy as np
+import pytest
+
+import pwcpu
+from pwcpu import _core
+
+SUPPORTED_ISAS = _core.runtime_info()["supported_isas"]
+
+
+@pytest.fixture(params=SUPPORTED_ISAS)
+def isa(request):
+    """Run the test once per ISA this machine supports, restoring the automatic choice after."""
+    _core.select_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        _core.select_isa("auto")
+
+
+@pytest.fixture
+def rng(request):
+    # A seed per test id: failures reproduce, and tests do not share random streams.
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = pwcpu.get_num_threads()
+    yield
+    pwcpu.set_num_threads(before)

@@ -1,0 +1,66 @@
+"""Comparison against pwcpu.reference with a stated error bound.
+
+For one output, float32 accumulation of the Cg products plus bias and residual (in any order, with
+or without FMA) is off the exact value by at most gamma(Cg + 2) * (sum_c |x_c w_c| + |b| + |r|),
+gamma(n) = n u / (1 - n u), u = 2^-24 (Higham, Accuracy and Stability, 3.1). An activation with
+Lipschitz constant <= 1.5 carries that error over, and the nonlinear ones (computed with exp and
+erf approximations) add at most 4e-7 (|z| + 1) of their own. Flushing denormals adds < 1e-30.
+"""
+
+import numpy as np
+
+from pwcpu import reference
+
+UNIT_ROUNDOFF = 2.0**-24
+PIECEWISE_LINEAR = {None, "relu", "relu6"}
+
+
+def gamma(n):
+    return n * UNIT_ROUNDOFF / (1.0 - n * UNIT_ROUNDOFF)
+
+
+def conv_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
+    """(expected, tolerance) for conv1x1 under the bound above."""
+    w = np.asarray(weight).reshape(np.shape(weight)[0], np.shape(weight)[1])
+    geometry = dict(stride=stride, padding=padding, groups=groups)
+    z = reference.conv1x1(x, w, bias, residual=residual, **geometry)
+    magnitude = reference.conv1x1(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
+                                  residual=None if residual is None else np.abs(residual), **geometry)
+    return _finish(z, magnitude, w.shape[1], activation)
+
+
+def pointwise_bound(x, weight, bias=None, *, activation=None, residual=None):
+    z = reference.pointwise(x, weight, bias, residual=residual)
+    magnitude = reference.pointwise(np.abs(x), np.abs(weight), None if bias is None else np.abs(bias),
+                                    residual=None if residual is None else np.abs(residual))
+    return _finish(z, magnitude, np.shape(weight)[1], activation)
+
+
+def _finish(z, magnitude, cg, activation):
+    expected = reference.ACTIVATION_FUNCTIONS[activation](z)
+    tolerance = 1.5 * gamma(cg + 2) * magnitude + 1e-30
+    if activation not in PIECEWISE_LINEAR:
+        tolerance = tolerance + 4e-7 * (np.abs(z) + 1.0)
+    return expected, tolerance
+
+
+def assert_within(actual, expected, tolerance, context=""):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == np.float32
+    error = np.abs(actual.astype(np.float64) - expected)
+    bad = ~(error <= tolerance)  # NaN counts as bad
+    if bad.any():
+        i = tuple(int(v) for v in np.argwhere(bad)[0])
+        raise AssertionError(
+            f"{context}: {int(bad.sum())} of {bad.size} outputs out of bound; first at {i}: "
+            f"got {actual[i]!r}, expected {expected[i]!r}, bound {tolerance[i]!r}"
+        )
+
+
+def check_conv(actual, x, weight, bias=None, context="", **kwargs):
+    expected, tolerance = conv_bound(x, weight, bias, **kwargs)
+    assert_within(actual, expected, tolerance, context or repr(kwargs))
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape, dtype=np.float32)

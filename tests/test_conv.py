@@ -1,0 +1,244 @@
+"""conv1x1 and PointwiseConv against the float64 reference, on every ISA the machine supports."""
+
+import numpy as np
+import pytest
+
+import pwcpu
+from helpers import check_conv, randn
+
+CHANNELS = [1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 255, 257, 1000]
+ACTIVATION_NAMES = list(pwcpu.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("c", CHANNELS)
+@pytest.mark.parametrize("k", CHANNELS)
+def test_channel_counts(isa, rng, c, k):
+    # Small images for wide layers keep the sweep fast; 3 x 5 = 15 pixels is a partial tile for every MR.
+    n, h, w = (1, 3, 5) if c * k > 20_000 else (2, 4, 7)
+    x, weight, bias = randn(rng, n, h, w, c), randn(rng, k, c), randn(rng, k)
+    check_conv(pwcpu.conv1x1(x, weight, bias), x, weight, bias, context=f"{isa} c={c} k={k}")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("hw", [(1, 1), (1, 13), (7, 1), (5, 11), (17, 3), (29, 31)])
+@pytest.mark.parametrize("stride", [1, 2, 3, (1, 2), (3, 1)])
+@pytest.mark.parametrize("padding", [0, 1, (0, 2)])
+def test_geometry(isa, rng, n, hw, stride, padding):
+    c, k = 19, 37
+    x, weight, bias = randn(rng, n, *hw, c), randn(rng, k, c), randn(rng, k)
+    y = pwcpu.conv1x1(x, weight, bias, stride=stride, padding=padding)
+    check_conv(y, x, weight, bias, stride=stride, padding=padding)
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_epilogue(isa, rng, activation, with_bias, with_residual):
+    x, weight = randn(rng, 2, 6, 5, 45), randn(rng, 70, 45) * 0.3
+    bias = randn(rng, 70) if with_bias else None
+    residual = randn(rng, 2, 6, 5, 70) if with_residual else None
+    y = pwcpu.conv1x1(x, weight, bias, activation=activation, residual=residual)
+    check_conv(y, x, weight, bias, activation=activation, residual=residual)
+
+
+@pytest.mark.parametrize("groups,c,k", [(2, 4, 6), (3, 24, 24), (4, 64, 32), (8, 240, 240), (5, 5, 35), (2, 2, 2)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_groups(isa, rng, groups, c, k, activation):
+    x, weight, bias = randn(rng, 2, 5, 7, c), randn(rng, k, c // groups), randn(rng, k)
+    residual = randn(rng, 2, 3, 5, k)
+    y = pwcpu.conv1x1(x, weight, bias, groups=groups, stride=2, padding=(0, 1), activation=activation,
+                      residual=residual)
+    check_conv(y, x, weight, bias, groups=groups, stride=2, padding=(0, 1), activation=activation,
+               residual=residual)
+
+
+@pytest.mark.parametrize("c,k", [(1024, 256), (2048, 40), (3000, 33), (1500, 3)])
+def test_deep_reduction(isa, rng, c, k):
+    """Deep channel counts are split into several K blocks; residual and activation come out right."""
+    x, weight, bias = randn(rng, 1, 5, 6, c), randn(rng, k, c), randn(rng, k)
+    residual = randn(rng, 1, 5, 6, k)
+    y = pwcpu.conv1x1(x, weight, bias, residual=residual, activation="silu")
+    check_conv(y, x, weight, bias, residual=residual, activation="silu")
+    out = residual.copy()
+    pwcpu.conv1x1(x, weight, bias, residual=out, out=out, activation="relu")
+    check_conv(out, x, weight, bias, residual=residual, activation="relu")
+
+
+def test_large_image(isa, rng):
+    x, weight, bias = randn(rng, 1, 56, 57, 24), randn(rng, 144, 24), randn(rng, 144)
+    check_conv(pwcpu.conv1x1(x, weight, bias, activation="relu6"), x, weight, bias, activation="relu6")
+
+
+def test_weight_in_pytorch_layout(isa, rng):
+    x, weight = randn(rng, 1, 4, 4, 10), randn(rng, 12, 10, 1, 1)
+    check_conv(pwcpu.conv1x1(x, weight), x, weight[:, :, 0, 0])
+
+
+def test_out_is_channel_slice_of_larger_buffer(isa, rng):
+    """Writing into a slice of a concatenation buffer leaves every other channel untouched."""
+    x, weight, bias = randn(rng, 2, 5, 6, 33), randn(rng, 20, 33), randn(rng, 20)
+    buffer = randn(rng, 2, 5, 6, 50)
+    before = buffer.copy()
+    result = pwcpu.conv1x1(x, weight, bias, activation="relu", out=buffer[..., 17:37])
+    assert result.base is buffer or np.shares_memory(result, buffer)
+    check_conv(buffer[..., 17:37], x, weight, bias, activation="relu")
+    np.testing.assert_array_equal(buffer[..., :17], before[..., :17])
+    np.testing.assert_array_equal(buffer[..., 37:], before[..., 37:])
+
+
+def test_out_with_free_strides(isa, rng):
+    x, weight = randn(rng, 3, 4, 5, 9), randn(rng, 8, 9)
+    big = np.zeros((3, 8, 10, 8), np.float32)
+    out = big[:, ::2, ::-2, :]
+    assert pwcpu.conv1x1(x, weight, out=out) is out
+    check_conv(out, x, weight)
+    assert np.all(big[:, 1::2] == 0)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_out_is_residual(isa, rng, activation):
+    x, weight, bias = randn(rng, 2, 7, 3, 40), randn(rng, 48, 40), randn(rng, 48)
+    accumulator = randn(rng, 2, 7, 3, 48)
+    residual = accumulator.copy()
+    y = pwcpu.conv1x1(x, weight, bias, residual=accumulator, out=accumulator, activation=activation)
+    assert y is accumulator
+    check_conv(y, x, weight, bias, residual=residual, activation=activation)
+
+
+def test_input_views_are_read_in_place(isa, rng):
+    big = randn(rng, 3, 20, 21, 40)
+    weight, bias = randn(rng, 17, 13), randn(rng, 17)
+    views = {
+        "crop": big[1:, 2:15, 3:19, 5:18],
+        "strided": big[::2, ::3, ::2, 20:33],
+        "negative": big[::-1, ::-2, ::-1, 27:14:-1][..., ::-1],
+        "channel slice": big[..., :13],
+    }
+    for name, x in views.items():
+        check_conv(pwcpu.conv1x1(x, weight, bias, stride=(2, 1), padding=1), x, weight, bias, stride=(2, 1),
+                   padding=1, context=name)
+
+
+def test_non_contiguous_channels_are_copied(isa, rng):
+    x = randn(rng, 2, 5, 5, 30)[..., ::3]
+    weight = randn(rng, 6, 10)
+    check_conv(pwcpu.conv1x1(x, weight), x, weight)
+    channels_first = np.moveaxis(randn(rng, 2, 10, 5, 5), 1, -1)
+    check_conv(pwcpu.conv1x1(channels_first, weight), channels_first, weight)
+
+
+def test_strided_weight_views(isa, rng):
+    x = randn(rng, 1, 4, 4, 9)
+    weight = randn(rng, 40, 30)[::2, 3:30:3]
+    check_conv(pwcpu.conv1x1(x, weight), x, weight)
+    weight_t = np.ascontiguousarray(randn(rng, 9, 20)).T
+    check_conv(pwcpu.conv1x1(x, weight_t), x, weight_t)
+
+
+@pytest.mark.parametrize("shape,k", [((0, 3, 3, 4), 5), ((2, 0, 3, 4), 5), ((2, 3, 0, 4), 5), ((2, 3, 3, 4), 0)])
+def test_zero_size(isa, shape, k):
+    x = np.ones(shape, np.float32)
+    y = pwcpu.conv1x1(x, np.ones((k, 4), np.float32))
+    assert y.shape == shape[:3] + (k,) and y.dtype == np.float32
+
+
+@pytest.mark.parametrize("activation", ACTIVATION_NAMES)
+def test_zero_channels_give_bias_and_activation(isa, rng, activation):
+    x = np.ones((2, 3, 4, 0), np.float32)
+    bias, residual = randn(rng, 5), randn(rng, 2, 3, 4, 5)
+    y = pwcpu.conv1x1(x, np.ones((5, 0), np.float32), bias, activation=activation, residual=residual)
+    check_conv(y, x, np.ones((5, 0), np.float32), bias, activation=activation, residual=residual)
+
+
+def test_padding_only_output(isa, rng):
+    """Every output of a 0x0 input with padding 1 is a border output: activation(bias)."""
+    x, weight, bias = randn(rng, 1, 0, 0, 3), randn(rng, 4, 3), randn(rng, 4)
+    y = pwcpu.conv1x1(x, weight, bias, padding=1, activation="sigmoid")
+    assert y.shape == (1, 2, 2, 4)
+    check_conv(y, x, weight, bias, padding=1, activation="sigmoid")
+
+
+def test_result_does_not_depend_on_thread_count(isa, rng):
+    x, weight, bias = randn(rng, 2, 17, 19, 96), randn(rng, 136, 96), randn(rng, 136)
+    with pwcpu.num_threads(1):
+        one = pwcpu.conv1x1(x, weight, bias, activation="gelu")
+    with pwcpu.num_threads(2):
+        two = pwcpu.conv1x1(x, weight, bias, activation="gelu")
+    np.testing.assert_array_equal(one, two)
+
+
+def test_denormals_are_flushed_and_state_restored(isa, rng):
+    import ctypes  # noqa: F401  (the check below reads the FP state through NumPy)
+
+    tiny = np.float32(1e-39)  # a float32 denormal
+    x = np.full((1, 3, 3, 8), tiny, np.float32)
+    weight = np.full((4, 8), tiny, np.float32)
+    y = pwcpu.conv1x1(x, weight)
+    assert np.all(y == 0)
+    # The caller's floating-point state is restored: denormals still work in NumPy afterwards.
+    assert np.float32(1e-38) / np.float32(100) != 0
+
+
+def test_nan_and_inf_propagate(isa, rng):
+    x, weight = randn(rng, 1, 3, 3, 20), randn(rng, 9, 20)
+    x[0, 1, 1, 5] = np.nan
+    x[0, 2, 2, 3] = np.inf
+    for activation in ACTIVATION_NAMES:
+        y = pwcpu.conv1x1(x, weight, activation=activation)
+        assert np.all(np.isnan(y[0, 1, 1])), activation
+        assert not np.isnan(y[0, 0]).any(), activation
+
+
+class TestPointwiseConv:
+    def test_matches_conv1x1(self, isa, rng):
+        weight, bias = randn(rng, 70, 33), randn(rng, 70)
+        layer = pwcpu.PointwiseConv(weight, bias, stride=2, padding=1, activation="hardswish")
+        x, residual = randn(rng, 2, 9, 8, 33), randn(rng, 2, 6, 5, 70)
+        y = layer(x, residual=residual)
+        check_conv(y, x, weight, bias, stride=2, padding=1, activation="hardswish", residual=residual)
+        np.testing.assert_array_equal(
+            y, pwcpu.conv1x1(x, weight, bias, stride=2, padding=1, activation="hardswish", residual=residual)
+        )
+        out = np.empty_like(y)
+        assert layer(x, residual=residual, out=out) is out
+
+    def test_attributes(self, rng):
+        weight = randn(rng, 12, 4, 1, 1)
+        layer = pwcpu.PointwiseConv(weight, None, stride=(1, 2), padding=3, groups=2, activation="silu")
+        assert (layer.in_channels, layer.out_channels) == (8, 12)
+        assert (layer.stride, layer.padding, layer.groups, layer.activation) == ((1, 2), (3, 3), 2, "silu")
+        assert layer.weight.shape == (12, 4) and layer.bias is None
+        assert not layer.weight.flags.writeable
+        assert "PointwiseConv(in_channels=8" in repr(layer)
+
+    def test_owns_its_weights(self, rng):
+        weight, bias = randn(rng, 6, 5), randn(rng, 6)
+        layer = pwcpu.PointwiseConv(weight, bias)
+        x = randn(rng, 1, 2, 2, 5)
+        expected = layer(x)
+        weight[:] = 0
+        bias[:] = 0
+        np.testing.assert_array_equal(layer(x), expected)
+
+    def test_pickle(self, rng):
+        import pickle
+
+        layer = pwcpu.PointwiseConv(randn(rng, 10, 6), randn(rng, 10), stride=2, groups=2, activation="gelu")
+        clone = pickle.loads(pickle.dumps(layer))
+        x = randn(rng, 1, 5, 5, 12)
+        np.testing.assert_array_equal(clone(x), layer(x))
+        assert (clone.stride, clone.groups, clone.activation) == (layer.stride, layer.groups, layer.activation)
+
+    def test_repacks_when_isa_changes(self, rng):
+        from pwcpu import _core
+
+        weight = randn(rng, 40, 16)
+        x = randn(rng, 1, 3, 3, 16)
+        layer = pwcpu.PointwiseConv(weight)
+        try:
+            for name in _core.runtime_info()["supported_isas"]:
+                _core.select_isa(name)
+                check_conv(layer(x), x, weight, context=name)
+                assert layer.kernel.endswith(name)
+        finally:
+            _core.select_isa("auto")
