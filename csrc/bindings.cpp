@@ -128,6 +128,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
+    m.def("measure_fma_peak_gflops", &pwcpu::measure_fma_peak_gflops, py::arg("threads"), py::arg("seconds"),
+          py::call_guard<py::gil_scoped_release>());
     m.def("select_isa", &pwcpu::select_isa, py::arg("name"));
     m.def("active_isa", &pwcpu::active_isa);
     m.def("runtime_info", [] {

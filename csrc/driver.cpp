@@ -220,13 +220,13 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         args.c = out_rows;
         args.a = a_rows;
 
+        size_t tile_rows = 0;
+        // Row pointers of one tile: the first pixel's position costs divisions, the rest are steps.
         const auto fill_rows = [&](int64_t tile) {
             const int64_t first = tile * mr;
-            args.mr = static_cast<size_t>(std::min<int64_t>(mr, rows - first));
-            for (int64_t m = 0; m < mr; ++m) {
-                // Rows past the end repeat the last row: the kernel reads them but never stores them.
-                const int64_t i = first + std::min<int64_t>(m, static_cast<int64_t>(args.mr) - 1);
-                const int64_t n = i / (ho * wo), oh = (i / wo) % ho, ow = i % wo;
+            tile_rows = static_cast<size_t>(std::min<int64_t>(mr, rows - first));
+            int64_t n = first / (ho * wo), oh = (first / wo) % ho, ow = first % wo;
+            for (size_t m = 0; m < tile_rows; ++m) {
                 const int64_t ih = oh * geo.stride_h - geo.pad_h, iw = ow * geo.stride_w - geo.pad_w;
                 const bool inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
                 x_rows[m] = inside ? x.data + n * x.strides[0] + ih * x.strides[1] + iw * x.strides[2] : zeros.data();
@@ -234,6 +234,13 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                 if (residual != nullptr) {
                     res_rows[m] = residual->data + n * residual->strides[0] + oh * residual->strides[1] +
                                   ow * residual->strides[2];
+                }
+                if (++ow == wo) {
+                    ow = 0;
+                    if (++oh == ho) {
+                        oh = 0;
+                        ++n;
+                    }
                 }
             }
         };
@@ -253,7 +260,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                         for (int64_t p = pb; p < pe; ++p) {
                             if (p / panels_per_group != group) {
                                 group = p / panels_per_group;
-                                for (int64_t m = 0; m < mr; ++m) a_rows[m] = x_rows[m] + group * cg + k0;
+                                for (size_t m = 0; m < tile_rows; ++m) a_rows[m] = x_rows[m] + group * cg + k0;
                             }
                             const int64_t col = group * kg + (p % panels_per_group) * kernel.nr;
                             args.nr = static_cast<size_t>(std::min<int64_t>(kernel.nr, (group + 1) * kg - col));
@@ -261,7 +268,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                             args.bias = kb == 0 ? panel(p) : nullptr;
                             args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
                             args.w = panel(p) + kernel.nr * (1 + k0);
-                            kernel.fn(args);
+                            kernel.by_rows[tile_rows - 1](args);
                         }
                     }
                 }
@@ -280,6 +287,29 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         // A smaller team than asked for (nested or limited OpenMP) still covers every range.
         for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
     }
+}
+
+// ---- peak ----------------------------------------------------------------------------------
+
+double measure_fma_peak_gflops(int threads, double seconds) {
+    if (threads < 1) throw std::invalid_argument("measure_fma_peak_gflops: threads must be >= 1");
+    const kernels::IsaKernels& isa = detail::active_kernels();
+    const size_t iterations = 1u << 16;
+    double best = 0.0;
+    volatile float sink = 0.0f;
+    const double start = omp_get_wtime();
+    do {
+        const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+        {
+            const float v = isa.fma_probe(iterations);
+#pragma omp atomic
+            sink += v;
+        }
+        const double elapsed = omp_get_wtime() - t0;
+        best = std::max(best, 2.0 * isa.fma_per_iteration * static_cast<double>(iterations) * threads / elapsed / 1e9);
+    } while (omp_get_wtime() - start < seconds);
+    return best;
 }
 
 // ---- thread control -------------------------------------------------------------------------

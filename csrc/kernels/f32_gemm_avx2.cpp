@@ -2,6 +2,9 @@
 // Compiled with -mavx2 -mfma only; called only when the CPU reports both.
 #include <immintrin.h>
 
+#include <array>
+#include <utility>
+
 #include "kernels/ukernel.hpp"
 
 namespace pwcpu::kernels {
@@ -43,11 +46,16 @@ struct Vec {
 
 }  // namespace avx2
 
+constexpr auto avx2_main = avx2::tiles_by_rows<6, 2>();
+constexpr auto avx2_narrow = avx2::tiles_by_rows<12, 1>();
+
 const IsaKernels& avx2_kernels() {
     static const IsaKernels table{
         "avx2",
-        {avx2::f32_gemm_tile<6, 2>, 6, 16, "f32_gemm_bias_act_6x16_avx2"},
-        {avx2::f32_gemm_tile<12, 1>, 12, 8, "f32_gemm_bias_act_12x8_avx2"},
+        {avx2_main.data(), 6, 16, "f32_gemm_bias_act_6x16_avx2"},
+        {avx2_narrow.data(), 12, 8, "f32_gemm_bias_act_12x8_avx2"},
+        avx2::fma_peak_probe,
+        avx2::kFmaChains * avx2::Vec::W,
     };
     return table;
 }

@@ -2,6 +2,9 @@
 // Compiled with -mavx512f (and friends) only; called only when the CPU reports AVX-512F.
 #include <immintrin.h>
 
+#include <array>
+#include <utility>
+
 #include "kernels/ukernel.hpp"
 
 namespace pwcpu::kernels {
@@ -37,11 +40,16 @@ struct Vec {
 
 }  // namespace avx512
 
+constexpr auto avx512_main = avx512::tiles_by_rows<14, 2>();
+constexpr auto avx512_narrow = avx512::tiles_by_rows<14, 1>();
+
 const IsaKernels& avx512_kernels() {
     static const IsaKernels table{
         "avx512",
-        {avx512::f32_gemm_tile<14, 2>, 14, 32, "f32_gemm_bias_act_14x32_avx512"},
-        {avx512::f32_gemm_tile<14, 1>, 14, 16, "f32_gemm_bias_act_14x16_avx512"},
+        {avx512_main.data(), 14, 32, "f32_gemm_bias_act_14x32_avx512"},
+        {avx512_narrow.data(), 14, 16, "f32_gemm_bias_act_14x16_avx512"},
+        avx512::fma_peak_probe,
+        avx512::kFmaChains * avx512::Vec::W,
     };
     return table;
 }

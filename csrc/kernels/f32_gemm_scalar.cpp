@@ -2,6 +2,9 @@
 // auto-vectorise for the baseline target. Runs on every CPU; every test can force it.
 #include <cmath>
 
+#include <array>
+#include <utility>
+
 #include "kernels/ukernel.hpp"
 
 namespace pwcpu::kernels {
@@ -46,11 +49,16 @@ struct Vec {
 
 }  // namespace scalar
 
+constexpr auto scalar_main = scalar::tiles_by_rows<4, 2>();
+constexpr auto scalar_narrow = scalar::tiles_by_rows<4, 1>();
+
 const IsaKernels& scalar_kernels() {
     static const IsaKernels table{
         "scalar",
-        {scalar::f32_gemm_tile<4, 2>, 4, 8, "f32_gemm_bias_act_4x8_scalar"},
-        {scalar::f32_gemm_tile<4, 1>, 4, 4, "f32_gemm_bias_act_4x4_scalar"},
+        {scalar_main.data(), 4, 8, "f32_gemm_bias_act_4x8_scalar"},
+        {scalar_narrow.data(), 4, 4, "f32_gemm_bias_act_4x4_scalar"},
+        scalar::fma_peak_probe,
+        scalar::kFmaChains * scalar::Vec::W,
     };
     return table;
 }

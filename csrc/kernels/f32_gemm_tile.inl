@@ -147,11 +147,42 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 
     if (p.final) activate_tile<MR, NV>(acc, p.act);
 #pragma GCC unroll 32
-    for (int m = 0; m < MR; ++m) {
-        if (static_cast<size_t>(m) >= p.mr) break;
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) Vec::store_n(p.c[m] + p.col + v * W, acc[m][v], lanes[v]);
+}
+
+// The kernel for every row count 1..sizeof(R): the table a GemmKernel points to.
+template <int NV, int... R>
+constexpr std::array<GemmTileFn, sizeof...(R)> tiles_by_rows(std::integer_sequence<int, R...>) {
+    return {{&f32_gemm_tile<R + 1, NV>...}};
+}
+
+template <int MR, int NV>
+constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
+    return tiles_by_rows<NV>(std::make_integer_sequence<int, MR>{});
+}
+
+// The machine's FMA peak, for benchmarks: kFmaChains independent multiply-add chains, enough to
+// cover the FMA latency on every pipe while fitting in 16 registers. Returns a value that depends
+// on every chain.
+constexpr int kFmaChains = 12;
+
+float fma_peak_probe(size_t iterations) {
+    R acc[kFmaChains];
+    for (int j = 0; j < kFmaChains; ++j) acc[j] = Vec::set1(1e-3f * static_cast<float>(j));
+    const R scale = Vec::set1(0.999f), shift = Vec::set1(1e-4f);
+    for (size_t i = 0; i < iterations; ++i) {
+#pragma GCC unroll 16
+        for (int j = 0; j < kFmaChains; ++j) acc[j] = Vec::fma(acc[j], scale, shift);
     }
+    float lanes[Vec::W];
+    float total = 0.0f;
+    for (int j = 0; j < kFmaChains; ++j) {
+        Vec::store_n(lanes, acc[j], Vec::W);
+        for (float lane : lanes) total += lane;
+    }
+    return total;
 }
 
 #undef PWCPU_INLINE

@@ -3,19 +3,19 @@
 // A microkernel computes one MR x NR tile of the output of a GEMM whose left operand is read in
 // place from NHWC pixel rows and whose right operand is a packed weight panel:
 //
-//   for m < mr, n < nr:
+//   for m < MR, n < nr:
 //     acc = (bias ? bias[n] + (residual ? residual[m][col + n] : 0) : c[m][col + n])
 //         + sum_{k < kc} a[m][k] * w[k * NR + n]
 //     c[m][col + n] = final ? act(acc) : acc
 //
-// - a[m] points at row m's first channel of this K block; rows m >= mr must still be readable
-//   (the driver repeats the last row), so the kernel never branches on mr in its inner loop.
+// - a[m] points at row m's first channel of this K block. Every kernel is instantiated for each
+//   row count 1..MR, so the M tail is a kernel of its own and no row is computed in vain.
 // - w is the panel's kc x NR block, zero-padded to NR columns.
 // - bias (the panel's NR biases) starts a tile; without it the tile continues a previous K block
 //   by reading c. The residual is added when the tile starts, so out may alias residual even
 //   when the reduction is split into several K blocks.
 // - c[m] and residual[m] point at output row m; the tile's columns start at c[m] + col. Only
-//   n < nr are read or written (masked), only rows m < mr are stored.
+//   n < nr are read or written (masked).
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
@@ -27,7 +27,6 @@
 namespace pwcpu::kernels {
 
 struct GemmTileArgs {
-    size_t mr;  // valid rows, 1..MR
     size_t nr;  // valid columns, 1..NR
     size_t kc;  // reduction length of this K block
     const float* const* a;
@@ -43,18 +42,23 @@ struct GemmTileArgs {
 using GemmTileFn = void (*)(const GemmTileArgs&);
 
 struct GemmKernel {
-    GemmTileFn fn = nullptr;
+    const GemmTileFn* by_rows = nullptr;  // by_rows[r - 1] computes tiles of exactly r rows, 1 <= r <= mr
     int mr = 0;
     int nr = 0;
     const char* name = "";
 };
 
-// What one ISA's translation unit offers: a main kernel for wide output-channel counts and a
-// narrow one for layers (or groups) with few output channels.
+// kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
+using FmaProbeFn = float (*)(size_t iterations);
+
+// What one ISA's translation unit offers: a main kernel for wide output-channel counts, a
+// narrow one for layers (or groups) with few output channels, and its FMA peak probe.
 struct IsaKernels {
     const char* isa;
     GemmKernel main;
     GemmKernel narrow;
+    FmaProbeFn fma_probe;
+    int fma_per_iteration;
 };
 
 const IsaKernels& scalar_kernels();

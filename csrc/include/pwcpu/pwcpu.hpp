@@ -63,6 +63,9 @@ private:
 int get_num_threads();
 void set_num_threads(int n);
 
+// The active ISA's fp32 FMA peak in GFLOP/s, measured over about `seconds` on `threads` threads.
+double measure_fma_peak_gflops(int threads, double seconds);
+
 // Runtime introspection.
 struct RuntimeInfo {
     std::string isa;             // ISA whose kernels are used

@@ -1,0 +1,408 @@
+"""pwcpu against its peers on real network layers: ``python -m pwcpu bench``.
+
+Every implementation computes the same layer (NHWC input, K x C weights, bias) in the same process
+with the same thread count; implementations are timed in interleaved rounds and each reports the
+median, so that drifts of the machine hit all of them alike. Peers that are not installed are
+skipped with a note (``pip install "pwcpu[bench]"`` installs them all):
+
+- ``numpy``:  ``x.reshape(-1, C) @ w.T + b`` (NumPy's BLAS, OpenBLAS in the wheels)
+- ``torch.mm``: the same GEMM through PyTorch (MKL / oneDNN)
+- ``torch.conv2d``: ``F.conv2d`` on a channels_last tensor (oneDNN)
+- ``onnxruntime``: a one-node ONNX Conv (MLAS)
+- ``tflite``: a one-layer ``tf.nn.conv2d`` model through the TFLite interpreter (XNNPACK)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from ._api import PointwiseConv
+from ._runtime import num_threads, runtime_info
+
+
+@dataclass(frozen=True)
+class Layer:
+    network: str
+    n: int
+    h: int
+    w: int
+    c: int
+    k: int
+    stride: int = 1
+
+    @property
+    def out_hw(self) -> Tuple[int, int]:
+        return (self.h - 1) // self.stride + 1, (self.w - 1) // self.stride + 1
+
+    @property
+    def flops(self) -> float:
+        ho, wo = self.out_hw
+        return 2.0 * self.n * ho * wo * self.c * self.k
+
+    @property
+    def label(self) -> str:
+        s = f"/{self.stride}" if self.stride != 1 else ""
+        return f"{self.network} {self.n}x{self.h}x{self.w}x{self.c}->{self.k}{s}"
+
+
+def _layers(network: str, shapes: Sequence[Tuple[int, ...]]) -> List[Layer]:
+    return [Layer(network, *shape) for shape in shapes]
+
+
+# MobileNetV2 and ResNet-50 pointwise layers at 224x224, batch 1; batched layers and Transformer
+# feed-forward layers (N, H, W, C, K, stride).
+LAYERS: List[Layer] = (
+    _layers("mobilenetv2", [
+        (1, 112, 112, 32, 16, 1), (1, 112, 112, 16, 96, 1), (1, 56, 56, 96, 24, 1), (1, 56, 56, 24, 144, 1),
+        (1, 56, 56, 144, 24, 1), (1, 28, 28, 144, 32, 1), (1, 28, 28, 32, 192, 1), (1, 28, 28, 192, 32, 1),
+        (1, 14, 14, 192, 64, 1), (1, 14, 14, 64, 384, 1), (1, 14, 14, 384, 64, 1), (1, 14, 14, 384, 96, 1),
+        (1, 14, 14, 96, 576, 1), (1, 14, 14, 576, 96, 1), (1, 7, 7, 576, 160, 1), (1, 7, 7, 160, 960, 1),
+        (1, 7, 7, 960, 160, 1), (1, 7, 7, 960, 320, 1), (1, 7, 7, 320, 1280, 1),
+    ])
+    + _layers("resnet50", [
+        (1, 56, 56, 256, 64, 1), (1, 56, 56, 64, 256, 1), (1, 56, 56, 256, 512, 2), (1, 28, 28, 512, 128, 1),
+        (1, 28, 28, 128, 512, 1), (1, 14, 14, 1024, 256, 1), (1, 14, 14, 256, 1024, 1), (1, 7, 7, 2048, 512, 1),
+        (1, 7, 7, 512, 2048, 1),
+    ])
+    + _layers("batched", [(8, 56, 56, 64, 256, 1), (8, 56, 56, 24, 144, 1)])
+    + _layers("ffn", [(1, 1, 512, 768, 3072, 1), (1, 1, 512, 3072, 768, 1)])
+)
+
+SUITES = {
+    "all": LAYERS,
+    "mobilenetv2": [layer for layer in LAYERS if layer.network == "mobilenetv2"],
+    "resnet50": [layer for layer in LAYERS if layer.network == "resnet50"],
+    "networks": [layer for layer in LAYERS if layer.network in ("mobilenetv2", "resnet50")],
+}
+
+
+# ---- implementations ------------------------------------------------------------------------
+
+Runner = Callable[[], object]
+
+
+@dataclass
+class LayerData:
+    layer: Layer
+    x: np.ndarray  # NHWC float32
+    weight: np.ndarray  # (K, C)
+    bias: np.ndarray
+
+    @classmethod
+    def random(cls, layer: Layer, seed: int = 0) -> "LayerData":
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((layer.n, layer.h, layer.w, layer.c), dtype=np.float32)
+        weight = rng.standard_normal((layer.k, layer.c), dtype=np.float32) / np.float32(math.sqrt(layer.c))
+        bias = rng.standard_normal(layer.k, dtype=np.float32)
+        return cls(layer, x, weight, bias)
+
+    def reference(self) -> np.ndarray:
+        s = self.layer.stride
+        x = self.x[:, ::s, ::s, :].astype(np.float64)
+        return x @ self.weight.T.astype(np.float64) + self.bias
+
+
+def make_pwcpu(d: LayerData, threads: int) -> Runner:
+    layer = PointwiseConv(d.weight, d.bias, stride=d.layer.stride)
+    out = np.empty((d.layer.n, *d.layer.out_hw, d.layer.k), np.float32)
+    return lambda: layer(d.x, out=out)
+
+
+def make_numpy(d: LayerData, threads: int) -> Runner:
+    s, c = d.layer.stride, d.layer.c
+    wt = np.ascontiguousarray(d.weight.T)
+    out = np.empty((d.layer.n * d.layer.out_hw[0] * d.layer.out_hw[1], d.layer.k), np.float32)
+
+    def run():
+        x = d.x if s == 1 else np.ascontiguousarray(d.x[:, ::s, ::s, :])
+        np.matmul(x.reshape(-1, c), wt, out=out)
+        return np.add(out, d.bias, out=out)
+
+    return run
+
+
+def make_torch_mm(d: LayerData, threads: int) -> Runner:
+    import torch
+
+    s, c = d.layer.stride, d.layer.c
+    x = torch.from_numpy(d.x)
+    wt = torch.from_numpy(np.ascontiguousarray(d.weight.T))
+    b = torch.from_numpy(d.bias)
+
+    def run():
+        with torch.inference_mode():
+            xs = x if s == 1 else x[:, ::s, ::s, :].contiguous()
+            return torch.addmm(b, xs.reshape(-1, c), wt)
+
+    return run
+
+
+def make_torch_conv2d(d: LayerData, threads: int) -> Runner:
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(d.x).permute(0, 3, 1, 2)  # NCHW shape over NHWC memory: channels_last
+    w = torch.from_numpy(d.weight)[:, :, None, None].contiguous(memory_format=torch.channels_last)
+    b = torch.from_numpy(d.bias)
+    s = d.layer.stride
+
+    def run():
+        with torch.inference_mode():
+            return F.conv2d(x, w, b, stride=s)
+
+    return run
+
+
+def make_onnxruntime(d: LayerData, threads: int) -> Runner:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    layer = d.layer
+    ho, wo = layer.out_hw
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[1, 1], strides=[layer.stride] * 2)
+    graph = helper.make_graph(
+        [node], "conv1x1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [layer.n, layer.c, layer.h, layer.w])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [layer.n, layer.k, ho, wo])],
+        initializer=[numpy_helper.from_array(d.weight[:, :, None, None], "w"), numpy_helper.from_array(d.bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 9)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString(),
+                                   options, providers=["CPUExecutionProvider"])
+    x_nchw = np.ascontiguousarray(d.x.transpose(0, 3, 1, 2))  # ORT's Conv is NCHW; layout set up once
+    return lambda: session.run(None, {"x": x_nchw})
+
+
+def make_tflite(d: LayerData, threads: int) -> Runner:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    layer = d.layer
+    w_hwio = tf.constant(d.weight.T[None, None, :, :])
+    b = tf.constant(d.bias)
+
+    @tf.function(input_signature=[tf.TensorSpec([layer.n, layer.h, layer.w, layer.c], tf.float32)])
+    def conv(x):
+        return tf.nn.conv2d(x, w_hwio, strides=layer.stride, padding="VALID") + b
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
+    with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=threads)
+    interpreter.allocate_tensors()
+    input_index = interpreter.get_input_details()[0]["index"]
+    output_index = interpreter.get_output_details()[0]["index"]
+    interpreter.set_tensor(input_index, d.x)
+
+    def run():
+        interpreter.invoke()
+        return interpreter.get_tensor(output_index)
+
+    return run
+
+
+PEERS: Dict[str, Callable[[LayerData, int], Runner]] = {
+    "numpy": make_numpy,
+    "torch.mm": make_torch_mm,
+    "torch.conv2d": make_torch_conv2d,
+    "onnxruntime": make_onnxruntime,
+    "tflite": make_tflite,
+}
+PEER_MODULES = {"numpy": "numpy", "torch.mm": "torch", "torch.conv2d": "torch", "onnxruntime": "onnxruntime",
+                "tflite": "tensorflow"}
+
+
+def available_peers(names: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """The peers among ``names`` that can be imported, and a note for each that cannot."""
+    import importlib.util
+
+    found, missing = [], {}
+    for name in names:
+        if importlib.util.find_spec(PEER_MODULES[name]) is None:
+            missing[name] = f"{PEER_MODULES[name]} is not installed (pip install \"pwcpu[bench]\")"
+        else:
+            found.append(name)
+    return found, missing
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """Every library in the process (pwcpu, BLAS, OpenMP, PyTorch) limited to ``threads``."""
+    stack = contextlib.ExitStack()
+    with stack:
+        stack.enter_context(num_threads(threads))
+        try:
+            from threadpoolctl import threadpool_limits
+
+            stack.enter_context(threadpool_limits(limits=threads))
+        except ImportError:  # pragma: no cover - threadpoolctl is in the bench and test extras
+            pass
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            stack.callback(torch.set_num_threads, previous)
+        yield
+
+
+def time_runners(runners: Dict[str, Runner], min_seconds: float, rounds: int) -> Dict[str, float]:
+    """Median seconds per call of each runner, over interleaved rounds."""
+    batch = {}
+    for name, run in runners.items():
+        run()  # warm up: first-touch, JIT, caches
+        start, calls = time.perf_counter(), 0
+        while True:
+            run()
+            calls += 1
+            if time.perf_counter() - start >= min_seconds / 4:
+                break
+        batch[name] = max(1, int(calls * (min_seconds / rounds) / (time.perf_counter() - start)))
+    samples: Dict[str, List[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(batch[name]):
+                run()
+            samples[name].append((time.perf_counter() - start) / batch[name])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def check_result(name: str, result, d: LayerData) -> None:
+    """Every implementation must compute the same layer, or its timing means nothing."""
+    if name == "onnxruntime":
+        result = result[0].transpose(0, 2, 3, 1)
+    elif name == "torch.conv2d":
+        result = result.numpy().transpose(0, 2, 3, 1)
+    result = np.asarray(result)
+    expected = d.reference()
+    error = np.abs(result.reshape(expected.shape) - expected).max()
+    if not error <= 1e-3 * max(1.0, float(np.abs(expected).max())):
+        raise RuntimeError(f"{name} computed a different result on {d.layer.label} (max error {error:.3g})")
+
+
+def bench_layer(layer: Layer, peers: Sequence[str], threads: int, min_seconds: float, rounds: int) -> Dict:
+    d = LayerData.random(layer)
+    runners = {"pwcpu": make_pwcpu(d, threads)}
+    for name in peers:
+        runners[name] = PEERS[name](d, threads)
+    for name, run in runners.items():
+        check_result(name, run(), d)
+    seconds = time_runners(runners, min_seconds, rounds)
+    gflops = {name: layer.flops / s / 1e9 for name, s in seconds.items()}
+    fastest_peer = max((g, n) for n, g in gflops.items() if n != "pwcpu") if peers else (float("nan"), "")
+    return {
+        "layer": layer.label, "shape": [layer.n, layer.h, layer.w, layer.c, layer.k, layer.stride],
+        "mflop": layer.flops / 1e6, "threads": threads, "gflops": gflops,
+        "fastest_peer": fastest_peer[1], "ratio": gflops["pwcpu"] / fastest_peer[0] if peers else float("nan"),
+    }
+
+
+def _openblas_note() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:  # pragma: no cover
+        return "threadpoolctl not installed: BLAS kernel unknown"
+    blas = [f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')})" for i in threadpool_info()
+            if i.get("user_api") == "blas"]
+    note = "NumPy BLAS: " + (", ".join(blas) or "none found")
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        note += f"  [OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']} forces that kernel; unset it for a fair run]"
+    return note
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated thread counts, e.g. 1,2 (default: pwcpu.get_num_threads())")
+    parser.add_argument("--peers", default="numpy",
+                        help=f"comma-separated peers, 'all' or 'none' (default numpy); known: {', '.join(PEERS)}")
+    parser.add_argument("--suite", default="all", choices=sorted(SUITES), help="which layers (default all)")
+    parser.add_argument("--seconds", type=float, default=0.12, help="timing budget per implementation and layer")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="grouped bars per layer and implementation (matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    info = runtime_info()
+    threads_list = [int(t) for t in args.threads.split(",")] if args.threads else [info["threads"]]
+    requested = list(PEERS) if args.peers == "all" else [] if args.peers == "none" else args.peers.split(",")
+    unknown = [p for p in requested if p not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    peers, missing = available_peers(requested)
+    layers = SUITES[args.suite]
+
+    print(f"pwcpu {info['version']}: ISA {info['isa']}, kernels {info['kernel_main']} / {info['kernel_narrow']}")
+    print(_openblas_note())
+    for name, note in missing.items():
+        print(f"skipped {name}: {note}")
+    peaks = {t: _core.measure_fma_peak_gflops(t, 0.2) for t in threads_list}
+    results = []
+    for threads in threads_list:
+        print(f"\n{threads} thread(s); {info['isa']} FMA peak {peaks[threads]:.0f} GFLOP/s")
+        names = ["pwcpu"] + peers
+        header = f"{'layer':<36}{'MFLOP':>8}" + "".join(f"{n:>14}" for n in names) + f"{'%peak':>7}{'vs best':>9}"
+        print(header + "\n" + "-" * len(header))
+        with fixed_threads(threads):
+            for layer in layers:
+                r = bench_layer(layer, peers, threads, args.seconds, args.rounds)
+                r["peak_share"] = r["gflops"]["pwcpu"] / peaks[threads]
+                results.append(r)
+                row = f"{layer.label:<36}{r['mflop']:>8.1f}" + "".join(f"{r['gflops'][n]:>14.1f}" for n in names)
+                ratio = f"{r['ratio']:>8.2f}x" if peers else ""
+                print(row + f"{100 * r['peak_share']:>6.0f}%" + ratio, flush=True)
+        if peers:
+            ratios = [r["ratio"] for r in results if r["threads"] == threads]
+            geomean = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+            print(f"GFLOP/s shown; geometric mean of pwcpu / fastest peer: {geomean:.2f}x, "
+                  f"slowest layer {min(ratios):.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runtime": info, "peaks_gflops": peaks, "peers": peers, "results": results}, f, indent=1)
+    if args.plot:
+        plot(results, peaks, args.plot)
+    return 0
+
+
+def plot(results: List[Dict], peaks: Dict[int, float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    thread_counts = sorted({r["threads"] for r in results})
+    fig, axes = plt.subplots(len(thread_counts), 1, figsize=(18, 5 * len(thread_counts)), squeeze=False)
+    for ax, threads in zip(axes[:, 0], thread_counts):
+        rows = [r for r in results if r["threads"] == threads]
+        names = list(rows[0]["gflops"])
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            ax.bar(np.arange(len(rows)) + i * width, [r["gflops"][name] for r in rows], width, label=name)
+        ax.axhline(peaks[threads], color="k", linestyle="--", linewidth=1, label="FMA peak")
+        ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2)
+        ax.set_xticklabels([r["layer"] for r in rows], rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("GFLOP/s")
+        ax.set_title(f"1x1 convolution, fp32, {threads} thread(s)")
+        ax.legend(fontsize=8, ncol=len(names) + 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

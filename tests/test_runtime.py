@@ -1,0 +1,80 @@
+"""Threads, ISA selection and introspection."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pwcpu
+from pwcpu import _core
+
+
+def run_python(code, **env):
+    environment = {k: v for k, v in os.environ.items() if k not in ("PWCPU_ISA", "OMP_NUM_THREADS")}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
+
+
+def test_num_threads_context():
+    pwcpu.set_num_threads(2)
+    assert pwcpu.get_num_threads() <= 2
+    with pwcpu.num_threads(1):
+        assert pwcpu.get_num_threads() == 1
+    assert pwcpu.get_num_threads() == min(2, pwcpu.get_num_threads())
+
+
+def test_omp_num_threads_is_honoured():
+    result = run_python("import pwcpu; print(pwcpu.get_num_threads())", OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
+def test_threadpoolctl_controls_pwcpu():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    pwcpu.set_num_threads(2)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert pwcpu.get_num_threads() == 1
+        x = np.ones((1, 8, 8, 16), np.float32)
+        assert pwcpu.conv1x1(x, np.ones((4, 16), np.float32)).shape == (1, 8, 8, 4)
+    assert pwcpu.get_num_threads() == min(2, os.cpu_count())
+
+
+@pytest.mark.parametrize("isa", _core.runtime_info()["supported_isas"])
+def test_pwcpu_isa_override(isa):
+    result = run_python("import pwcpu; i = pwcpu.runtime_info(); print(i['isa'], '|', i['isa_reason'])", PWCPU_ISA=isa)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("|")[0].strip() == isa
+    assert "requested by PWCPU_ISA" in result.stdout
+
+
+@pytest.mark.parametrize("value,message", [("avx9000", "not a known ISA"), ("SCALAR", "not a known ISA")])
+def test_bad_pwcpu_isa_fails_at_import(value, message):
+    result = run_python("import pwcpu", PWCPU_ISA=value)
+    assert result.returncode != 0
+    assert message in result.stderr and "PWCPU_ISA" in result.stderr
+
+
+def test_runtime_info_and_show_runtime(capsys):
+    info = pwcpu.runtime_info()
+    assert info["isa"] in info["supported_isas"]
+    assert "scalar" in info["supported_isas"]
+    assert info["threads"] == pwcpu.get_num_threads()
+    assert info["l1d_bytes"] > 0 and info["l2_bytes"] > 0
+    assert info["version"] == pwcpu.__version__
+    pwcpu.show_runtime()
+    printed = capsys.readouterr().out
+    assert f"ISA in use:     {info['isa']}" in printed and info["kernel_main"] in printed
+
+
+def test_module_info_command():
+    result = subprocess.run([sys.executable, "-m", "pwcpu", "info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "ISA in use" in result.stdout and "threads" in result.stdout
+
+
+def test_public_api():
+    for name in pwcpu.__all__:
+        assert hasattr(pwcpu, name), name
+    assert callable(pwcpu.reference.conv1x1)
