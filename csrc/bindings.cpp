@@ -39,7 +39,10 @@ pwcpu::TensorView nhwc_view(const py::array& a, const char* name, bool writable)
     return v;
 }
 
-int64_t conv_extent(int64_t in, int64_t pad, int64_t stride) { return (in + 2 * pad - 1) / stride + 1; }
+int64_t conv_extent(int64_t in, int64_t pad, int64_t stride) {
+    const int64_t padded = in + 2 * pad;
+    return padded > 0 ? (padded - 1) / stride + 1 : 0;
+}
 
 class PyPackedWeights {
 public:
@@ -87,7 +90,7 @@ public:
         const int64_t expected[4] = {xv.shape[0], conv_extent(xv.shape[1], pad_h, stride_h),
                                      conv_extent(xv.shape[2], pad_w, stride_w), packed_->out_channels()};
         for (int d = 0; d < 4; ++d) {
-            if (ov.shape[d] != std::max<int64_t>(expected[d], 0)) throw py::value_error("out has the wrong shape");
+            if (ov.shape[d] != expected[d]) throw py::value_error("out has the wrong shape");
         }
         pwcpu::TensorView rv;
         const pwcpu::TensorView* rp = nullptr;
