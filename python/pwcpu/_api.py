@@ -28,6 +28,7 @@ IntPair = Union[int, Tuple[int, int], Sequence[int]]
 _MAX_GEOMETRY = 2**31 - 1
 
 _TooHardError = getattr(np, "exceptions", np).TooHardError
+_FLOAT32 = np.dtype(np.float32)  # native byte order: '>f4' compares unequal
 
 
 # ---- argument checking ---------------------------------------------------------------------
@@ -37,7 +38,7 @@ def _float32_array(name: str, value) -> np.ndarray:
     if value is None:
         raise TypeError(f"{name} must be a float32 array, not None")
     array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if array.dtype != np.float32 or not array.dtype.isnative:
+    if array.dtype != _FLOAT32:
         how = f"{name}.astype(np.float32)" if isinstance(value, np.ndarray) else f"np.asarray({name}, dtype=np.float32)"
         raise TypeError(
             f"{name} must be float32, got {array.dtype}; pwcpu never downcasts silently, convert it with {how}"
@@ -47,6 +48,9 @@ def _float32_array(name: str, value) -> np.ndarray:
 
 def _kernel_readable(array: np.ndarray) -> bool:
     """Whether the kernels can read ``array`` in place: contiguous channels, float-sized strides."""
+    flags = array.flags
+    if flags.c_contiguous and flags.aligned:  # the common case, decided cheaply
+        return True
     if array.size == 0:
         return True
     channels_ok = array.shape[-1] <= 1 or array.strides[-1] == array.itemsize
@@ -129,7 +133,7 @@ def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
 def _check_out(out, shape: Tuple[int, ...]) -> np.ndarray:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != np.float32 or not out.dtype.isnative:
+    if out.dtype != _FLOAT32:
         raise TypeError(f"out must be float32, got {out.dtype}")
     if out.shape != shape:
         raise ValueError(f"out must have shape {shape}, got {out.shape}")
@@ -152,8 +156,9 @@ def _check_residual(residual, shape: Tuple[int, ...]) -> Optional[np.ndarray]:
     return r
 
 
-def _check_no_overlap(out: np.ndarray, residual: Optional[np.ndarray], **inputs: Optional[np.ndarray]) -> None:
-    for name, array in inputs.items():
+def _check_no_overlap(out: np.ndarray, residual: Optional[np.ndarray], inputs) -> None:
+    """``inputs``: (name, array or None) pairs that out must not overlap."""
+    for name, array in inputs:
         if array is not None and _overlaps(out, array):
             raise ValueError(f"out overlaps {name} in memory; use a separate output array")
     if residual is not None and not _same_view(out, residual) and _overlaps(out, residual):
@@ -193,28 +198,52 @@ def _conv_output_shape(x_shape, stride, padding, out_channels) -> Tuple[int, int
     return n, max(ho, 0), max(wo, 0), out_channels
 
 
-def _run_conv(packed, weight, bias, x, residual, out, stride, padding, activation_code) -> np.ndarray:
-    """Validated NHWC call shared by conv1x1 and PointwiseConv."""
-    x = _float32_array("x", x)
-    if x.ndim != 4:
-        raise ValueError(f"x must have shape (N, H, W, C), got shape {x.shape}")
-    if x.shape[3] != packed.in_channels:
-        raise ValueError(
-            f"x has {x.shape[3]} channels but the weight expects C = {packed.in_channels} "
-            f"(C // groups = {weight.shape[1]}, groups = {packed.groups})"
-        )
-    shape = _conv_output_shape(x.shape, stride, padding, packed.out_channels)
-    residual_in = _check_residual(residual, shape)
-    if out is None:
-        out = np.empty(shape, dtype=np.float32)
-    else:
-        out = _check_out(out, shape)
-        _check_no_overlap(out, residual_in, x=x, weight=weight, bias=bias)
-    residual_arg = None
-    if residual_in is not None:
-        residual_arg = out if _same_view(out, residual_in) else _readable_copy(residual_in)
-    packed.run(_readable_copy(x), out, residual_arg, stride[0], stride[1], padding[0], padding[1], activation_code)
-    return out
+class _Plan:
+    """Packed weights plus everything a call needs, checked once: shared by conv1x1 (one call) and
+    PointwiseConv (many calls), so both validate and run through the same code."""
+
+    __slots__ = ("packed", "weight", "bias", "groups", "in_channels", "out_channels", "stride", "padding", "code",
+                 "_last_shapes")
+
+    def __init__(self, weight: np.ndarray, bias: Optional[np.ndarray], groups: int, stride, padding, code: int):
+        self.packed = _core.PackedWeights(weight, bias, groups)
+        self.weight, self.bias, self.groups = weight, bias, groups
+        self.in_channels, self.out_channels = weight.shape[1] * groups, weight.shape[0]
+        self.stride, self.padding, self.code = stride, padding, code
+        self._last_shapes = ((), ())  # (x.shape, output shape) of the last call: layers see one shape
+
+    def output_shape(self, x_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        if self._last_shapes[0] != x_shape:
+            self._last_shapes = (x_shape, _conv_output_shape(x_shape, self.stride, self.padding, self.out_channels))
+        return self._last_shapes[1]
+
+    def repack_if_isa_changed(self) -> None:
+        if self.packed.isa != _core.active_isa():
+            self.packed = _core.PackedWeights(self.weight, self.bias, self.groups)
+
+    def run(self, x, residual, out, weights_are_private: bool) -> np.ndarray:
+        x = _float32_array("x", x)
+        if x.ndim != 4:
+            raise ValueError(f"x must have shape (N, H, W, C), got shape {x.shape}")
+        if x.shape[3] != self.in_channels:
+            raise ValueError(
+                f"x has {x.shape[3]} channels but the weight expects C = {self.in_channels} "
+                f"(C // groups = {self.weight.shape[1]}, groups = {self.groups})"
+            )
+        shape = self.output_shape(x.shape)
+        residual_in = _check_residual(residual, shape)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        else:
+            out = _check_out(out, shape)
+            inputs = (("x", x),) if weights_are_private else (("x", x), ("weight", self.weight), ("bias", self.bias))
+            _check_no_overlap(out, residual_in, inputs)
+        residual_arg = None
+        if residual_in is not None:
+            residual_arg = out if _same_view(out, residual_in) else _readable_copy(residual_in)
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        self.packed.run(_readable_copy(x), out, residual_arg, sh, sw, ph, pw, self.code)
+        return out
 
 
 def conv1x1(
@@ -263,8 +292,7 @@ def conv1x1(
     code = _activation_code(activation)
     w = _weight_matrix(weight, groups)
     b = _bias_vector(bias, w.shape[0])
-    packed = _core.PackedWeights(w, b, groups)
-    return _run_conv(packed, w, b, x, residual, out, stride_hw, padding_hw, code)
+    return _Plan(w, b, groups, stride_hw, padding_hw, code).run(x, residual, out, weights_are_private=False)
 
 
 def pointwise(
@@ -297,7 +325,7 @@ def pointwise(
         out = np.empty(shape, dtype=np.float32)
     else:
         out = _check_out(out, shape)
-        _check_no_overlap(out, residual_in, x=x, weight=w, bias=b)
+        _check_no_overlap(out, residual_in, (("x", x), ("weight", w), ("bias", b)))
     out4 = _as_4d(out)
     if out4 is None:
         raise ValueError(f"out's leading axes (strides {out.strides}) cannot be viewed as 3 strided axes; "
@@ -347,16 +375,15 @@ class PointwiseConv:
         w.flags.writeable = False
         if b is not None:
             b.flags.writeable = False
-        self._weight, self._bias = w, b
-        self._packed = _core.PackedWeights(w, b, self._groups)
+        self._plan = _Plan(w, b, self._groups, self._stride, self._padding, self._code)
 
     @property
     def in_channels(self) -> int:
-        return self._packed.in_channels
+        return self._plan.in_channels
 
     @property
     def out_channels(self) -> int:
-        return self._packed.out_channels
+        return self._plan.out_channels
 
     @property
     def stride(self) -> Tuple[int, int]:
@@ -377,34 +404,31 @@ class PointwiseConv:
     @property
     def weight(self) -> np.ndarray:
         """The (K, C // groups) weights, read-only."""
-        return self._weight
+        return self._plan.weight
 
     @property
     def bias(self) -> Optional[np.ndarray]:
         """The (K,) bias, read-only, or None."""
-        return self._bias
+        return self._plan.bias
 
     @property
     def kernel(self) -> str:
         """Name of the microkernel the packed weights are laid out for."""
-        return self._packed.kernel
+        return self._plan.packed.kernel
 
     def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None) -> np.ndarray:
-        if self._packed.isa != _core.active_isa():  # the ISA was switched: re-pack for its kernels
-            self._packed = _core.PackedWeights(self._weight, self._bias, self._groups)
-        return _run_conv(
-            self._packed, self._weight, self._bias, x, residual, out, self._stride, self._padding, self._code
-        )
+        self._plan.repack_if_isa_changed()
+        return self._plan.run(x, residual, out, weights_are_private=True)
 
     def __reduce__(self):
         options = (self._stride, self._padding, self._groups, self._activation)
-        return (_rebuild_pointwise_conv, (self._weight, self._bias) + options)
+        return (_rebuild_pointwise_conv, (self.weight, self.bias) + options)
 
     def __repr__(self) -> str:
         return (
             f"PointwiseConv(in_channels={self.in_channels}, out_channels={self.out_channels}, "
             f"stride={self._stride}, padding={self._padding}, groups={self._groups}, "
-            f"activation={self._activation!r}, bias={self._bias is not None})"
+            f"activation={self._activation!r}, bias={self.bias is not None})"
         )
 
 
