@@ -18,6 +18,7 @@ namespace pwcpu {
 
 using kernels::GemmKernel;
 using kernels::GemmTileArgs;
+using kernels::GemmTileFn;
 
 namespace {
 
@@ -83,6 +84,72 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
                      : std::max<int64_t>(1, cache.l2 / 2 / (b.nc_panels * kernel.nr * kernel.mr * bytes));
     return b;
 }
+
+// Maps output pixels, in (n, oh, ow) order, to the rows a tile reads and writes: the input row
+// (or a row of zeros where the pixel falls in the padding), the output row and the residual row.
+// The first pixel's position costs divisions, the rest are increments.
+class RowWalker {
+public:
+    RowWalker(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
+              const float* zeros)
+        : x_(x.data), out_(out.data), res_(residual != nullptr ? residual->data : nullptr), zeros_(zeros),
+          h_(x.shape[1]), w_(x.shape[2]), ho_(out.shape[1]), wo_(out.shape[2]),
+          xs0_(x.strides[0]), xs1_(x.strides[1]), xs2_(x.strides[2]),
+          os0_(out.strides[0]), os1_(out.strides[1]), os2_(out.strides[2]),
+          rs0_(residual != nullptr ? residual->strides[0] : 0), rs1_(residual != nullptr ? residual->strides[1] : 0),
+          rs2_(residual != nullptr ? residual->strides[2] : 0),
+          sh_(geo.stride_h), sw_(geo.stride_w), ph_(geo.pad_h), pw_(geo.pad_w) {}
+
+    // Position the walker at output pixel `first`.
+    void seek(int64_t first) {
+        n_ = first / (ho_ * wo_);
+        oh_ = first / wo_ - n_ * ho_;
+        ow_ = first % wo_;
+        line_ = line_at(n_, oh_);
+    }
+
+    // Rows of the next `count` pixels, input rows offset by `channel` (never steps past the output).
+    void next(int64_t count, int64_t channel, const float** x_rows, float** out_rows, const float** res_rows) {
+        for (int64_t m = 0; m < count; ++m) {
+            if (ow_ == wo_) {
+                ow_ = 0;
+                if (++oh_ == ho_) {
+                    oh_ = 0;
+                    ++n_;
+                }
+                line_ = line_at(n_, oh_);
+            }
+            const int64_t iw = ow_ * sw_ - pw_;
+            x_rows[m] = (line_.x != nullptr && iw >= 0 && iw < w_ ? line_.x + iw * xs2_ : zeros_) + channel;
+            out_rows[m] = line_.out + ow_ * os2_;
+            if (res_ != nullptr) res_rows[m] = line_.res + ow_ * rs2_;
+            ++ow_;
+        }
+    }
+
+private:
+    struct Line {
+        const float* x;  // null: the whole output row lies in the vertical padding
+        float* out;
+        const float* res;
+    };
+
+    Line line_at(int64_t n, int64_t oh) const {
+        const int64_t ih = oh * sh_ - ph_;
+        return {ih >= 0 && ih < h_ ? x_ + n * xs0_ + ih * xs1_ : nullptr, out_ + n * os0_ + oh * os1_,
+                res_ != nullptr ? res_ + n * rs0_ + oh * rs1_ : nullptr};
+    }
+
+    const float* x_;
+    float* out_;
+    const float* res_;
+    const float* zeros_;
+    int64_t h_, w_, ho_, wo_;
+    int64_t xs0_, xs1_, xs2_, os0_, os1_, os2_, rs0_, rs1_, rs2_;
+    int64_t sh_, sw_, ph_, pw_;
+    int64_t n_ = 0, oh_ = 0, ow_ = 0;
+    Line line_{};
+};
 
 // A rectangle of the (tiles x panels) grid given to one thread.
 struct WorkRange {
@@ -203,6 +270,8 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const bool padded = geo.pad_h > 0 || geo.pad_w > 0;
     std::vector<float> zeros(padded ? static_cast<size_t>(std::max<int64_t>(cg * groups, 1)) : 0, 0.0f);
 
+    const RowWalker walker_template(x, out, residual, geo, zeros.data());
+
     CallGuard guard;
     const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg);
     int threads = get_num_threads();
@@ -212,7 +281,6 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const int teams = static_cast<int>(ranges.size());
 
     const auto work = [&](const WorkRange& range) {
-        const float* x_rows[kMaxMR];
         float* out_rows[kMaxMR];
         const float* res_rows[kMaxMR];
         const float* a_rows[kMaxMR];
@@ -220,31 +288,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         args.c = out_rows;
         args.a = a_rows;
 
-        size_t tile_rows = 0;
-        // Row pointers of one tile: the first pixel's position costs divisions, the rest are steps.
-        const auto fill_rows = [&](int64_t tile) {
-            const int64_t first = tile * mr;
-            tile_rows = static_cast<size_t>(std::min<int64_t>(mr, rows - first));
-            int64_t n = first / (ho * wo), oh = (first / wo) % ho, ow = first % wo;
-            for (size_t m = 0; m < tile_rows; ++m) {
-                const int64_t ih = oh * geo.stride_h - geo.pad_h, iw = ow * geo.stride_w - geo.pad_w;
-                const bool inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
-                x_rows[m] = inside ? x.data + n * x.strides[0] + ih * x.strides[1] + iw * x.strides[2] : zeros.data();
-                out_rows[m] = out.data + n * out.strides[0] + oh * out.strides[1] + ow * out.strides[2];
-                if (residual != nullptr) {
-                    res_rows[m] = residual->data + n * residual->strides[0] + oh * residual->strides[1] +
-                                  ow * residual->strides[2];
-                }
-                if (++ow == wo) {
-                    ow = 0;
-                    if (++oh == ho) {
-                        oh = 0;
-                        ++n;
-                    }
-                }
-            }
-        };
-
+        RowWalker walker = walker_template;
         for (int64_t pb = range.panel_begin; pb < range.panel_end; pb += blk.nc_panels) {
             const int64_t pe = std::min(range.panel_end, pb + blk.nc_panels);
             for (int64_t mb = range.tile_begin; mb < range.tile_end; mb += blk.mc_tiles) {
@@ -254,21 +298,26 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                     args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
                     args.final = kb + 1 == blk.k_blocks;
                     args.act = args.final ? act : Activation::none;
+                    args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
+                    walker.seek(mb * mr);
                     for (int64_t t = mb; t < me; ++t) {
-                        fill_rows(t);
-                        int64_t group = -1;
+                        const int64_t tile_rows = std::min<int64_t>(mr, rows - t * mr);
+                        int64_t group = pb / panels_per_group, j = pb % panels_per_group;
+                        walker.next(tile_rows, group * cg + k0, a_rows, out_rows, res_rows);
+                        const GemmTileFn tile_kernel = kernel.by_rows[tile_rows - 1];
+                        // Panels pb..pe-1, walked as (group, panel within group) without divisions.
                         for (int64_t p = pb; p < pe; ++p) {
-                            if (p / panels_per_group != group) {
-                                group = p / panels_per_group;
-                                for (size_t m = 0; m < tile_rows; ++m) a_rows[m] = x_rows[m] + group * cg + k0;
-                            }
-                            const int64_t col = group * kg + (p % panels_per_group) * kernel.nr;
+                            const int64_t col = group * kg + j * kernel.nr;
                             args.nr = static_cast<size_t>(std::min<int64_t>(kernel.nr, (group + 1) * kg - col));
                             args.col = static_cast<size_t>(col);
                             args.bias = kb == 0 ? panel(p) : nullptr;
-                            args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
                             args.w = panel(p) + kernel.nr * (1 + k0);
-                            kernel.by_rows[tile_rows - 1](args);
+                            tile_kernel(args);
+                            if (++j == panels_per_group && p + 1 < pe) {
+                                j = 0;
+                                ++group;
+                                for (int64_t m = 0; m < tile_rows; ++m) a_rows[m] += cg;  // the next group's channels
+                            }
                         }
                     }
                 }

@@ -39,6 +39,9 @@ struct Vec {
         const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
         return _mm256_castsi256_ps(bits);
     }
+    static R dup4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+    template <int J>
+    static R lane(R v) { return _mm256_permute_ps(v, J * 0x55); }
     static R select_neg(R x, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)); }
 };
 

@@ -31,6 +31,9 @@ struct Vec {
         const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
         return _mm512_castsi512_ps(bits);
     }
+    static R dup4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+    template <int J>
+    static R lane(R v) { return _mm512_permute_ps(v, J * 0x55); }
     static R select_neg(R x, R a, R b) {
         return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), b, a);
     }

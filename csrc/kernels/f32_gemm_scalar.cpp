@@ -42,6 +42,9 @@ struct Vec {
     static R pow2(R n) {
         return map([&](int i) { return std::isnan(n.lane[i]) ? n.lane[i] : std::ldexp(1.0f, static_cast<int>(n.lane[i])); });
     }
+    static R dup4(const float* p) { return load(p); }
+    template <int J>
+    static R lane(R v) { return set1(v.lane[J]); }
     static R select_neg(R x, R a, R b) { return map([&](int i) { return x.lane[i] < 0.0f ? a.lane[i] : b.lane[i]; }); }
 };
 

@@ -8,8 +8,9 @@
 // Vec provides: W (lanes), R (register type), set1, load (aligned to nothing), load_n/store_n
 // (first n lanes, 0 <= n <= W), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
 // max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
-// as b keeps NaN), abs, round (to nearest), pow2 (2^n for integral n in [-126, 127]) and
-// select_neg(x, a, b) = x < 0 ? a : b.
+// as b keeps NaN), abs, round (to nearest), pow2 (2^n for integral n in [-126, 127]),
+// select_neg(x, a, b) = x < 0 ? a : b, dup4(p) (p[0..3] in every group of four lanes) and
+// lane<j>(v) (lane j of every group of four, broadcast within the group).
 
 #define PWCPU_INLINE inline __attribute__((always_inline))
 
@@ -132,7 +133,32 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m) a[m] = p.a[m];
     const float* w = p.w;
-    for (size_t kk = 0; kk < p.kc; ++kk) {
+    size_t kk = 0;
+    if constexpr (NV == 1) {
+        // With one weight vector per k, broadcasting every a[m][k] from memory saturates the load
+        // ports before the FMA units. Half the rows instead load four k at once and broadcast in
+        // registers (shuffle ports): both kinds of port share the work.
+        for (; kk + 4 <= p.kc; kk += 4) {
+            const R b0 = Vec::load(w), b1 = Vec::load(w + W), b2 = Vec::load(w + 2 * W), b3 = Vec::load(w + 3 * W);
+#pragma GCC unroll 32
+            for (int m = 0; m < MR; ++m) {
+                if (m % 2 == 0) {
+                    const R quad = Vec::dup4(a[m] + kk);
+                    acc[m][0] = Vec::fma(Vec::template lane<0>(quad), b0, acc[m][0]);
+                    acc[m][0] = Vec::fma(Vec::template lane<1>(quad), b1, acc[m][0]);
+                    acc[m][0] = Vec::fma(Vec::template lane<2>(quad), b2, acc[m][0]);
+                    acc[m][0] = Vec::fma(Vec::template lane<3>(quad), b3, acc[m][0]);
+                } else {
+                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk]), b0, acc[m][0]);
+                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 1]), b1, acc[m][0]);
+                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 2]), b2, acc[m][0]);
+                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 3]), b3, acc[m][0]);
+                }
+            }
+            w += 4 * W;
+        }
+    }
+    for (; kk < p.kc; ++kk) {
         R b[NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) b[v] = Vec::load(w + v * W);
