@@ -52,9 +52,10 @@ def test_groups(isa, rng, groups, c, k, activation):
                residual=residual)
 
 
-@pytest.mark.parametrize("c,k", [(1024, 256), (2048, 40), (3000, 33), (1500, 3)])
+@pytest.mark.parametrize("c,k", [(1024, 256), (2048, 40), (3000, 33), (1500, 3), (9000, 20), (20000, 5)])
 def test_deep_reduction(isa, rng, c, k):
-    """Deep channel counts are split into several K blocks; residual and activation come out right."""
+    """Deep channel counts are split into several K blocks (from C of a few thousand, by the cache
+    sizes); residual and activation come out right, also when out is the residual."""
     x, weight, bias = randn(rng, 1, 5, 6, c), randn(rng, k, c), randn(rng, k)
     residual = randn(rng, 1, 5, 6, k)
     y = pwcpu.conv1x1(x, weight, bias, residual=residual, activation="silu")
