@@ -265,10 +265,17 @@ def fixed_threads(threads: int) -> Iterator[None]:
         yield
 
 
-def time_runners(runners: Dict[str, Runner], min_seconds: float, rounds: int) -> Dict[str, float]:
-    """Median seconds per call of each runner, over interleaved rounds."""
+def time_runners(runners: Dict[str, Runner], min_seconds: float, rounds: int, pause: float) -> Dict[str, float]:
+    """Median seconds per call of each runner, over interleaved rounds.
+
+    Thread pools keep spinning for a while after their work ends (OpenBLAS for tens of
+    milliseconds); on a machine with few cores that steals the next implementation's cores. With
+    ``pause`` > 0, every switch of implementation first waits that long, so each is timed on idle
+    cores.
+    """
     batch = {}
     for name, run in runners.items():
+        time.sleep(pause)
         run()  # warm up: first-touch, JIT, caches
         start, calls = time.perf_counter(), 0
         while True:
@@ -280,6 +287,9 @@ def time_runners(runners: Dict[str, Runner], min_seconds: float, rounds: int) ->
     samples: Dict[str, List[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            if pause:
+                time.sleep(pause)
+                run()
             start = time.perf_counter()
             for _ in range(batch[name]):
                 run()
@@ -300,14 +310,15 @@ def check_result(name: str, result, d: LayerData) -> None:
         raise RuntimeError(f"{name} computed a different result on {d.layer.label} (max error {error:.3g})")
 
 
-def bench_layer(layer: Layer, peers: Sequence[str], threads: int, min_seconds: float, rounds: int) -> Dict:
+def bench_layer(layer: Layer, peers: Sequence[str], threads: int, min_seconds: float, rounds: int,
+                pause: float) -> Dict:
     d = LayerData.random(layer)
     runners = {"pwcpu": make_pwcpu(d, threads)}
     for name in peers:
         runners[name] = PEERS[name](d, threads)
     for name, run in runners.items():
         check_result(name, run(), d)
-    seconds = time_runners(runners, min_seconds, rounds)
+    seconds = time_runners(runners, min_seconds, rounds, pause if threads > 1 else 0.0)
     gflops = {name: layer.flops / s / 1e9 for name, s in seconds.items()}
     fastest_peer = max((g, n) for n, g in gflops.items() if n != "pwcpu") if peers else (float("nan"), "")
     return {
@@ -338,6 +349,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="all", choices=sorted(SUITES), help="which layers (default all)")
     parser.add_argument("--seconds", type=float, default=0.12, help="timing budget per implementation and layer")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
+    parser.add_argument("--pause", type=float, default=0.1,
+                        help="seconds to let thread pools go idle between implementations (threads > 1)")
     parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="grouped bars per layer and implementation (matplotlib)")
 
@@ -365,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         print(header + "\n" + "-" * len(header))
         with fixed_threads(threads):
             for layer in layers:
-                r = bench_layer(layer, peers, threads, args.seconds, args.rounds)
+                r = bench_layer(layer, peers, threads, args.seconds, args.rounds, args.pause)
                 r["peak_share"] = r["gflops"]["pwcpu"] / peaks[threads]
                 results.append(r)
                 row = f"{layer.label:<36}{r['mflop']:>8.1f}" + "".join(f"{r['gflops'][n]:>14.1f}" for n in names)
