@@ -1,11 +1,15 @@
-// pybind11 bindings: a thin layer over pwcpu.hpp. The Python API (python/pwcpu) validates and
-// explains; this layer re-checks what memory safety depends on, converts, and releases the GIL.
+// pybind11 bindings over pwcpu.hpp. The Python API (python/pwcpu) parses a layer's options and
+// weights; the arrays of each call are validated here, in one pass that costs well under a
+// microsecond on the common path, then the GIL is released while the kernels run.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "pwcpu/pwcpu.hpp"
 
@@ -13,30 +17,128 @@ namespace py = pybind11;
 
 namespace {
 
-bool is_native_float32(const py::array& a) {
-    return a.dtype().kind() == 'f' && a.itemsize() == 4 && a.dtype().equal(py::dtype::of<float>());
+using pwcpu::TensorView;
+
+// numpy's Python functions, for the slow paths (conversions, copies, exact overlap tests). Never
+// destroyed: a static py::object would be released after the interpreter is gone.
+py::module_& numpy() {
+    static auto* np = new py::module_(py::module_::import("numpy"));
+    return *np;
 }
 
-pwcpu::TensorView nhwc_view(const py::array& a, const char* name, bool writable) {
-    if (!is_native_float32(a)) throw py::type_error(std::string(name) + " must be a float32 array");
-    if (a.ndim() != 4) throw py::value_error(std::string(name) + " must be 4-D (N, H, W, C)");
-    if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
-    if (reinterpret_cast<uintptr_t>(a.data()) % alignof(float) != 0) {
-        throw py::value_error(std::string(name) + " must be aligned to float32");
+std::string text(const py::handle& h) { return py::repr(h).cast<std::string>(); }
+
+py::tuple shape_tuple(const std::vector<py::ssize_t>& shape) {
+    py::tuple t(shape.size());
+    for (size_t i = 0; i < shape.size(); ++i) t[i] = shape[i];
+    return t;
+}
+
+std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
+
+bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
+
+// `value` as a float32 ndarray: array-likes are converted, other dtypes are a TypeError that says
+// how to convert (no silent downcast).
+py::array float32_array(const py::handle& value, const std::string& name) {
+    if (value.is_none()) throw py::type_error(name + " must be a float32 array, not None");
+    const bool is_array = py::isinstance<py::array>(value);
+    py::array a = is_array ? py::reinterpret_borrow<py::array>(value) : py::array(numpy().attr("asarray")(value));
+    if (!is_native_float32(a)) {
+        const std::string how = is_array ? name + ".astype(np.float32)" : "np.asarray(" + name + ", dtype=np.float32)";
+        throw py::type_error(name + " must be float32, got " + py::str(a.dtype()).cast<std::string>() +
+                             "; pwcpu never downcasts silently, convert it with " + how);
     }
-    pwcpu::TensorView v;
+    return a;
+}
+
+bool float_aligned(const py::array& a) {
+    if (reinterpret_cast<uintptr_t>(a.data()) % sizeof(float) != 0) return false;
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+        if (a.strides(d) % static_cast<py::ssize_t>(sizeof(float)) != 0) return false;
+    }
+    return true;
+}
+
+// Whether the kernels can read or write `a` in place: float-aligned, channel (last) axis contiguous.
+bool kernel_layout(const py::array& a) {
+    if (a.size() == 0) return true;
+    const py::ssize_t last = a.ndim() - 1;
+    const bool channels = a.shape(last) <= 1 || a.strides(last) == static_cast<py::ssize_t>(sizeof(float));
+    return channels && float_aligned(a);
+}
+
+py::array readable(const py::array& a) {
+    return kernel_layout(a) ? a : py::array(numpy().attr("ascontiguousarray")(a));
+}
+
+// Byte range [lo, hi) that `a` touches; empty for a zero-size array.
+std::pair<intptr_t, intptr_t> extent(const py::array& a) {
+    if (a.size() == 0) return {0, 0};
+    intptr_t lo = reinterpret_cast<intptr_t>(a.data()), hi = lo + a.itemsize();
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+        const intptr_t span = static_cast<intptr_t>((a.shape(d) - 1) * a.strides(d));
+        (span < 0 ? lo : hi) += span;
+    }
+    return {lo, hi};
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+    const auto [alo, ahi] = extent(a);
+    const auto [blo, bhi] = extent(b);
+    if (alo == ahi || blo == bhi || ahi <= blo || bhi <= alo) return false;  // the common case
+    try {
+        return numpy().attr("shares_memory")(a, b, py::arg("max_work") = 100000).cast<bool>();
+    } catch (py::error_already_set& e) {
+        if (e.matches(numpy().attr("exceptions").attr("TooHardError"))) return true;
+        throw;
+    }
+}
+
+bool same_view(const py::array& a, const py::array& b) {
+    if (a.data() != b.data() || a.ndim() != b.ndim()) return false;
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+        if (a.shape(d) != b.shape(d) || a.strides(d) != b.strides(d)) return false;
+    }
+    return true;
+}
+
+// A 4-D NHWC view of `a`. With merge_leading, `a` is (..., C) and its leading axes are merged
+// into at most three strided axes; false when they do not fit.
+bool nhwc_view(const py::array& a, bool merge_leading, TensorView& v) {
     v.data = static_cast<float*>(const_cast<void*>(a.data()));
-    for (int d = 0; d < 4; ++d) {
-        v.shape[d] = a.shape(d);
-        if (a.strides(d) % static_cast<py::ssize_t>(sizeof(float)) != 0) {
-            throw py::value_error(std::string(name) + " strides must be multiples of 4 bytes");
+    const py::ssize_t last = a.ndim() - 1;
+    v.shape[3] = a.shape(last);
+    v.strides[3] = a.strides(last) / static_cast<py::ssize_t>(sizeof(float));
+    int64_t dims[32][2];  // (extent, stride) of the merged leading axes, outermost first
+    int count = 0;
+    bool empty = false;
+    for (py::ssize_t d = 0; d < last; ++d) {
+        const int64_t n = a.shape(d), stride = a.strides(d) / static_cast<py::ssize_t>(sizeof(float));
+        empty = empty || n == 0;
+        if (n == 1 && merge_leading) continue;
+        if (merge_leading && count > 0 && dims[count - 1][1] == stride * n) {
+            dims[count - 1][0] *= n;
+            dims[count - 1][1] = stride;
+        } else {
+            if (count == 32) return false;
+            dims[count][0] = n;
+            dims[count][1] = stride;
+            ++count;
         }
-        v.strides[d] = a.strides(d) / static_cast<py::ssize_t>(sizeof(float));
     }
-    if (a.size() > 0 && v.shape[3] > 1 && v.strides[3] != 1) {
-        throw py::value_error(std::string(name) + " must have a contiguous channel axis");
+    if (empty && merge_leading) {
+        count = 1;
+        dims[0][0] = 0;
+        dims[0][1] = 0;
     }
-    return v;
+    if (count > 3) return false;
+    for (int d = 0; d < 3; ++d) {
+        const int src = d - (3 - count);
+        v.shape[d] = src >= 0 ? dims[src][0] : 1;
+        v.strides[d] = src >= 0 ? dims[src][1] : 0;
+    }
+    return true;
 }
 
 int64_t conv_extent(int64_t in, int64_t pad, int64_t stride) {
@@ -44,71 +146,157 @@ int64_t conv_extent(int64_t in, int64_t pad, int64_t stride) {
     return padded > 0 ? (padded - 1) / stride + 1 : 0;
 }
 
-class PyPackedWeights {
+// Packed weights plus the options of a layer: everything a call needs, checked once. A call
+// validates its arrays here (TypeError / ValueError naming the argument), before any memory is
+// written; an `out` the kernels cannot write in place is an error, never a hidden temporary.
+class ConvPlan {
 public:
-    PyPackedWeights(const py::array& weight, const py::object& bias, int64_t groups) {
-        if (!is_native_float32(weight) || weight.ndim() != 2) {
-            throw py::type_error("weight must be a 2-D float32 array (K, C // groups)");
-        }
-        if (groups < 1 || weight.shape(0) % groups != 0) {
+    ConvPlan(const py::array& weight, const py::object& bias, int64_t groups, int64_t stride_h, int64_t stride_w,
+             int64_t pad_h, int64_t pad_w, int activation, bool weights_private)
+        : weight_(float32_array(weight, "weight")), bias_(bias), groups_(groups),
+          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation), weights_private_(weights_private) {
+        if (weight_.ndim() != 2) throw py::value_error("weight must be 2-D (K, C // groups)");
+        if (groups < 1 || weight_.shape(0) % groups != 0) {
             throw py::value_error("groups must be >= 1 and divide the output channels");
         }
-        const float* bias_data = nullptr;
-        py::array bias_array;
-        if (!bias.is_none()) {
-            bias_array = py::array::ensure(bias, py::array::c_style);
-            if (!bias_array || !is_native_float32(bias_array) || bias_array.ndim() != 1) {
-                throw py::type_error("bias must be a 1-D float32 array or None");
-            }
-            if (bias_array.shape(0) != weight.shape(0)) throw py::value_error("bias must have K elements");
-            bias_data = static_cast<const float*>(bias_array.data());
-        }
-        for (int d = 0; d < 2; ++d) {
-            if (weight.strides(d) % static_cast<py::ssize_t>(sizeof(float)) != 0) {
-                throw py::value_error("weight strides must be multiples of 4 bytes");
-            }
-        }
-        if (reinterpret_cast<uintptr_t>(weight.data()) % alignof(float) != 0) {
-            throw py::value_error("weight must be aligned to float32");
-        }
-        const auto* w = static_cast<const float*>(weight.data());
-        const int64_t rs = weight.strides(0) / static_cast<py::ssize_t>(sizeof(float));
-        const int64_t cs = weight.strides(1) / static_cast<py::ssize_t>(sizeof(float));
-        py::gil_scoped_release release;
-        packed_ = std::make_unique<pwcpu::PackedWeights>(w, weight.shape(0), weight.shape(1), rs, cs, bias_data, groups);
-    }
-
-    void run(const py::array& x, const py::array& out, const py::object& residual, int64_t stride_h, int64_t stride_w,
-             int64_t pad_h, int64_t pad_w, int activation) const {
-        const pwcpu::TensorView xv = nhwc_view(x, "x", false);
-        const pwcpu::TensorView ov = nhwc_view(out, "out", true);
         if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
         if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
             throw py::value_error("invalid activation code");
         }
-        if (xv.shape[3] != packed_->in_channels()) throw py::value_error("x has the wrong number of channels");
-        const int64_t expected[4] = {xv.shape[0], conv_extent(xv.shape[1], pad_h, stride_h),
-                                     conv_extent(xv.shape[2], pad_w, stride_w), packed_->out_channels()};
-        for (int d = 0; d < 4; ++d) {
-            if (ov.shape[d] != expected[d]) throw py::value_error("out has the wrong shape");
+        if (!float_aligned(weight_)) weight_ = numpy().attr("ascontiguousarray")(weight_);
+        if (!bias_.is_none()) {
+            py::array b = float32_array(bias_, "bias");
+            if (b.ndim() != 1 || b.shape(0) != weight_.shape(0)) throw py::value_error("bias must have K elements");
+            bias_contiguous_ = numpy().attr("ascontiguousarray")(b);
         }
-        pwcpu::TensorView rv;
-        const pwcpu::TensorView* rp = nullptr;
-        if (!residual.is_none()) {
-            rv = nhwc_view(py::cast<py::array>(residual), "residual", false);
-            for (int d = 0; d < 4; ++d) {
-                if (rv.shape[d] != ov.shape[d]) throw py::value_error("residual must have the output's shape");
-            }
-            rp = &rv;
-        }
-        const pwcpu::ConvGeometry geometry{stride_h, stride_w, pad_h, pad_w};
-        py::gil_scoped_release release;
-        packed_->run(xv, ov, rp, geometry, static_cast<pwcpu::Activation>(activation));
+        pack();
     }
 
+    int64_t in_channels() const { return weight_.shape(1) * groups_; }
+    int64_t out_channels() const { return weight_.shape(0); }
     const pwcpu::PackedWeights& packed() const { return *packed_; }
 
+    py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
+        const py::array x = float32_array(x_in, "x");
+        if (x.ndim() != 4) throw py::value_error("x must have shape (N, H, W, C), got shape " + text(x.attr("shape")));
+        check_channels(x, "");
+        const std::vector<py::ssize_t> shape{x.shape(0), conv_extent(x.shape(1), geometry_.pad_h, geometry_.stride_h),
+                                             conv_extent(x.shape(2), geometry_.pad_w, geometry_.stride_w),
+                                             out_channels()};
+        return execute(x, residual, out, shape, false);
+    }
+
+    py::array pointwise(const py::object& x_in, const py::object& residual, const py::object& out) {
+        const py::array x = float32_array(x_in, "x");
+        if (x.ndim() < 1) throw py::value_error("x must have at least one axis (the channels), got a scalar");
+        check_channels(x, " (last axis)");
+        std::vector<py::ssize_t> shape = shape_of(x);
+        shape.back() = out_channels();
+        return execute(x, residual, out, shape, true);
+    }
+
 private:
+    void pack() {
+        const py::object& bias = bias_contiguous_;
+        const float* b = bias.is_none() ? nullptr : static_cast<const float*>(py::array(bias).data());
+        const auto* w = static_cast<const float*>(weight_.data());
+        const int64_t rs = weight_.strides(0) / static_cast<py::ssize_t>(sizeof(float));
+        const int64_t cs = weight_.strides(1) / static_cast<py::ssize_t>(sizeof(float));
+        const int64_t k = weight_.shape(0), cg = weight_.shape(1);
+        py::gil_scoped_release release;
+        packed_ = std::make_unique<pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_);
+    }
+
+    void check_channels(const py::array& x, const char* where) const {
+        const int64_t c = x.shape(x.ndim() - 1);
+        if (c == in_channels()) return;
+        std::string msg = "x has " + std::to_string(c) + " channels" + where + " but the weight expects C = " +
+                          std::to_string(in_channels());
+        if (groups_ > 1) {
+            msg += " (C // groups = " + std::to_string(weight_.shape(1)) + ", groups = " + std::to_string(groups_) + ")";
+        }
+        throw py::value_error(msg);
+    }
+
+    static void check_out(const py::object& out, const std::vector<py::ssize_t>& shape) {
+        if (!py::isinstance<py::array>(out)) {
+            throw py::type_error("out must be a NumPy array, got " + py::str(py::type::of(out).attr("__name__")).cast<std::string>());
+        }
+        const py::array a = py::reinterpret_borrow<py::array>(out);
+        if (!is_native_float32(a)) throw py::type_error("out must be float32, got " + py::str(a.dtype()).cast<std::string>());
+        if (shape_of(a) != shape) {
+            throw py::value_error("out must have shape " + text(shape_tuple(shape)) + ", got " + text(a.attr("shape")));
+        }
+        if (!a.writeable()) throw py::value_error("out must be writable");
+        if (!kernel_layout(a)) {
+            throw py::value_error("out must have a contiguous channel (last) axis, be aligned and have float-sized "
+                                  "strides; got strides " + text(a.attr("strides")));
+        }
+    }
+
+    py::array execute(const py::array& x, const py::object& residual_in, const py::object& out_in,
+                      const std::vector<py::ssize_t>& shape, bool merge_leading) {
+        // (A default-constructed py::array is an empty array, not a null handle: keep a flag.)
+        const bool has_residual = !residual_in.is_none();
+        py::array residual;
+        if (has_residual) {
+            residual = float32_array(residual_in, "residual");
+            if (shape_of(residual) != shape) {
+                throw py::value_error("residual must have the output's shape " + text(shape_tuple(shape)) + ", got " +
+                                      text(residual.attr("shape")));
+            }
+        }
+        py::array out;
+        if (out_in.is_none()) {
+            out = py::array_t<float>(shape);
+        } else {
+            check_out(out_in, shape);
+            out = py::reinterpret_borrow<py::array>(out_in);
+            if (overlaps(out, x)) throw py::value_error("out overlaps x in memory; use a separate output array");
+            if (!weights_private_) {
+                if (overlaps(out, weight_)) throw py::value_error("out overlaps weight in memory; use a separate output array");
+                if (!bias_.is_none() && overlaps(out, py::array(bias_))) {
+                    throw py::value_error("out overlaps bias in memory; use a separate output array");
+                }
+            }
+            if (has_residual && !same_view(out, residual) && overlaps(out, residual)) {
+                throw py::value_error("out may be the very array passed as residual, but must not partly overlap it");
+            }
+        }
+
+        TensorView xv, ov, rv;
+        py::array x_read = readable(x);
+        if (!nhwc_view(x_read, merge_leading, xv)) {
+            x_read = numpy().attr("ascontiguousarray")(x_read);
+            nhwc_view(x_read, merge_leading, xv);
+        }
+        if (!nhwc_view(out, merge_leading, ov)) {
+            throw py::value_error("out's leading axes (strides " + text(out.attr("strides")) +
+                                  ") cannot be viewed as 3 strided axes; pass a C-contiguous out");
+        }
+        py::array r_read;
+        if (has_residual) {
+            r_read = same_view(out, residual) ? out : readable(residual);
+            if (!nhwc_view(r_read, merge_leading, rv)) {
+                r_read = numpy().attr("ascontiguousarray")(r_read);
+                nhwc_view(r_read, merge_leading, rv);
+            }
+        }
+        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
+        {
+            py::gil_scoped_release release;
+            packed_->run(xv, ov, has_residual ? &rv : nullptr, geometry_, static_cast<pwcpu::Activation>(activation_));
+        }
+        return out;
+    }
+
+    py::array weight_;
+    py::object bias_;                           // as given, for the overlap check
+    py::object bias_contiguous_ = py::none();   // what is packed
+    int64_t groups_;
+    pwcpu::ConvGeometry geometry_;
+    int activation_;
+    bool weights_private_;
     std::unique_ptr<pwcpu::PackedWeights> packed_;
 };
 
@@ -118,16 +306,16 @@ PYBIND11_MODULE(_core, m) {
     m.doc() = "pwcpu's compiled core: packed weights, the convolution driver and runtime control";
     m.attr("__version__") = PWCPU_VERSION;
 
-    py::class_<PyPackedWeights>(m, "PackedWeights")
-        .def(py::init<const py::array&, const py::object&, int64_t>(), py::arg("weight"), py::arg("bias"),
-             py::arg("groups"))
-        .def("run", &PyPackedWeights::run, py::arg("x"), py::arg("out"), py::arg("residual"), py::arg("stride_h"),
-             py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("activation"))
-        .def_property_readonly("isa", [](const PyPackedWeights& p) { return p.packed().isa(); })
-        .def_property_readonly("kernel", [](const PyPackedWeights& p) { return p.packed().kernel_name(); })
-        .def_property_readonly("out_channels", [](const PyPackedWeights& p) { return p.packed().out_channels(); })
-        .def_property_readonly("in_channels", [](const PyPackedWeights& p) { return p.packed().in_channels(); })
-        .def_property_readonly("groups", [](const PyPackedWeights& p) { return p.packed().groups(); });
+    py::class_<ConvPlan>(m, "ConvPlan")
+        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool>(),
+             py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("stride_h"), py::arg("stride_w"),
+             py::arg("pad_h"), py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"))
+        .def("conv", &ConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def("pointwise", &ConvPlan::pointwise, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def_property_readonly("isa", [](const ConvPlan& p) { return p.packed().isa(); })
+        .def_property_readonly("kernel", [](const ConvPlan& p) { return p.packed().kernel_name(); })
+        .def_property_readonly("out_channels", &ConvPlan::out_channels)
+        .def_property_readonly("in_channels", &ConvPlan::in_channels);
 
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
