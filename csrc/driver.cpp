@@ -7,7 +7,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -25,16 +27,53 @@ namespace {
 constexpr int kMaxMR = 32;
 constexpr size_t kAlignment = 64;
 
-struct AlignedFree {
-    void operator()(float* p) const { std::free(p); }
+// Packed-weight buffers. Large ones come from fresh mmap-ed pages, and the page faults on first
+// touch cost more than packing itself (and serialise the packing threads), so the largest freed
+// buffer (up to kReusableBytes) is kept for the next packing: conv1x1 packs on every call.
+constexpr size_t kReusableBytes = size_t{64} << 20;
+
+struct SpareBuffer {
+    std::mutex mutex;
+    void* data = nullptr;
+    size_t bytes = 0;
 };
-using AlignedBuffer = std::unique_ptr<float[], AlignedFree>;
+
+SpareBuffer& spare_buffer() {
+    static auto* spare = new SpareBuffer;  // never destroyed: buffers may be freed during exit
+    return *spare;
+}
+
+struct BufferFree {
+    size_t bytes;
+    void operator()(float* p) const {
+        if (p == nullptr) return;
+        SpareBuffer& spare = spare_buffer();
+        void* release = p;
+        if (bytes <= kReusableBytes) {
+            std::lock_guard<std::mutex> lock(spare.mutex);
+            if (bytes > spare.bytes) {
+                std::swap(release, spare.data);
+                spare.bytes = bytes;
+            }
+        }
+        std::free(release);
+    }
+};
+using AlignedBuffer = std::unique_ptr<float[], BufferFree>;
 
 AlignedBuffer allocate_floats(size_t count) {
     const size_t bytes = std::max<size_t>(kAlignment, (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment);
+    SpareBuffer& spare = spare_buffer();
+    {
+        std::lock_guard<std::mutex> lock(spare.mutex);
+        if (spare.data != nullptr && spare.bytes >= bytes && spare.bytes <= 2 * bytes) {
+            void* p = std::exchange(spare.data, nullptr);
+            return AlignedBuffer(static_cast<float*>(p), BufferFree{std::exchange(spare.bytes, 0)});
+        }
+    }
     void* p = std::aligned_alloc(kAlignment, bytes);
     if (p == nullptr) throw std::bad_alloc();
-    return AlignedBuffer(static_cast<float*>(p));
+    return AlignedBuffer(static_cast<float*>(p), BufferFree{bytes});
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -235,11 +274,18 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
         const int64_t width = std::min<int64_t>(nr, (g + 1) * w.kg - first);
         float* dst = w.panels.get() + p * w.panel_stride;
-        std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));
+        if (width < nr) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
         for (int64_t n = 0; n < width; ++n) dst[n] = bias != nullptr ? bias[first + n] : 0.0f;
-        for (int64_t n = 0; n < width; ++n) {
-            const float* src = weight + (first + n) * row_stride;
-            for (int64_t c = 0; c < w.cg; ++c) dst[nr * (1 + c) + n] = src[c * col_stride];
+        // Transposed in blocks of kPackBlock channels: each source line is read once and the
+        // block of panel rows being written stays in L1 (rows of a large weight matrix lie a
+        // multiple of 4 KiB apart, so walking down a column would thrash L1's sets).
+        constexpr int64_t kPackBlock = 16;
+        for (int64_t c0 = 0; c0 < w.cg; c0 += kPackBlock) {
+            const int64_t c1 = std::min(w.cg, c0 + kPackBlock);
+            for (int64_t n = 0; n < width; ++n) {
+                const float* src = weight + (first + n) * row_stride;
+                for (int64_t c = c0; c < c1; ++c) dst[nr * (1 + c) + n] = src[c * col_stride];
+            }
         }
     }
 }
