@@ -115,13 +115,6 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) acc[m][v] = b;
         }
-        if (p.residual != nullptr) {
-#pragma GCC unroll 32
-            for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v)
-                    acc[m][v] = Vec::add(acc[m][v], Vec::load_n(p.residual[m] + p.col + v * W, lanes[v]));
-        }
     } else {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)
@@ -171,6 +164,14 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         w += NV * W;
     }
 
+    // The residual joins after the sums, so its loads need not wait in front of the k loop.
+    if (p.residual != nullptr) {
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v)
+                acc[m][v] = Vec::add(acc[m][v], Vec::load_n(p.residual[m] + p.col + v * W, lanes[v]));
+    }
     if (p.final) activate_tile<MR, NV>(acc, p.act);
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m)
