@@ -122,6 +122,14 @@ void f32_gemm_tile(const GemmTileArgs& p) {
             for (int v = 0; v < NV; ++v) acc[m][v] = Vec::load_n(p.c[m] + p.col + v * W, lanes[v]);
     }
 
+    // Start fetching the residual now, for this panel and the next: it is read only after the k
+    // loop, which hides the latency even when the loop is short. (Prefetches never fault.)
+    if (p.residual != nullptr) {
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+            for (int v = 0; v < 2 * NV; ++v) __builtin_prefetch(p.residual[m] + p.col + v * W);
+    }
     const float* a[MR];
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m) a[m] = p.a[m];
