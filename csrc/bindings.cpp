@@ -203,8 +203,12 @@ private:
         const int64_t rs = weight_.strides(0) / static_cast<py::ssize_t>(sizeof(float));
         const int64_t cs = weight_.strides(1) / static_cast<py::ssize_t>(sizeof(float));
         const int64_t k = weight_.shape(0), cg = weight_.shape(1);
-        py::gil_scoped_release release;
-        packed_ = std::make_unique<pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_);
+        std::shared_ptr<const pwcpu::PackedWeights> packed;
+        {
+            py::gil_scoped_release release;
+            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_);
+        }
+        packed_ = std::move(packed);  // with the GIL held: other threads read packed_ under it
     }
 
     void check_channels(const py::array& x, const char* where) const {
@@ -283,9 +287,10 @@ private:
             }
         }
         if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
+        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
         {
             py::gil_scoped_release release;
-            packed_->run(xv, ov, has_residual ? &rv : nullptr, geometry_, static_cast<pwcpu::Activation>(activation_));
+            packed->run(xv, ov, has_residual ? &rv : nullptr, geometry_, static_cast<pwcpu::Activation>(activation_));
         }
         return out;
     }
@@ -297,7 +302,8 @@ private:
     pwcpu::ConvGeometry geometry_;
     int activation_;
     bool weights_private_;
-    std::unique_ptr<pwcpu::PackedWeights> packed_;
+    // Shared: a call keeps its packing alive while another thread re-packs (after an ISA switch).
+    std::shared_ptr<const pwcpu::PackedWeights> packed_;
 };
 
 }  // namespace
@@ -335,6 +341,7 @@ PYBIND11_MODULE(_core, m) {
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;
         d["l3_bytes"] = info.l3_bytes;
+        d["single_threaded_after_fork"] = pwcpu::single_threaded_after_fork();
         return d;
     });
 }

@@ -1,6 +1,7 @@
 // The driver: weight packing, cache blocking, threading and the fused epilogue's bookkeeping.
 // It knows kernels only through the contract in kernels/ukernel.hpp and the dispatch table.
 #include <omp.h>
+#include <pthread.h>
 #include <xmmintrin.h>
 
 #include <algorithm>
@@ -79,6 +80,25 @@ AlignedBuffer allocate_floats(size_t count) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- threads --------------------------------------------------------------------------------
+
+// GNU OpenMP cannot run a parallel region in a child forked after the parent started its thread
+// pool: the child waits forever for threads that were not copied. A child forked after pwcpu ran
+// in parallel therefore stays on one thread (spawned processes start afresh and are unaffected).
+std::atomic<bool> thread_pool_started{false};
+std::atomic<bool> forked_after_pool{false};
+
+void on_fork_child() {
+    if (thread_pool_started.load(std::memory_order_relaxed)) forked_after_pool.store(true, std::memory_order_relaxed);
+}
+
+[[maybe_unused]] const bool fork_handler_registered = [] { return pthread_atfork(nullptr, nullptr, on_fork_child) == 0; }();
+
+// Threads for a parallel region of up to `wanted` threads; records that the pool will start.
+int region_threads(int wanted) {
+    if (wanted <= 1 || forked_after_pool.load(std::memory_order_relaxed)) return 1;
+    thread_pool_started.store(true, std::memory_order_relaxed);
+    return wanted;
+}
 
 // 0 = follow OpenMP's setting for the calling thread (OMP_NUM_THREADS, threadpoolctl).
 std::atomic<int> requested_threads{0};
@@ -268,7 +288,8 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.panels = allocate_floats(static_cast<size_t>(w.panel_count() * w.panel_stride));
 
     const int64_t panel_count = w.panel_count();
-#pragma omp parallel for schedule(static) if (panel_count * w.panel_stride > (1 << 16))
+    const int pack_threads = region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1);
+#pragma omp parallel for schedule(static) num_threads(pack_threads) if (pack_threads > 1)
     for (int64_t p = 0; p < panel_count; ++p) {
         const int64_t g = p / w.panels_per_group;
         const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
@@ -325,7 +346,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     int threads = get_num_threads();
     threads = std::max(1, threads / std::max(1, calls_in_flight.load(std::memory_order_relaxed)));
     if (flops < 4.0e5) threads = 1;  // a fork-join would cost more than it saves
-    const std::vector<WorkRange> ranges = partition(tiles, panels_total, rows, kernel, cg, threads);
+    const std::vector<WorkRange> ranges = partition(tiles, panels_total, rows, kernel, cg, region_threads(threads));
     const int teams = static_cast<int>(ranges.size());
 
     const auto work = [&](const WorkRange& range) {
@@ -390,6 +411,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
 
 double measure_fma_peak_gflops(int threads, double seconds) {
     if (threads < 1) throw std::invalid_argument("measure_fma_peak_gflops: threads must be >= 1");
+    threads = region_threads(threads);
     const kernels::IsaKernels& isa = detail::active_kernels();
     const size_t iterations = 1u << 16;
     double best = 0.0;
@@ -397,7 +419,7 @@ double measure_fma_peak_gflops(int threads, double seconds) {
     const double start = omp_get_wtime();
     do {
         const double t0 = omp_get_wtime();
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
         {
             const float v = isa.fma_probe(iterations);
 #pragma omp atomic
@@ -411,7 +433,10 @@ double measure_fma_peak_gflops(int threads, double seconds) {
 
 // ---- thread control -------------------------------------------------------------------------
 
+bool single_threaded_after_fork() { return forked_after_pool.load(std::memory_order_relaxed); }
+
 int get_num_threads() {
+    if (single_threaded_after_fork()) return 1;
     const int omp_threads = std::max(1, omp_get_max_threads());
     const int requested = requested_threads.load(std::memory_order_relaxed);
     return requested > 0 ? std::min(requested, omp_threads) : omp_threads;

@@ -62,6 +62,8 @@ private:
 // Threads used by one call (defaults to OMP_NUM_THREADS or the number of cores).
 int get_num_threads();
 void set_num_threads(int n);
+// True in a child forked after pwcpu ran threads: GNU OpenMP cannot run there, so calls use one.
+bool single_threaded_after_fork();
 
 // The active ISA's fp32 FMA peak in GFLOP/s, measured over about `seconds` on `threads` threads.
 double measure_fma_peak_gflops(int threads, double seconds);
