@@ -1,0 +1,130 @@
+"""Fuzzing the Python boundary: arbitrary argument combinations, valid and invalid.
+
+Every call must either match the reference or raise TypeError, ValueError or MemoryError; it
+must never crash, and it must leave every input (and, when it fails, ``out``) unchanged.
+"""
+
+import numpy as np
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import pwcpu
+from helpers import conv_bound
+
+FUZZ_EXAMPLES = 1500
+ACCEPTED_ERRORS = (TypeError, ValueError, MemoryError)
+
+
+def variants(draw, valid, invalid):
+    """The valid value most of the time, else one of the invalid ones."""
+    return valid if draw(st.integers(0, 11)) else draw(st.sampled_from(invalid))
+
+
+@st.composite
+def calls(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg, kg = draw(st.integers(0, 9)), draw(st.integers(0, 9))
+    n, h, w = draw(st.integers(0, 2)), draw(st.integers(0, 6)), draw(st.integers(0, 6))
+    c, k = cg * groups, kg * groups
+    stride = draw(st.sampled_from([(1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]))
+    padding = draw(st.sampled_from([(0, 0), (1, 1), (0, 2)]))
+    out_shape = tuple(max((s + 2 * p - 1) // st_ + 1, 0) if s + 2 * p else 0
+                      for s, p, st_ in zip((h, w), padding, stride))
+    out_shape = (n,) + out_shape + (k,)
+
+    x = rng.standard_normal((n, h, w, c), dtype=np.float32)
+    if draw(st.booleans()) and x.size:
+        x.flat[rng.integers(0, x.size)] = draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e-39, 3e38]))
+    x_view = draw(st.sampled_from(["plain", "strided", "reversed", "channels_strided"]))
+    if x_view != "plain":
+        big = rng.standard_normal((n, 2 * h, w, 3 * c), dtype=np.float32)
+        x = {"strided": big[:, ::2, :, :c], "reversed": big[:, ::-2, ::-1, c:2 * c],
+             "channels_strided": big[:, ::2, :, ::3]}[x_view]
+    huge = np.broadcast_to(np.ones((1, 1, 1, c), np.float32), (2**40, 1, 1, c))
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and 3e38 cast to int32 / float16
+        x = variants(draw, x, [x.astype(np.float64), x.astype(np.int32), x.astype(np.float16), x.tolist(), None,
+                               "x", x.sum(axis=0), x[..., None], x.astype(">f4"), huge])
+
+    weight = rng.standard_normal((k, cg), dtype=np.float32)
+    weight = variants(draw, weight, [weight[:, :, None, None], weight.astype(np.float64), weight.T.copy(),
+                                     weight[:, :1], weight[None], None, np.zeros((k, cg, 3, 3), np.float32)])
+    bias = draw(st.sampled_from([None, "valid"]))
+    if bias == "valid":
+        bias = rng.standard_normal(k, dtype=np.float32)
+    bias = variants(draw, bias, [np.zeros(k + 1, np.float32), np.zeros(k), np.zeros((k, 1), np.float32), [1.0] * k])
+
+    stride = variants(draw, stride, [0, -1, 2**31, 2**62, 1.5, "2", (1, 2, 3), (0, 1), True, None])
+    padding = variants(draw, padding, [-1, 2**31 - 1, 2**62, 0.5, (1,), (-1, 0), None])
+    groups = variants(draw, groups, [0, -1, 2**40, 2.0, groups + 1, "1", None])
+    activation = variants(draw, draw(st.sampled_from(list(pwcpu.ACTIVATIONS))), ["tanh", "RELU", 1, b"relu"])
+
+    residual = draw(st.sampled_from([None, "valid"]))
+    if residual == "valid":
+        residual = rng.standard_normal(out_shape, dtype=np.float32)
+    residual = variants(draw, residual, [np.zeros(out_shape), np.zeros((1, 2, 3), np.float32), "r"])
+
+    out_kind = draw(st.sampled_from(["none", "fresh", "slice", "residual"]))
+    out = None
+    if out_kind == "fresh":
+        out = np.full(out_shape, 7.0, np.float32)
+    elif out_kind == "slice":
+        out = np.full(out_shape[:3] + (out_shape[3] + 4,), 7.0, np.float32)[..., 2:2 + out_shape[3]]
+    elif out_kind == "residual" and isinstance(residual, np.ndarray):
+        out = residual
+    out = variants(draw, out, [np.zeros(out_shape), np.zeros(out_shape, np.float32)[..., ::-1][..., ::2],
+                               _read_only(out_shape), np.zeros(out_shape, np.float32).tolist(), "out",
+                               np.zeros((1,) + out_shape, np.float32)[0, :, :, :, :]])
+    if draw(st.integers(0, 9)) == 0 and isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4:
+        out = x  # out overlapping an input
+    return dict(x=x, weight=weight, bias=bias, stride=stride, padding=padding, groups=groups,
+                activation=activation, residual=residual, out=out)
+
+
+def _read_only(shape):
+    a = np.zeros(shape, np.float32)
+    a.flags.writeable = False
+    return a
+
+
+def _snapshot(value):
+    # Read-only arrays (like a 4 TiB broadcast view) cannot change; copy only writable ones.
+    return value.copy() if isinstance(value, np.ndarray) and value.flags.writeable else value
+
+
+def _unchanged(before, after):
+    if not isinstance(after, np.ndarray):
+        return True
+    return before.shape == after.shape and np.array_equal(before, after, equal_nan=True)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calls())
+def test_boundary_never_crashes_or_corrupts(call):
+    before = {name: _snapshot(value) for name, value in call.items()}
+    try:
+        y = pwcpu.conv1x1(call["x"], call["weight"], call["bias"], stride=call["stride"], padding=call["padding"],
+                          groups=call["groups"], activation=call["activation"], residual=call["residual"],
+                          out=call["out"])
+    except ACCEPTED_ERRORS as e:
+        event(f"raised {type(e).__name__}")
+        for name, value in call.items():
+            assert _unchanged(before[name], value), f"{name} changed by a call that failed"
+        return
+    event("computed")
+    # It succeeded: the arguments were valid, so the reference applies.
+    for name in ("x", "weight", "bias") + (() if call["out"] is call["residual"] else ("residual",)):
+        assert _unchanged(before[name], call[name]), f"{name} changed"
+    if call["out"] is not None:
+        assert y is call["out"]
+    if y.size == 0:
+        return
+    weight = np.asarray(call["weight"])
+    weight = weight.reshape(weight.shape[:2])
+    expected, tolerance = conv_bound(before["x"], weight, call["bias"], stride=call["stride"],
+                                     padding=call["padding"], groups=call["groups"],
+                                     activation=call["activation"], residual=before["residual"])
+    # Where float32 could overflow (and float64 did not) the bound does not apply.
+    comparable = np.isfinite(expected) & (np.abs(expected) < 1e38)
+    assert np.all(np.abs(y[comparable].astype(np.float64) - expected[comparable]) <= tolerance[comparable])
+    assert np.all(np.isnan(y[np.isnan(expected)])), "NaN must propagate"
