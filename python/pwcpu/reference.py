@@ -1,6 +1,7 @@
 """The specification: the same operations computed plainly in float64 with NumPy.
 
 Short and obviously right; every test compares pwcpu against these functions. Results are float64.
+Infinities and NaNs follow IEEE arithmetic quietly (no floating-point warnings), as pwcpu does.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _pair(v):
     return (v, v) if np.isscalar(v) else tuple(v)
 
 
+@np.errstate(all="ignore")
 def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
@@ -47,6 +49,7 @@ def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=N
     return _epilogue(z, bias, residual, activation)
 
 
+@np.errstate(all="ignore")
 def pointwise(x, weight, bias=None, *, activation=None, residual=None):
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
