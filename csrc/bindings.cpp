@@ -36,6 +36,22 @@ py::tuple shape_tuple(const std::vector<py::ssize_t>& shape) {
 
 std::vector<py::ssize_t> shape_of(const py::array& a) { return {a.shape(), a.shape() + a.ndim()}; }
 
+// An output whose byte size does not even fit in an address space cannot be allocated: say so
+// before NumPy's stride arithmetic overflows.
+void check_allocatable(const std::vector<py::ssize_t>& shape) {
+    for (py::ssize_t extent : shape) {
+        if (extent == 0) return;
+    }
+    py::ssize_t bytes = sizeof(float);
+    for (py::ssize_t extent : shape) {
+        if (__builtin_mul_overflow(bytes, extent, &bytes)) {
+            PyErr_SetString(PyExc_MemoryError, ("an output of shape " + text(shape_tuple(shape)) +
+                                                " is too large to allocate").c_str());
+            throw py::error_already_set();
+        }
+    }
+}
+
 bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
 
 // `value` as a float32 ndarray: array-likes are converted, other dtypes are a TypeError that says
@@ -141,11 +157,6 @@ bool nhwc_view(const py::array& a, bool merge_leading, TensorView& v) {
     return true;
 }
 
-int64_t conv_extent(int64_t in, int64_t pad, int64_t stride) {
-    const int64_t padded = in + 2 * pad;
-    return padded > 0 ? (padded - 1) / stride + 1 : 0;
-}
-
 // Packed weights plus the options of a layer: everything a call needs, checked once. A call
 // validates its arrays here (TypeError / ValueError naming the argument), before any memory is
 // written; an `out` the kernels cannot write in place is an error, never a hidden temporary.
@@ -180,8 +191,8 @@ public:
         const py::array x = float32_array(x_in, "x");
         if (x.ndim() != 4) throw py::value_error("x must have shape (N, H, W, C), got shape " + text(x.attr("shape")));
         check_channels(x, "");
-        const std::vector<py::ssize_t> shape{x.shape(0), conv_extent(x.shape(1), geometry_.pad_h, geometry_.stride_h),
-                                             conv_extent(x.shape(2), geometry_.pad_w, geometry_.stride_w),
+        const std::vector<py::ssize_t> shape{x.shape(0), pwcpu::conv_output_size(x.shape(1), geometry_.pad_h, geometry_.stride_h),
+                                             pwcpu::conv_output_size(x.shape(2), geometry_.pad_w, geometry_.stride_w),
                                              out_channels()};
         return execute(x, residual, out, shape, false);
     }
@@ -252,6 +263,7 @@ private:
         }
         py::array out;
         if (out_in.is_none()) {
+            check_allocatable(shape);
             out = py::array_t<float>(shape);
         } else {
             check_out(out_in, shape);

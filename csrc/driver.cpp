@@ -5,6 +5,7 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -12,6 +13,7 @@
 #include <new>
 #include <utility>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "dispatch.hpp"
@@ -319,9 +321,55 @@ int64_t PackedWeights::groups() const { return impl_->groups; }
 const char* PackedWeights::isa() const { return impl_->isa->isa; }
 const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
 
+int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride) {
+    const int64_t padded = in + 2 * pad;
+    return padded > 0 ? (padded - 1) / stride + 1 : 0;
+}
+
+namespace {
+
+void check_view(const TensorView& v, const char* name) {
+    const bool empty = v.shape[0] * v.shape[1] * v.shape[2] * v.shape[3] == 0;
+    if (!empty && v.data == nullptr) throw std::invalid_argument(std::string(name) + " has no data");
+    if (!empty && v.shape[3] > 1 && v.strides[3] != 1) {
+        throw std::invalid_argument(std::string(name) + " must have a contiguous channel axis (strides[3] == 1)");
+    }
+    for (int64_t d : v.shape) {
+        if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
+    }
+}
+
+}  // namespace
+
+std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
+    return {x.shape[0], conv_output_size(x.shape[1], geometry.pad_h, geometry.stride_h),
+            conv_output_size(x.shape[2], geometry.pad_w, geometry.stride_w), out_channels()};
+}
+
 void PackedWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
                         const ConvGeometry& geometry, Activation activation) const {
+    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
+        throw std::invalid_argument("conv1x1: strides must be >= 1 and paddings >= 0");
+    }
+    check_view(x, "x");
+    check_view(out, "out");
+    if (x.shape[3] != in_channels()) throw std::invalid_argument("conv1x1: x has the wrong number of channels");
+    const std::array<int64_t, 4> shape = output_shape(x, geometry);
+    for (int d = 0; d < 4; ++d) {
+        if (out.shape[d] != shape[d]) throw std::invalid_argument("conv1x1: out has the wrong shape");
+        if (residual != nullptr && residual->shape[d] != shape[d]) {
+            throw std::invalid_argument("conv1x1: residual must have the output's shape");
+        }
+    }
+    if (residual != nullptr) check_view(*residual, "residual");
     impl_->run(x, out, residual, geometry, activation);
+}
+
+void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
+             const TensorView* residual, const ConvOptions& options) {
+    const int64_t cg = options.groups > 0 ? x.shape[3] / options.groups : 0;
+    const PackedWeights packed(weight, out.shape[3], cg, cg, 1, bias, options.groups);
+    packed.run(x, out, residual, options.geometry, options.activation);
 }
 
 void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const TensorView* residual,

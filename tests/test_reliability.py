@@ -183,6 +183,9 @@ def test_output_that_cannot_be_allocated_is_a_memory_error():
     x = np.broadcast_to(np.ones((1, 1, 1, 4), np.float32), (2**38, 1, 1, 4))
     with pytest.raises(MemoryError):
         pwcpu.conv1x1(x, np.ones((4, 4), np.float32))
+    # So large that its size in bytes overflows 64 bits.
+    with pytest.raises(MemoryError, match="too large to allocate"):
+        pwcpu.conv1x1(np.ones((2, 1, 1, 4), np.float32), np.ones((4, 4), np.float32), padding=2**31 - 1)
 
 
 def _rss_bytes():

@@ -6,6 +6,7 @@
 // without copies.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -24,9 +25,12 @@ struct TensorView {
     int64_t strides[4] = {0, 0, 0, 1};
 };
 
+// Output extent of a 1x1 convolution along one axis: (in + 2 pad - 1) / stride + 1, 0 if empty.
+int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride);
+
 struct ConvGeometry {
     int64_t stride_h = 1, stride_w = 1;
-    int64_t pad_h = 0, pad_w = 0;
+    int64_t pad_h = 0, pad_w = 0;  // zero padding, as in PyTorch
 };
 
 // Weights (and bias) packed for the kernel of the ISA active at construction: per group, NR-wide
@@ -48,8 +52,12 @@ public:
     const char* isa() const;
     const char* kernel_name() const;
 
-    // out = act(conv(x) + bias + residual). residual may be null, or alias out exactly.
-    // Shapes must already be validated: out is (N, Ho, Wo, K) for x (N, H, W, C).
+    // (N, Ho, Wo, K) for x (N, H, W, C): Ho = (H + 2 pad_h - 1) / stride_h + 1.
+    std::array<int64_t, 4> output_shape(const TensorView& x, const ConvGeometry& geometry) const;
+
+    // out = act(conv(x) + bias + residual). residual may be null, or alias out exactly (any other
+    // overlap of out with an input is the caller's error). Throws std::invalid_argument for
+    // mismatched shapes or a non-contiguous channel axis. Thread-safe: concurrent runs are fine.
     void run(const TensorView& x, const TensorView& out, const TensorView* residual,
              const ConvGeometry& geometry, Activation activation) const;
 
@@ -58,6 +66,17 @@ public:
 private:
     std::unique_ptr<Impl> impl_;
 };
+
+struct ConvOptions {
+    ConvGeometry geometry;
+    int64_t groups = 1;
+    Activation activation = Activation::none;
+};
+
+// One call, packing the weights on the way: weight is K x (C / groups), row-major and contiguous
+// (PyTorch's (K, C/groups, 1, 1) memory), bias K values or null, K = out.shape[3].
+void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
+             const TensorView* residual, const ConvOptions& options);
 
 // Threads used by one call (defaults to OMP_NUM_THREADS or the number of cores).
 int get_num_threads();
