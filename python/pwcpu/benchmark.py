@@ -351,13 +351,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds to let thread pools go idle between implementations (threads > 1)")
+    parser.add_argument("--models", action="store_true",
+                        help="instead of single layers: MobileNetV2 and ResNet-50 in PyTorch, converted with "
+                             "pwcpu.torch.convert against the original (needs torch)")
     parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="grouped bars per layer and implementation (matplotlib)")
+
+
+def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, pause: float) -> List[Dict]:
+    """End-to-end: PyTorch models against their pwcpu.torch.convert copies, both channels_last."""
+    import torch
+
+    from . import torch as pwcpu_torch
+    from . import torch_models
+
+    results = []
+    for name in ("mobilenet_v2", "resnet50"):
+        model = torch_models.randomize_batchnorm(getattr(torch_models, name)()).to(memory_format=torch.channels_last)
+        converted = pwcpu_torch.convert(model)
+        x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+
+        def runner(m):
+            def run():
+                with torch.inference_mode():
+                    return m(x)
+            return run
+
+        runners = {"pytorch": runner(model), "pytorch+pwcpu": runner(converted)}
+        torch.testing.assert_close(runners["pytorch+pwcpu"](), runners["pytorch"](), rtol=1e-3, atol=1e-2)
+        for threads in threads_list:
+            with fixed_threads(threads):
+                seconds = time_runners(runners, min_seconds, rounds, pause if threads > 1 else 0.0)
+            results.append({"model": name, "threads": threads, "ms": {k: v * 1e3 for k, v in seconds.items()},
+                            "speedup": seconds["pytorch"] / seconds["pytorch+pwcpu"]})
+            print(f"{name:<14} {threads} thread(s): PyTorch {seconds['pytorch'] * 1e3:7.2f} ms, "
+                  f"converted {seconds['pytorch+pwcpu'] * 1e3:7.2f} ms, speedup {results[-1]['speedup']:.2f}x",
+                  flush=True)
+    return results
 
 
 def run(args: argparse.Namespace) -> int:
     info = runtime_info()
     threads_list = [int(t) for t in args.threads.split(",")] if args.threads else [info["threads"]]
+    if args.models:
+        print(f"pwcpu {info['version']}: ISA {info['isa']}; MobileNetV2 and ResNet-50, 224x224, batch 1")
+        results = bench_models(threads_list, max(args.seconds, 0.5), args.rounds, args.pause)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runtime": info, "models": results}, f, indent=1)
+        return 0
     requested = list(PEERS) if args.peers == "all" else [] if args.peers == "none" else args.peers.split(",")
     unknown = [p for p in requested if p not in PEERS]
     if unknown:
