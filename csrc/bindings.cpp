@@ -76,16 +76,20 @@ bool float_aligned(const py::array& a) {
     return true;
 }
 
-// Whether the kernels can read or write `a` in place: float-aligned, channel (last) axis contiguous.
-bool kernel_layout(const py::array& a) {
+// Whether the kernels can use `a` in place: float-aligned and, for NHWC, a contiguous channel
+// (last) axis; for NCHW, contiguous (H, W) planes, except for a gathered input (x), which may
+// have any strides.
+bool kernel_layout(const py::array& a, pwcpu::Layout layout, bool gathered = false) {
     if (a.size() == 0) return true;
-    const py::ssize_t last = a.ndim() - 1;
-    const bool channels = a.shape(last) <= 1 || a.strides(last) == static_cast<py::ssize_t>(sizeof(float));
-    return channels && float_aligned(a);
+    if (!float_aligned(a)) return false;
+    const py::ssize_t last = a.ndim() - 1, item = sizeof(float);
+    const bool rows = a.shape(last) <= 1 || a.strides(last) == item;
+    if (layout == pwcpu::Layout::nhwc) return rows;
+    return gathered || (rows && (a.shape(last - 1) <= 1 || a.strides(last - 1) == a.shape(last) * item));
 }
 
-py::array readable(const py::array& a) {
-    return kernel_layout(a) ? a : py::array(numpy().attr("ascontiguousarray")(a));
+py::array readable(const py::array& a, pwcpu::Layout layout, bool gathered = false) {
+    return kernel_layout(a, layout, gathered) ? a : py::array(numpy().attr("ascontiguousarray")(a));
 }
 
 // Byte range [lo, hi) that `a` touches; empty for a zero-size array.
@@ -119,9 +123,9 @@ bool same_view(const py::array& a, const py::array& b) {
     return true;
 }
 
-// A 4-D NHWC view of `a`. With merge_leading, `a` is (..., C) and its leading axes are merged
+// A 4-D view of `a` in its own axis order. With merge_leading, `a` is (..., C) and its leading axes are merged
 // into at most three strided axes; false when they do not fit.
-bool nhwc_view(const py::array& a, bool merge_leading, TensorView& v) {
+bool tensor_view(const py::array& a, bool merge_leading, TensorView& v) {
     v.data = static_cast<float*>(const_cast<void*>(a.data()));
     const py::ssize_t last = a.ndim() - 1;
     v.shape[3] = a.shape(last);
@@ -163,9 +167,13 @@ bool nhwc_view(const py::array& a, bool merge_leading, TensorView& v) {
 class ConvPlan {
 public:
     ConvPlan(const py::array& weight, const py::object& bias, int64_t groups, int64_t stride_h, int64_t stride_w,
-             int64_t pad_h, int64_t pad_w, int activation, bool weights_private)
+             int64_t pad_h, int64_t pad_w, int activation, bool weights_private, int layout)
         : weight_(float32_array(weight, "weight")), bias_(bias), groups_(groups),
-          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation), weights_private_(weights_private) {
+          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation), weights_private_(weights_private),
+          layout_(static_cast<pwcpu::Layout>(layout)) {
+        if (layout != static_cast<int>(pwcpu::Layout::nhwc) && layout != static_cast<int>(pwcpu::Layout::nchw)) {
+            throw py::value_error("invalid layout code");
+        }
         if (weight_.ndim() != 2) throw py::value_error("weight must be 2-D (K, C // groups)");
         if (groups < 1 || weight_.shape(0) % groups != 0) {
             throw py::value_error("groups must be >= 1 and divide the output channels");
@@ -189,18 +197,25 @@ public:
 
     py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
         const py::array x = float32_array(x_in, "x");
-        if (x.ndim() != 4) throw py::value_error("x must have shape (N, H, W, C), got shape " + text(x.attr("shape")));
-        check_channels(x, "");
-        const std::vector<py::ssize_t> shape{x.shape(0), pwcpu::conv_output_size(x.shape(1), geometry_.pad_h, geometry_.stride_h),
-                                             pwcpu::conv_output_size(x.shape(2), geometry_.pad_w, geometry_.stride_w),
-                                             out_channels()};
+        const bool nchw = layout_ == pwcpu::Layout::nchw;
+        if (x.ndim() != 4) {
+            throw py::value_error(std::string("x must have shape ") + (nchw ? "(N, C, H, W)" : "(N, H, W, C)") +
+                                  ", got shape " + text(x.attr("shape")));
+        }
+        check_channels(x, nchw ? 1 : 3, "");
+        const int h = nchw ? 2 : 1, w = h + 1;
+        const py::ssize_t ho = pwcpu::conv_output_size(x.shape(h), geometry_.pad_h, geometry_.stride_h);
+        const py::ssize_t wo = pwcpu::conv_output_size(x.shape(w), geometry_.pad_w, geometry_.stride_w);
+        const std::vector<py::ssize_t> shape = nchw ? std::vector<py::ssize_t>{x.shape(0), out_channels(), ho, wo}
+                                                    : std::vector<py::ssize_t>{x.shape(0), ho, wo, out_channels()};
         return execute(x, residual, out, shape, false);
     }
 
     py::array pointwise(const py::object& x_in, const py::object& residual, const py::object& out) {
         const py::array x = float32_array(x_in, "x");
+        if (layout_ != pwcpu::Layout::nhwc) throw py::value_error("pointwise() takes channels-last data");
         if (x.ndim() < 1) throw py::value_error("x must have at least one axis (the channels), got a scalar");
-        check_channels(x, " (last axis)");
+        check_channels(x, x.ndim() - 1, " (last axis)");
         std::vector<py::ssize_t> shape = shape_of(x);
         shape.back() = out_channels();
         return execute(x, residual, out, shape, true);
@@ -217,13 +232,13 @@ private:
         std::shared_ptr<const pwcpu::PackedWeights> packed;
         {
             py::gil_scoped_release release;
-            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_);
+            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_, layout_);
         }
         packed_ = std::move(packed);  // with the GIL held: other threads read packed_ under it
     }
 
-    void check_channels(const py::array& x, const char* where) const {
-        const int64_t c = x.shape(x.ndim() - 1);
+    void check_channels(const py::array& x, py::ssize_t axis, const char* where) const {
+        const int64_t c = x.shape(axis);
         if (c == in_channels()) return;
         std::string msg = "x has " + std::to_string(c) + " channels" + where + " but the weight expects C = " +
                           std::to_string(in_channels());
@@ -233,7 +248,7 @@ private:
         throw py::value_error(msg);
     }
 
-    static void check_out(const py::object& out, const std::vector<py::ssize_t>& shape) {
+    void check_out(const py::object& out, const std::vector<py::ssize_t>& shape) const {
         if (!py::isinstance<py::array>(out)) {
             throw py::type_error("out must be a NumPy array, got " + py::str(py::type::of(out).attr("__name__")).cast<std::string>());
         }
@@ -243,9 +258,10 @@ private:
             throw py::value_error("out must have shape " + text(shape_tuple(shape)) + ", got " + text(a.attr("shape")));
         }
         if (!a.writeable()) throw py::value_error("out must be writable");
-        if (!kernel_layout(a)) {
-            throw py::value_error("out must have a contiguous channel (last) axis, be aligned and have float-sized "
-                                  "strides; got strides " + text(a.attr("strides")));
+        if (!kernel_layout(a, layout_)) {
+            throw py::value_error(std::string("out must have ") +
+                                  (layout_ == pwcpu::Layout::nchw ? "contiguous (H, W) planes" : "a contiguous channel (last) axis") +
+                                  ", be aligned and have float-sized strides; got strides " + text(a.attr("strides")));
         }
     }
 
@@ -281,21 +297,21 @@ private:
         }
 
         TensorView xv, ov, rv;
-        py::array x_read = readable(x);
-        if (!nhwc_view(x_read, merge_leading, xv)) {
+        py::array x_read = readable(x, layout_, true);
+        if (!tensor_view(x_read, merge_leading, xv)) {
             x_read = numpy().attr("ascontiguousarray")(x_read);
-            nhwc_view(x_read, merge_leading, xv);
+            tensor_view(x_read, merge_leading, xv);
         }
-        if (!nhwc_view(out, merge_leading, ov)) {
+        if (!tensor_view(out, merge_leading, ov)) {
             throw py::value_error("out's leading axes (strides " + text(out.attr("strides")) +
                                   ") cannot be viewed as 3 strided axes; pass a C-contiguous out");
         }
         py::array r_read;
         if (has_residual) {
-            r_read = same_view(out, residual) ? out : readable(residual);
-            if (!nhwc_view(r_read, merge_leading, rv)) {
+            r_read = same_view(out, residual) ? out : readable(residual, layout_);
+            if (!tensor_view(r_read, merge_leading, rv)) {
                 r_read = numpy().attr("ascontiguousarray")(r_read);
-                nhwc_view(r_read, merge_leading, rv);
+                tensor_view(r_read, merge_leading, rv);
             }
         }
         if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
@@ -314,6 +330,7 @@ private:
     pwcpu::ConvGeometry geometry_;
     int activation_;
     bool weights_private_;
+    pwcpu::Layout layout_;
     // Shared: a call keeps its packing alive while another thread re-packs (after an ISA switch).
     std::shared_ptr<const pwcpu::PackedWeights> packed_;
 };
@@ -325,9 +342,10 @@ PYBIND11_MODULE(_core, m) {
     m.attr("__version__") = PWCPU_VERSION;
 
     py::class_<ConvPlan>(m, "ConvPlan")
-        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool>(),
+        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, int>(),
              py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("stride_h"), py::arg("stride_w"),
-             py::arg("pad_h"), py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"))
+             py::arg("pad_h"), py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"),
+             py::arg("layout") = 0)
         .def("conv", &ConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("pointwise", &ConvPlan::pointwise, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def_property_readonly("isa", [](const ConvPlan& p) { return p.packed().isa(); })

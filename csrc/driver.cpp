@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <new>
 #include <utility>
@@ -222,8 +223,10 @@ struct WorkRange {
 // Split rows and panels over a threads_m x threads_n grid. Among grids of equal balance, prefer the
 // one that moves fewer bytes: each thread column reads all weights of its panels, each thread
 // row all activations of its tiles.
-std::vector<WorkRange> partition(int64_t tiles, int64_t panels, int64_t rows, const GemmKernel& kernel, int64_t cg,
-                                 int threads) {
+// `tiles` units of `tile_size` rows (of `rows` in all) by `panels` units of `panel_size` columns,
+// over a reduction of length `cg`.
+std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
+                                 int64_t cg, int threads) {
     struct Candidate {
         int tm, tn;
         double cost;
@@ -234,11 +237,11 @@ std::vector<WorkRange> partition(int64_t tiles, int64_t panels, int64_t rows, co
         if (threads % tm != 0) continue;
         const int tn = threads / tm;
         if (tm > tiles || tn > panels) continue;
-        const double rows_per_thread = static_cast<double>(ceil_div(tiles, tm)) * kernel.mr;
+        const double rows_per_thread = static_cast<double>(ceil_div(tiles, tm) * tile_size);
         const double slowest = std::min<double>(rows_per_thread, static_cast<double>(rows)) *
-                               static_cast<double>(ceil_div(panels, tn)) * kernel.nr * static_cast<double>(cg + 8);
+                               static_cast<double>(ceil_div(panels, tn) * panel_size) * static_cast<double>(cg + 8);
         const double traffic = static_cast<double>(tn) * static_cast<double>(rows) * static_cast<double>(cg) +
-                               static_cast<double>(tm) * static_cast<double>(panels) * kernel.nr * static_cast<double>(cg);
+                               static_cast<double>(tm) * static_cast<double>(panels * panel_size) * static_cast<double>(cg);
         const double cost = slowest + 0.25 * traffic;
         if (!have_best || cost < best.cost) best = {tm, tn, cost};
         have_best = true;
@@ -260,19 +263,28 @@ std::vector<WorkRange> partition(int64_t tiles, int64_t panels, int64_t rows, co
 struct PackedWeights::Impl {
     const kernels::IsaKernels* isa = nullptr;
     GemmKernel kernel;
+    Layout layout = Layout::nhwc;
     int64_t k = 0, cg = 0, groups = 1;
-    int64_t kg = 0, panels_per_group = 0, panel_stride = 0;
+    int64_t kg = 0;
+    // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
+    // their biases in front.
+    int64_t panels_per_group = 0, panel_stride = 0;
     AlignedBuffer panels;
+    // NCHW: the weights are the kernel's left operand, read in place as K rows of C/groups (a
+    // contiguous copy), with one bias per row; the activations are packed per call instead.
+    AlignedBuffer weight_rows, row_bias;
 
     int64_t panel_count() const { return groups * panels_per_group; }
     const float* panel(int64_t p) const { return panels.get() + p * panel_stride; }
 
     void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
              Activation act) const;
+    void run_nchw(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
+                  Activation act) const;
 };
 
 PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
-                             int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups)
+                             int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups, Layout layout)
     : impl_(std::make_unique<Impl>()) {
     if (groups < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % groups != 0) {
         throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
@@ -283,6 +295,17 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.cg = in_channels_per_group;
     w.groups = groups;
     w.kg = out_channels / groups;
+    w.layout = layout;
+    if (layout == Layout::nchw) {
+        w.kernel = w.isa->main;  // its NR columns are pixels here
+        w.weight_rows = allocate_floats(static_cast<size_t>(w.k * w.cg));
+        w.row_bias = allocate_floats(static_cast<size_t>(w.k));
+        for (int64_t r = 0; r < w.k; ++r) {
+            for (int64_t c = 0; c < w.cg; ++c) w.weight_rows[r * w.cg + c] = weight[r * row_stride + c * col_stride];
+            w.row_bias[r] = bias != nullptr ? bias[r] : 0.0f;
+        }
+        return;
+    }
     w.kernel = w.kg <= w.isa->narrow.nr ? w.isa->narrow : w.isa->main;
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
@@ -318,6 +341,7 @@ PackedWeights::~PackedWeights() = default;
 int64_t PackedWeights::out_channels() const { return impl_->k; }
 int64_t PackedWeights::in_channels() const { return impl_->cg * impl_->groups; }
 int64_t PackedWeights::groups() const { return impl_->groups; }
+Layout PackedWeights::layout() const { return impl_->layout; }
 const char* PackedWeights::isa() const { return impl_->isa->isa; }
 const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
 
@@ -328,11 +352,17 @@ int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride) {
 
 namespace {
 
-void check_view(const TensorView& v, const char* name) {
+// NHWC: the channel axis must be contiguous. NCHW: for out and residual (contiguous_spatial), the
+// (H, W) plane must be; x is gathered, so any strides do.
+void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial) {
     const bool empty = v.shape[0] * v.shape[1] * v.shape[2] * v.shape[3] == 0;
     if (!empty && v.data == nullptr) throw std::invalid_argument(std::string(name) + " has no data");
-    if (!empty && v.shape[3] > 1 && v.strides[3] != 1) {
+    if (layout == Layout::nhwc && !empty && v.shape[3] > 1 && v.strides[3] != 1) {
         throw std::invalid_argument(std::string(name) + " must have a contiguous channel axis (strides[3] == 1)");
+    }
+    if (layout == Layout::nchw && contiguous_spatial && !empty &&
+        ((v.shape[3] > 1 && v.strides[3] != 1) || (v.shape[2] > 1 && v.strides[2] != v.shape[3]))) {
+        throw std::invalid_argument(std::string(name) + " must have contiguous (H, W) planes");
     }
     for (int64_t d : v.shape) {
         if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
@@ -342,6 +372,10 @@ void check_view(const TensorView& v, const char* name) {
 }  // namespace
 
 std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
+    if (impl_->layout == Layout::nchw) {
+        return {x.shape[0], out_channels(), conv_output_size(x.shape[2], geometry.pad_h, geometry.stride_h),
+                conv_output_size(x.shape[3], geometry.pad_w, geometry.stride_w)};
+    }
     return {x.shape[0], conv_output_size(x.shape[1], geometry.pad_h, geometry.stride_h),
             conv_output_size(x.shape[2], geometry.pad_w, geometry.stride_w), out_channels()};
 }
@@ -351,9 +385,12 @@ void PackedWeights::run(const TensorView& x, const TensorView& out, const Tensor
     if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
         throw std::invalid_argument("conv1x1: strides must be >= 1 and paddings >= 0");
     }
-    check_view(x, "x");
-    check_view(out, "out");
-    if (x.shape[3] != in_channels()) throw std::invalid_argument("conv1x1: x has the wrong number of channels");
+    const Layout layout = impl_->layout;
+    check_view(x, "x", layout, false);
+    check_view(out, "out", layout, true);
+    if (x.shape[layout == Layout::nchw ? 1 : 3] != in_channels()) {
+        throw std::invalid_argument("conv1x1: x has the wrong number of channels");
+    }
     const std::array<int64_t, 4> shape = output_shape(x, geometry);
     for (int d = 0; d < 4; ++d) {
         if (out.shape[d] != shape[d]) throw std::invalid_argument("conv1x1: out has the wrong shape");
@@ -361,14 +398,19 @@ void PackedWeights::run(const TensorView& x, const TensorView& out, const Tensor
             throw std::invalid_argument("conv1x1: residual must have the output's shape");
         }
     }
-    if (residual != nullptr) check_view(*residual, "residual");
-    impl_->run(x, out, residual, geometry, activation);
+    if (residual != nullptr) check_view(*residual, "residual", layout, true);
+    if (layout == Layout::nchw) {
+        impl_->run_nchw(x, out, residual, geometry, activation);
+    } else {
+        impl_->run(x, out, residual, geometry, activation);
+    }
 }
 
 void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
              const TensorView* residual, const ConvOptions& options) {
-    const int64_t cg = options.groups > 0 ? x.shape[3] / options.groups : 0;
-    const PackedWeights packed(weight, out.shape[3], cg, cg, 1, bias, options.groups);
+    const bool nchw = options.layout == Layout::nchw;
+    const int64_t cg = options.groups > 0 ? x.shape[nchw ? 1 : 3] / options.groups : 0;
+    const PackedWeights packed(weight, out.shape[nchw ? 1 : 3], cg, cg, 1, bias, options.groups, options.layout);
     packed.run(x, out, residual, options.geometry, options.activation);
 }
 
@@ -394,7 +436,8 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     int threads = get_num_threads();
     threads = std::max(1, threads / std::max(1, calls_in_flight.load(std::memory_order_relaxed)));
     if (flops < 4.0e5) threads = 1;  // a fork-join would cost more than it saves
-    const std::vector<WorkRange> ranges = partition(tiles, panels_total, rows, kernel, cg, region_threads(threads));
+    const std::vector<WorkRange> ranges =
+        partition(tiles, mr, rows, panels_total, kernel.nr, cg, region_threads(threads));
     const int teams = static_cast<int>(ranges.size());
 
     const auto work = [&](const WorkRange& range) {
@@ -451,6 +494,100 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     {
         DenormalsAreZero daz;
         // A smaller team than asked for (nested or limited OpenMP) still covers every range.
+        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
+    }
+}
+
+// NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile
+// are output channels (weight rows read in place, one bias per row); columns are NR pixels whose
+// input values are gathered, once per panel, into a zero-padded kc x NR block (this also applies
+// stride and padding). Output rows are contiguous planes, written in place.
+void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, const TensorView* residual,
+                                   const ConvGeometry& geo, Activation act) const {
+    const int64_t batch = out.shape[0], ho = out.shape[2], wo = out.shape[3], pixels = ho * wo;  // NCHW
+    if (batch * pixels == 0 || k == 0) return;
+    const int64_t mr = kernel.mr, nr = kernel.nr;
+    const int64_t panels_per_image = ceil_div(pixels, nr);
+    const int64_t pixel_panels = batch * panels_per_image;
+    const int64_t tiles_per_group = ceil_div(kg, mr);
+    const int64_t channel_tiles = groups * tiles_per_group;
+    const Blocking blk = choose_blocking(kernel, cg, channel_tiles, pixel_panels);
+
+    CallGuard guard;
+    const double flops = 2.0 * static_cast<double>(batch * pixels) * static_cast<double>(k) * static_cast<double>(cg);
+    int threads = get_num_threads();
+    threads = std::max(1, threads / std::max(1, calls_in_flight.load(std::memory_order_relaxed)));
+    if (flops < 4.0e5) threads = 1;
+    // Tiles of output channels play the role of NHWC's pixel tiles, pixel panels that of weight panels.
+    const std::vector<WorkRange> ranges =
+        partition(channel_tiles, mr, k, pixel_panels, nr, cg, region_threads(threads));
+    const int teams = static_cast<int>(ranges.size());
+
+    const auto work = [&](const WorkRange& range) {
+        std::vector<float> block(static_cast<size_t>(std::max<int64_t>(blk.kc, 1) * nr));
+        // Input offset of each pixel of the panel (negative strides make negative offsets), or
+        // kPadding for pixels in the padding or past the last one.
+        constexpr int64_t kPadding = std::numeric_limits<int64_t>::min();
+        std::vector<int64_t> offsets(static_cast<size_t>(nr));
+        const float* a_rows[kMaxMR];
+        float* out_rows[kMaxMR];
+        const float* res_rows[kMaxMR];
+        GemmTileArgs args{};
+        args.a = a_rows;
+        args.c = out_rows;
+        args.w = block.data();
+        for (int64_t u = range.panel_begin; u < range.panel_end; ++u) {
+            const int64_t n = u / panels_per_image, p0 = (u % panels_per_image) * nr;
+            args.nr = static_cast<size_t>(std::min(nr, pixels - p0));
+            args.col = static_cast<size_t>(p0);
+            for (int64_t t = 0; t < nr; ++t) {
+                const int64_t p = p0 + t, ih = (p / wo) * geo.stride_h - geo.pad_h, iw = (p % wo) * geo.stride_w - geo.pad_w;
+                const bool inside = p < pixels && ih >= 0 && ih < x.shape[2] && iw >= 0 && iw < x.shape[3];
+                offsets[t] = inside ? ih * x.strides[2] + iw * x.strides[3] : kPadding;
+            }
+            int64_t packed_group = -1, packed_kb = -1;
+            for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
+                const int64_t k0 = kb * blk.kc;
+                args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
+                args.final = kb + 1 == blk.k_blocks;
+                args.act = args.final ? act : Activation::none;
+                for (int64_t tile = range.tile_begin; tile < range.tile_end; ++tile) {
+                    const int64_t group = tile / tiles_per_group;
+                    const int64_t first = group * kg + (tile % tiles_per_group) * mr;
+                    const int64_t count = std::min(mr, (group + 1) * kg - first);
+                    if (group != packed_group || kb != packed_kb) {
+                        const float* image = x.data + n * x.strides[0] + (group * cg + k0) * x.strides[1];
+                        for (size_t c = 0; c < args.kc; ++c) {
+                            const float* plane = image + static_cast<int64_t>(c) * x.strides[1];
+                            float* dst = block.data() + c * static_cast<size_t>(nr);
+                            for (int64_t t = 0; t < nr; ++t) dst[t] = offsets[t] != kPadding ? plane[offsets[t]] : 0.0f;
+                        }
+                        packed_group = group;
+                        packed_kb = kb;
+                    }
+                    for (int64_t m = 0; m < count; ++m) {
+                        a_rows[m] = weight_rows.get() + (first + m) * cg + k0;
+                        out_rows[m] = out.data + n * out.strides[0] + (first + m) * out.strides[1];
+                        if (residual != nullptr) {
+                            res_rows[m] = residual->data + n * residual->strides[0] + (first + m) * residual->strides[1];
+                        }
+                    }
+                    args.row_bias = kb == 0 ? row_bias.get() + first : nullptr;
+                    args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
+                    kernel.by_rows[count - 1](args);
+                }
+            }
+        }
+    };
+
+    if (teams == 1) {
+        DenormalsAreZero daz;
+        work(ranges[0]);
+        return;
+    }
+#pragma omp parallel num_threads(teams)
+    {
+        DenormalsAreZero daz;
         for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
     }
 }

@@ -19,10 +19,11 @@ def gamma(n):
     return n * UNIT_ROUNDOFF / (1.0 - n * UNIT_ROUNDOFF)
 
 
-def conv_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
+def conv_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None,
+               layout="NHWC"):
     """(expected, tolerance) for conv1x1 under the bound above."""
     w = np.asarray(weight).reshape(np.shape(weight)[0], np.shape(weight)[1])
-    geometry = dict(stride=stride, padding=padding, groups=groups)
+    geometry = dict(stride=stride, padding=padding, groups=groups, layout=layout)
     z = reference.conv1x1(x, w, bias, residual=residual, **geometry)
     magnitude = reference.conv1x1(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
                                   residual=None if residual is None else np.abs(residual), **geometry)

@@ -26,6 +26,7 @@ def conv_calls(draw):
         x_view=draw(st.sampled_from(["contiguous", "crop", "reversed"])),
         out=draw(st.sampled_from(["none", "fresh", "slice", "residual"])),
         threads=draw(st.integers(1, 2)), seed=draw(st.integers(0, 2**32 - 1)),
+        layout=draw(st.sampled_from(["NHWC", "NCHW"])),
     )
 
 
@@ -45,15 +46,21 @@ def test_conv1x1_matches_reference(call):
     c, k, groups = call["shape"][3], call["k"], call["groups"]
     weight = rng.standard_normal((k, c // groups), dtype=np.float32)
     bias = rng.standard_normal(k, dtype=np.float32) if call["bias"] else None
-    geometry = dict(stride=call["stride"], padding=call["padding"], groups=groups)
+    if call["layout"] == "NCHW":
+        x = np.moveaxis(x, -1, 1)  # an NCHW view of the same data: read with its strides
+    geometry = dict(stride=call["stride"], padding=call["padding"], groups=groups, layout=call["layout"])
     out_shape = pwcpu.reference.conv1x1(x, weight, **geometry).shape
+    channel_axis = 1 if call["layout"] == "NCHW" else 3
     residual = rng.standard_normal(out_shape, dtype=np.float32) if call["residual"] or call["out"] == "residual" else None
     residual_values = None if residual is None else residual.copy()
     out = None
     if call["out"] == "fresh":
         out = np.empty(out_shape, np.float32)
     elif call["out"] == "slice":
-        out = np.zeros(out_shape[:3] + (out_shape[3] + 5,), np.float32)[..., 2 : 2 + out_shape[3]]
+        wide = list(out_shape)
+        wide[channel_axis] += 5
+        out = np.zeros(wide, np.float32)
+        out = out[:, 2 : 2 + out_shape[1]] if channel_axis == 1 else out[..., 2 : 2 + out_shape[3]]
     elif call["out"] == "residual":
         out = residual
     _core.select_isa(call["isa"])

@@ -115,6 +115,13 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) acc[m][v] = b;
         }
+    } else if (p.row_bias != nullptr) {
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) {
+            const R b = Vec::set1(p.row_bias[m]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[m][v] = b;
+        }
     } else {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)

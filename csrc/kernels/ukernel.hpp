@@ -4,15 +4,16 @@
 // place from NHWC pixel rows and whose right operand is a packed weight panel:
 //
 //   for m < MR, n < nr:
-//     acc = (bias ? bias[n] : c[m][col + n]) + sum_{k < kc} a[m][k] * w[k * NR + n]
+//     acc = (bias ? bias[n] : row_bias ? row_bias[m] : c[m][col + n]) + sum_{k < kc} a[m][k] * w[k * NR + n]
 //         + (residual ? residual[m][col + n] : 0)
 //     c[m][col + n] = final ? act(acc) : acc
 //
 // - a[m] points at row m's first channel of this K block. Every kernel is instantiated for each
 //   row count 1..MR, so the M tail is a kernel of its own and no row is computed in vain.
 // - w is the panel's kc x NR block, zero-padded to NR columns.
-// - bias (the panel's NR biases) starts a tile; without it the tile continues a previous K block
-//   by reading c. The driver passes the residual with the first K block only, and the kernel
+// - bias (the panel's NR biases, one per column) or row_bias (one per row, for NCHW, where rows
+//   are output channels) starts a tile; without either the tile continues a previous K block by
+//   reading c. The driver passes the residual with the first K block only, and the kernel
 //   reads it before storing the tile, so out may alias residual even when the reduction is split
 //   into several K blocks.
 // - c[m] and residual[m] point at output row m; the tile's columns start at c[m] + col. Only
@@ -32,7 +33,8 @@ struct GemmTileArgs {
     size_t kc;  // reduction length of this K block
     const float* const* a;
     const float* w;
-    const float* bias;               // null: accumulate onto c
+    const float* bias;               // per column; null: row_bias or accumulate onto c
+    const float* row_bias;           // per row; null: accumulate onto c (when bias is null too)
     const float* const* residual;    // null: none
     float* const* c;
     size_t col;                      // the panel's first output channel within c[m], residual[m]

@@ -75,6 +75,17 @@ def _activation_code(activation) -> int:
     return ACTIVATIONS[activation]
 
 
+_LAYOUTS = {"NHWC": 0, "NCHW": 1}
+
+
+def _layout_code(layout) -> int:
+    if not isinstance(layout, str):
+        raise TypeError(f"layout must be 'NHWC' or 'NCHW', got {type(layout).__name__}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
+    return _LAYOUTS[layout]
+
+
 def _weight_matrix(weight, groups: int) -> np.ndarray:
     """``weight`` as a (K, C // groups) float32 view: accepts (K, Cg) and PyTorch's (K, Cg, 1, 1)."""
     w = _float32_array("weight", weight)
@@ -112,8 +123,9 @@ def conv1x1(
     activation: Optional[str] = None,
     residual=None,
     out: Optional[np.ndarray] = None,
+    layout: str = "NHWC",
 ) -> np.ndarray:
-    """1x1 convolution of an NHWC float32 tensor, with a fused epilogue.
+    """1x1 convolution of an NHWC (or NCHW) float32 tensor, with a fused epilogue.
 
     ``y = activation(conv(x, weight) + bias + residual)``, computed in float32.
 
@@ -136,18 +148,23 @@ def conv1x1(
     out : ndarray, float32, output shape, optional
         Written in place and returned. Its channel axis must be contiguous; other strides are free,
         so it can be a channel slice of a larger buffer.
+    layout : "NHWC" or "NCHW"
+        With "NCHW", x is (N, C, H, W) and the result (N, K, Ho, Wo), computed directly as
+        ``W[K, C] @ X[C, H*W]`` per image (no transposing copy). ``out`` and ``residual`` then need
+        contiguous (H, W) planes (other strides are free); x may have any strides.
 
     Returns
     -------
-    ndarray, float32, shape (N, Ho, Wo, K)
+    ndarray, float32, shape (N, Ho, Wo, K) (or (N, K, Ho, Wo) for NCHW)
     """
     groups = _int("groups", groups, 1)
     stride_hw = _pair("stride", stride, 1)
     padding_hw = _pair("padding", padding, 0)
     code = _activation_code(activation)
+    layout_code = _layout_code(layout)
     w = _weight_matrix(weight, groups)
     b = _bias_vector(bias, w.shape[0])
-    plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False)
+    plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False, layout_code)
     return plan.conv(x, residual, out)
 
 
@@ -190,8 +207,11 @@ class PointwiseConv:
         padding: IntPair = 0,
         groups: int = 1,
         activation: Optional[str] = None,
+        layout: str = "NHWC",
     ) -> None:
         self._groups = _int("groups", groups, 1)
+        self._layout = layout
+        layout_code = _layout_code(layout)
         self._stride = _pair("stride", stride, 1)
         self._padding = _pair("padding", padding, 0)
         self._activation = activation
@@ -203,7 +223,7 @@ class PointwiseConv:
         if b is not None:
             b.flags.writeable = False
         self._weight, self._bias = w, b
-        self._plan = _core.ConvPlan(w, b, self._groups, *self._stride, *self._padding, self._code, True)
+        self._plan = _core.ConvPlan(w, b, self._groups, *self._stride, *self._padding, self._code, True, layout_code)
 
     @property
     def in_channels(self) -> int:
@@ -230,6 +250,10 @@ class PointwiseConv:
         return self._activation
 
     @property
+    def layout(self) -> str:
+        return self._layout
+
+    @property
     def weight(self) -> np.ndarray:
         """The (K, C // groups) weights, read-only."""
         return self._weight
@@ -248,16 +272,17 @@ class PointwiseConv:
         return self._plan.conv(x, residual, out)
 
     def __reduce__(self):
-        options = (self._stride, self._padding, self._groups, self._activation)
+        options = (self._stride, self._padding, self._groups, self._activation, self._layout)
         return (_rebuild_pointwise_conv, (self.weight, self.bias) + options)
 
     def __repr__(self) -> str:
         return (
             f"PointwiseConv(in_channels={self.in_channels}, out_channels={self.out_channels}, "
             f"stride={self._stride}, padding={self._padding}, groups={self._groups}, "
-            f"activation={self._activation!r}, bias={self.bias is not None})"
+            f"activation={self._activation!r}, bias={self.bias is not None}, layout={self._layout!r})"
         )
 
 
-def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation) -> PointwiseConv:
-    return PointwiseConv(weight, bias, stride=stride, padding=padding, groups=groups, activation=activation)
+def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, layout="NHWC") -> PointwiseConv:
+    return PointwiseConv(weight, bias, stride=stride, padding=padding, groups=groups, activation=activation,
+                         layout=layout)

@@ -6,7 +6,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ._api import IntPair, PointwiseConv, _activation_code, _int, _pair
+from ._api import IntPair, PointwiseConv, _activation_code, _int, _layout_code, _pair
 
 __all__ = ["PointwiseConvBlock", "fold_batchnorm"]
 
@@ -69,6 +69,7 @@ class PointwiseConvBlock:
         groups: int = 1,
         activation: Optional[str] = "relu",
         eps: float = 1e-5,
+        layout: str = "NHWC",
     ) -> None:
         self.in_channels = _int("in_channels", in_channels, 0)
         self.out_channels = _int("out_channels", out_channels, 0)
@@ -82,6 +83,8 @@ class PointwiseConvBlock:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps must be a number >= 0, got {eps!r}")
         self.eps = float(eps)
+        _layout_code(layout)
+        self.layout = layout
         k, cg = self.out_channels, self.in_channels // self.groups
         bound = 1.0 / np.sqrt(cg) if cg else 0.0
         self._params: Dict[str, np.ndarray] = {
@@ -128,7 +131,7 @@ class PointwiseConvBlock:
         weight, bias = fold_batchnorm(p["conv.weight"][:, :, 0, 0], None, p["bn.weight"], p["bn.bias"],
                                       p["bn.running_mean"], p["bn.running_var"], self.eps)
         self._layer = PointwiseConv(weight, bias, stride=self.stride, padding=self.padding, groups=self.groups,
-                                    activation=self.activation)
+                                    activation=self.activation, layout=self.layout)
 
     @property
     def layer(self) -> PointwiseConv:
@@ -141,4 +144,5 @@ class PointwiseConvBlock:
 
     def __repr__(self) -> str:
         return (f"PointwiseConvBlock({self.in_channels}, {self.out_channels}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, activation={self.activation!r}, eps={self.eps})")
+                f"padding={self.padding}, groups={self.groups}, activation={self.activation!r}, eps={self.eps}, "
+                f"layout={self.layout!r})")

@@ -35,7 +35,13 @@ def _pair(v):
 
 
 @np.errstate(all="ignore")
-def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
+def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None, layout="NHWC"):
+    if layout == "NCHW":
+        to_nhwc = (0, 2, 3, 1)
+        r = None if residual is None else np.moveaxis(np.asarray(residual), 1, -1)
+        y = conv1x1(np.transpose(x, to_nhwc), weight, bias, stride=stride, padding=padding, groups=groups,
+                    activation=activation, residual=r)
+        return np.moveaxis(y, -1, 1)
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
     w = w.reshape(w.shape[0], w.shape[1])

@@ -17,8 +17,13 @@ namespace pwcpu {
 
 enum class Activation : int { none = 0, relu, relu6, silu, gelu, hardswish, sigmoid };
 
-// A 4-D NHWC view: data + shape + element strides. strides[3] (channels) must be 1 unless the
-// channel count is <= 1.
+// Memory order of activations. NHWC: channels last (the kernels' native order). NCHW: each image
+// is C planes of H x W, computed directly as W[K, C] x X[C, H*W].
+enum class Layout : int { nhwc = 0, nchw = 1 };
+
+// A 4-D view: data + shape + element strides, in the layout's axis order. NHWC: strides[3]
+// (channels) must be 1 unless there is one channel. NCHW: out and residual need contiguous (H, W)
+// planes; x may have any strides.
 struct TensorView {
     float* data = nullptr;
     int64_t shape[4] = {0, 0, 0, 0};
@@ -40,7 +45,8 @@ public:
     // weight: K rows of C/groups values, element strides (row_stride, col_stride).
     // bias: K values or nullptr.
     PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
-                  int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups);
+                  int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups,
+                  Layout layout = Layout::nhwc);
     ~PackedWeights();
     PackedWeights(const PackedWeights&) = delete;
     PackedWeights& operator=(const PackedWeights&) = delete;
@@ -48,11 +54,13 @@ public:
     int64_t out_channels() const;
     int64_t in_channels() const;  // C = groups * C/groups
     int64_t groups() const;
+    Layout layout() const;
     // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512").
     const char* isa() const;
     const char* kernel_name() const;
 
-    // (N, Ho, Wo, K) for x (N, H, W, C): Ho = (H + 2 pad_h - 1) / stride_h + 1.
+    // (N, Ho, Wo, K) for x (N, H, W, C), or (N, K, Ho, Wo) for x (N, C, H, W) in NCHW:
+    // Ho = (H + 2 pad_h - 1) / stride_h + 1.
     std::array<int64_t, 4> output_shape(const TensorView& x, const ConvGeometry& geometry) const;
 
     // out = act(conv(x) + bias + residual). residual may be null, or alias out exactly (any other
@@ -71,10 +79,11 @@ struct ConvOptions {
     ConvGeometry geometry;
     int64_t groups = 1;
     Activation activation = Activation::none;
+    Layout layout = Layout::nhwc;
 };
 
 // One call, packing the weights on the way: weight is K x (C / groups), row-major and contiguous
-// (PyTorch's (K, C/groups, 1, 1) memory), bias K values or null, K = out.shape[3].
+// (PyTorch's (K, C/groups, 1, 1) memory), bias K values or null, K = out's channel extent.
 void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
              const TensorView* residual, const ConvOptions& options);
 
