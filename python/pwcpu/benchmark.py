@@ -354,6 +354,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", action="store_true",
                         help="instead of single layers: MobileNetV2 and ResNet-50 in PyTorch, converted with "
                              "pwcpu.torch.convert against the original (needs torch)")
+    parser.add_argument("--epilogue", action="store_true",
+                        help="instead of peers: the cost of the fused epilogue, conv1x1 with bias + relu + "
+                             "residual (out is residual) against the plain convolution")
     parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="grouped bars per layer and implementation (matplotlib)")
 
@@ -390,9 +393,42 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
     return results
 
 
+def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_seconds: float, rounds: int) -> List[Dict]:
+    """A layer with bias + relu + residual (out is residual) against the plain layer (out=y): the
+    fused epilogue's extra cost, weights packed beforehand in both."""
+    results = []
+    for threads in threads_list:
+        print(f"\n{threads} thread(s): time of the fused epilogue relative to the plain convolution")
+        with fixed_threads(threads):
+            for layer in layers:
+                d = LayerData.random(layer)
+                ho, wo = layer.out_hw
+                y = np.empty((layer.n, ho, wo, layer.k), np.float32)
+                r = np.random.default_rng(1).standard_normal(y.shape, dtype=np.float32)
+                s = layer.stride
+                plain_layer = PointwiseConv(d.weight, stride=s)
+                fused_layer = PointwiseConv(d.weight, d.bias, stride=s, activation="relu")
+                runners = {"plain": lambda: plain_layer(d.x, out=y), "fused": lambda: fused_layer(d.x, residual=r, out=r)}
+                seconds = time_runners(runners, min_seconds, rounds, 0.0)
+                extra = seconds["fused"] / seconds["plain"] - 1
+                results.append({"layer": layer.label, "threads": threads, "extra": extra})
+                print(f"{layer.label:<36} plain {seconds['plain'] * 1e6:9.1f} us   fused {seconds['fused'] * 1e6:9.1f} us"
+                      f"   {100 * extra:+6.1f}%", flush=True)
+        extras = [r["extra"] for r in results if r["threads"] == threads]
+        print(f"median {100 * statistics.median(extras):+.1f}%, largest {100 * max(extras):+.1f}%; "
+              f"within 5%: {sum(e <= 0.05 for e in extras)} of {len(extras)} layers")
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     info = runtime_info()
     threads_list = [int(t) for t in args.threads.split(",")] if args.threads else [info["threads"]]
+    if args.epilogue:
+        results = bench_epilogue(SUITES[args.suite], threads_list, args.seconds, args.rounds)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runtime": info, "epilogue": results}, f, indent=1)
+        return 0
     if args.models:
         print(f"pwcpu {info['version']}: ISA {info['isa']}; MobileNetV2 and ResNet-50, 224x224, batch 1")
         results = bench_models(threads_list, max(args.seconds, 0.5), args.rounds, args.pause)
