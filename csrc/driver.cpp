@@ -256,6 +256,33 @@ std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows,
     return ranges;
 }
 
+// Threads for a call of rows x k outputs over a reduction of cg: shared among concurrent calls,
+// and one for small calls, where a fork-join would cost more than it saves.
+int call_threads(int64_t rows, int64_t k, int64_t cg) {
+    const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg);
+    if (flops < 4.0e5) return 1;
+    const int threads = get_num_threads() / std::max(1, calls_in_flight.load(std::memory_order_relaxed));
+    return region_threads(std::max(1, threads));
+}
+
+// Runs work(range) for every range: inline for one, else in one parallel region, with denormals
+// flushed in every thread.
+template <class Work>
+void run_ranges(const std::vector<WorkRange>& ranges, const Work& work) {
+    const int teams = static_cast<int>(ranges.size());
+    if (teams == 1) {
+        DenormalsAreZero daz;
+        work(ranges[0]);
+        return;
+    }
+#pragma omp parallel num_threads(teams)
+    {
+        DenormalsAreZero daz;
+        // A smaller team than asked for (nested or limited OpenMP) still covers every range.
+        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
+    }
+}
+
 }  // namespace
 
 // ---- packed weights -------------------------------------------------------------------------
@@ -432,13 +459,8 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const RowWalker walker_template(x, out, residual, geo, zeros.data());
 
     CallGuard guard;
-    const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg);
-    int threads = get_num_threads();
-    threads = std::max(1, threads / std::max(1, calls_in_flight.load(std::memory_order_relaxed)));
-    if (flops < 4.0e5) threads = 1;  // a fork-join would cost more than it saves
     const std::vector<WorkRange> ranges =
-        partition(tiles, mr, rows, panels_total, kernel.nr, cg, region_threads(threads));
-    const int teams = static_cast<int>(ranges.size());
+        partition(tiles, mr, rows, panels_total, kernel.nr, cg, call_threads(rows, k, cg));
 
     const auto work = [&](const WorkRange& range) {
         float* out_rows[kMaxMR];
@@ -485,17 +507,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         }
     };
 
-    if (teams == 1) {
-        DenormalsAreZero daz;
-        work(ranges[0]);
-        return;
-    }
-#pragma omp parallel num_threads(teams)
-    {
-        DenormalsAreZero daz;
-        // A smaller team than asked for (nested or limited OpenMP) still covers every range.
-        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
-    }
+    run_ranges(ranges, work);
 }
 
 // NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile
@@ -514,14 +526,9 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
     const Blocking blk = choose_blocking(kernel, cg, channel_tiles, pixel_panels);
 
     CallGuard guard;
-    const double flops = 2.0 * static_cast<double>(batch * pixels) * static_cast<double>(k) * static_cast<double>(cg);
-    int threads = get_num_threads();
-    threads = std::max(1, threads / std::max(1, calls_in_flight.load(std::memory_order_relaxed)));
-    if (flops < 4.0e5) threads = 1;
     // Tiles of output channels play the role of NHWC's pixel tiles, pixel panels that of weight panels.
     const std::vector<WorkRange> ranges =
-        partition(channel_tiles, mr, k, pixel_panels, nr, cg, region_threads(threads));
-    const int teams = static_cast<int>(ranges.size());
+        partition(channel_tiles, mr, k, pixel_panels, nr, cg, call_threads(batch * pixels, k, cg));
 
     const auto work = [&](const WorkRange& range) {
         std::vector<float> block(static_cast<size_t>(std::max<int64_t>(blk.kc, 1) * nr));
@@ -580,16 +587,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         }
     };
 
-    if (teams == 1) {
-        DenormalsAreZero daz;
-        work(ranges[0]);
-        return;
-    }
-#pragma omp parallel num_threads(teams)
-    {
-        DenormalsAreZero daz;
-        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
-    }
+    run_ranges(ranges, work);
 }
 
 // ---- peak ----------------------------------------------------------------------------------
