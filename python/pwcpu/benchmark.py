@@ -467,6 +467,16 @@ def run(args: argparse.Namespace) -> int:
             geomean = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
             print(f"GFLOP/s shown; geometric mean of pwcpu / fastest peer: {geomean:.2f}x, "
                   f"slowest layer {min(ratios):.2f}x")
+    if 1 in threads_list and len(threads_list) > 1:
+        single = {r["layer"]: r["gflops"]["pwcpu"] for r in results if r["threads"] == 1}
+        for threads in threads_list:
+            if threads == 1:
+                continue
+            speedups = [r["gflops"]["pwcpu"] / single[r["layer"]] for r in results
+                        if r["threads"] == threads and r["mflop"] >= 50]
+            if speedups:
+                print(f"pwcpu {threads} threads against 1 on the {len(speedups)} layers of 50 MFLOP or more: "
+                      f"lowest {min(speedups):.2f}x, median {statistics.median(speedups):.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runtime": info, "peaks_gflops": peaks, "peers": peers, "results": results}, f, indent=1)
