@@ -2,7 +2,9 @@
 // It knows kernels only through the contract in kernels/ukernel.hpp and the dispatch table.
 #include <omp.h>
 #include <pthread.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -12,9 +14,9 @@
 #include <limits>
 #include <mutex>
 #include <new>
-#include <utility>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dispatch.hpp"
@@ -114,12 +116,16 @@ struct CallGuard {
 };
 
 // Flush denormals to zero for the duration of a call on this thread, then restore the caller's
-// floating-point state: denormal inputs must not make a call slow.
+// floating-point state: denormal inputs must not make a call slow. (x86; elsewhere a no-op.)
+#if defined(__x86_64__) || defined(__i386__)
 struct DenormalsAreZero {
     unsigned saved = _mm_getcsr();
     DenormalsAreZero() { _mm_setcsr(saved | 0x8040u); }  // FTZ | DAZ
     ~DenormalsAreZero() { _mm_setcsr(saved); }
 };
+#else
+struct DenormalsAreZero {};
+#endif
 
 // ---- blocking -------------------------------------------------------------------------------
 
@@ -220,11 +226,10 @@ struct WorkRange {
     int64_t tile_begin, tile_end, panel_begin, panel_end;
 };
 
-// Split rows and panels over a threads_m x threads_n grid. Among grids of equal balance, prefer the
-// one that moves fewer bytes: each thread column reads all weights of its panels, each thread
-// row all activations of its tiles.
-// `tiles` units of `tile_size` rows (of `rows` in all) by `panels` units of `panel_size` columns,
-// over a reduction of length `cg`.
+// Split `tiles` units of `tile_size` rows (of `rows` in all) and `panels` units of `panel_size`
+// columns, over a reduction of length `cg`, on a threads_m x threads_n grid. Among grids of equal
+// balance, prefer the one that moves fewer bytes: each thread column reads all the weights of its
+// panels, each thread row all the activations of its tiles.
 std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
                                  int64_t cg, int threads) {
     struct Candidate {
