@@ -23,6 +23,7 @@ __all__ = [
     "get_num_threads",
     "num_threads",
     "pointwise",
+    "reference",
     "runtime_info",
     "set_num_threads",
     "show_runtime",

@@ -23,7 +23,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
@@ -374,7 +374,7 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
         converted = pwcpu_torch.convert(model)
         x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
-        def runner(m):
+        def runner(m, x=x):
             def run():
                 with torch.inference_mode():
                     return m(x)
@@ -408,7 +408,10 @@ def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_sec
                 s = layer.stride
                 plain_layer = PointwiseConv(d.weight, stride=s)
                 fused_layer = PointwiseConv(d.weight, d.bias, stride=s, activation="relu")
-                runners = {"plain": lambda: plain_layer(d.x, out=y), "fused": lambda: fused_layer(d.x, residual=r, out=r)}
+                runners = {
+                    "plain": lambda plain=plain_layer, x=d.x, y=y: plain(x, out=y),
+                    "fused": lambda fused=fused_layer, x=d.x, r=r: fused(x, residual=r, out=r),
+                }
                 seconds = time_runners(runners, min_seconds, rounds, 0.0)
                 extra = seconds["fused"] / seconds["plain"] - 1
                 results.append({"layer": layer.label, "threads": threads, "extra": extra})
