@@ -349,8 +349,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="all", choices=sorted(SUITES), help="which layers (default all)")
     parser.add_argument("--seconds", type=float, default=0.12, help="timing budget per implementation and layer")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
-    parser.add_argument("--pause", type=float, default=0.05,
-                        help="seconds to let thread pools go idle between implementations (threads > 1)")
+    parser.add_argument("--pause", type=float, default=0.1,
+                        help="seconds to let thread pools go idle between implementations (threads > 1); "
+                             "OpenBLAS's threads spin for about 60 ms after each call")
     parser.add_argument("--models", action="store_true",
                         help="instead of single layers: MobileNetV2 and ResNet-50 in PyTorch, converted with "
                              "pwcpu.torch.convert against the original (needs torch)")
