@@ -353,6 +353,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("out_channels", &ConvPlan::out_channels)
         .def_property_readonly("in_channels", &ConvPlan::in_channels);
 
+    m.def("as_float32", [](const py::object& value, const std::string& name) { return float32_array(value, name); },
+          py::arg("value"), py::arg("name"));
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
     m.def("measure_fma_peak_gflops", &pwcpu::measure_fma_peak_gflops, py::arg("threads"), py::arg("seconds"),

@@ -28,22 +28,15 @@ IntPair = Union[int, Tuple[int, int], Sequence[int]]
 # core's 64-bit index arithmetic once multiplied together.
 _MAX_GEOMETRY = 2**31 - 1
 
-_FLOAT32 = np.dtype(np.float32)  # native byte order: '>f4' compares unequal
 
 
 # ---- argument checking ---------------------------------------------------------------------
 
 
 def _float32_array(name: str, value) -> np.ndarray:
-    if value is None:
-        raise TypeError(f"{name} must be a float32 array, not None")
-    array = value if isinstance(value, np.ndarray) else np.asarray(value)
-    if array.dtype != _FLOAT32:
-        how = f"{name}.astype(np.float32)" if isinstance(value, np.ndarray) else f"np.asarray({name}, dtype=np.float32)"
-        raise TypeError(
-            f"{name} must be float32, got {array.dtype}; pwcpu never downcasts silently, convert it with {how}"
-        )
-    return array
+    """``value`` as a float32 array (array-likes converted); other dtypes are a TypeError that says
+    how to convert. The same check the core applies to each call's arrays."""
+    return _core.as_float32(value, name)
 
 
 def _int(name: str, value, minimum: int) -> int:
