@@ -179,8 +179,10 @@ public:
     }
 
     // Rows of the next `count` pixels, input rows offset by `channel` (never steps past the output).
+    // Pixels of one output row are equally spaced in every tensor, so each run of them along the
+    // row is filled by strided loops; only pixels in the horizontal padding need a test.
     void next(int64_t count, int64_t channel, const float** x_rows, float** out_rows, const float** res_rows) {
-        for (int64_t m = 0; m < count; ++m) {
+        for (int64_t m = 0; m < count;) {
             if (ow_ == wo_) {
                 ow_ = 0;
                 if (++oh_ == ho_) {
@@ -189,11 +191,26 @@ public:
                 }
                 line_ = line_at(n_, oh_);
             }
-            const int64_t iw = ow_ * sw_ - pw_;
-            x_rows[m] = (line_.x != nullptr && iw >= 0 && iw < w_ ? line_.x + iw * xs2_ : zeros_) + channel;
-            out_rows[m] = line_.out + ow_ * os2_;
-            if (res_ != nullptr) res_rows[m] = line_.res + ow_ * rs2_;
-            ++ow_;
+            const int64_t run = std::min(count - m, wo_ - ow_);
+            float* const out = line_.out + ow_ * os2_;
+            for (int64_t i = 0; i < run; ++i) out_rows[m + i] = out + i * os2_;
+            if (res_ != nullptr) {
+                const float* const res = line_.res + ow_ * rs2_;
+                for (int64_t i = 0; i < run; ++i) res_rows[m + i] = res + i * rs2_;
+            }
+            const int64_t iw0 = ow_ * sw_ - pw_, iw_last = iw0 + (run - 1) * sw_;
+            if (line_.x != nullptr && iw0 >= 0 && iw_last < w_) {
+                const float* const x = line_.x + iw0 * xs2_ + channel;
+                const int64_t step = sw_ * xs2_;
+                for (int64_t i = 0; i < run; ++i) x_rows[m + i] = x + i * step;
+            } else {
+                for (int64_t i = 0; i < run; ++i) {
+                    const int64_t iw = iw0 + i * sw_;
+                    x_rows[m + i] = (line_.x != nullptr && iw >= 0 && iw < w_ ? line_.x + iw * xs2_ : zeros_) + channel;
+                }
+            }
+            ow_ += run;
+            m += run;
         }
     }
 
@@ -487,9 +504,10 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                     args.act = args.final ? act : Activation::none;
                     args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
                     walker.seek(mb * mr);
+                    const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
                     for (int64_t t = mb; t < me; ++t) {
                         const int64_t tile_rows = std::min<int64_t>(mr, rows - t * mr);
-                        int64_t group = pb / panels_per_group, j = pb % panels_per_group;
+                        int64_t group = first_group, j = first_j;
                         walker.next(tile_rows, group * cg + k0, a_rows, out_rows, res_rows);
                         const GemmTileFn tile_kernel = kernel.by_rows[tile_rows - 1];
                         // Panels pb..pe-1, walked as (group, panel within group) without divisions.
