@@ -5,8 +5,11 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <stdexcept>
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +53,20 @@ void check_allocatable(const std::vector<py::ssize_t>& shape) {
             throw py::error_already_set();
         }
     }
+}
+
+// A new output array that starts on a cache line (NumPy's start 16 bytes into one), so that rows
+// of a multiple of 16 channels take whole-line (non-temporal) stores.
+py::array aligned_output(const std::vector<py::ssize_t>& shape) {
+    check_allocatable(shape);
+    constexpr size_t kLine = 64;
+    size_t bytes = sizeof(float);
+    for (py::ssize_t extent : shape) bytes *= static_cast<size_t>(extent);
+    if (bytes > std::numeric_limits<size_t>::max() - kLine) throw std::bad_alloc();
+    void* data = std::aligned_alloc(kLine, std::max(kLine, (bytes + kLine - 1) / kLine * kLine));
+    if (data == nullptr) throw std::bad_alloc();  // MemoryError
+    py::capsule owner(data, [](void* p) { std::free(p); });
+    return py::array_t<float>(shape, static_cast<float*>(data), owner);
 }
 
 bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
@@ -279,8 +296,7 @@ private:
         }
         py::array out;
         if (out_in.is_none()) {
-            check_allocatable(shape);
-            out = py::array_t<float>(shape);
+            out = aligned_output(shape);
         } else {
             check_out(out_in, shape);
             out = py::reinterpret_borrow<py::array>(out_in);
@@ -373,6 +389,7 @@ PYBIND11_MODULE(_core, m) {
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;
         d["l3_bytes"] = info.l3_bytes;
+        d["stream_store_min_bytes"] = info.stream_store_min_bytes;
         d["single_threaded_after_fork"] = pwcpu::single_threaded_after_fork();
         return d;
     });

@@ -116,6 +116,8 @@ const CacheSizes& cache_sizes() {
     return sizes;
 }
 
+int64_t stream_store_min_bytes() { return cache_sizes().l3 / 8 * 3; }
+
 }  // namespace detail
 
 void select_isa(const std::string& name) {
@@ -161,6 +163,7 @@ RuntimeInfo runtime_info() {
     info.l1d_bytes = caches.l1d;
     info.l2_bytes = caches.l2;
     info.l3_bytes = caches.l3;
+    info.stream_store_min_bytes = detail::stream_store_min_bytes();
     return info;
 }
 

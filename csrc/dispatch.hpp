@@ -15,4 +15,7 @@ struct CacheSizes {
 };
 const CacheSizes& cache_sizes();
 
+// Outputs of at least this many bytes are written with non-temporal stores: 3/8 of L3.
+int64_t stream_store_min_bytes();
+
 }  // namespace pwcpu::detail

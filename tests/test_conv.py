@@ -243,3 +243,28 @@ class TestPointwiseConv:
                 assert layer.kernel.endswith(name)
         finally:
             _core.select_isa("auto")
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("k", [48, 37])  # rows of whole cache lines, and rows with a masked tail
+def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
+    """Outputs from runtime_info()['stream_store_min_bytes'] on are written with non-temporal
+    stores wherever a whole aligned vector allows: pwcpu's own (cache-line aligned) output, a
+    NumPy out= (16 bytes off a cache line) and out is residual, with an activation."""
+    pixels = pwcpu.runtime_info()["stream_store_min_bytes"] // (4 * k) + 1
+    h, w = -(-pixels // 64), 64
+    c = 5
+    shape = (1, h, w, c) if layout == "NHWC" else (1, c, h, w)
+    out_shape = (1, h, w, k) if layout == "NHWC" else (1, k, h, w)
+    x, weight, bias = randn(rng, *shape), randn(rng, k, c), randn(rng, k)
+    layer = pwcpu.PointwiseConv(weight, bias, layout=layout, activation="relu")
+    own = layer(x)
+    assert own.ctypes.data % 64 == 0
+    check_conv(own, x, weight, bias, layout=layout, activation="relu")
+    numpy_out = np.empty(out_shape, np.float32)
+    assert layer(x, out=numpy_out) is numpy_out
+    np.testing.assert_array_equal(numpy_out, own)
+    accumulator = randn(rng, *out_shape)
+    residual = accumulator.copy()
+    assert layer(x, residual=accumulator, out=accumulator) is accumulator
+    check_conv(accumulator, x, weight, bias, layout=layout, activation="relu", residual=residual)

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <array>
+#include <cstdint>
 #include <utility>
 
 #include "kernels/ukernel.hpp"
@@ -24,6 +25,13 @@ struct Vec {
             _mm256_storeu_ps(p, x);
         } else {
             _mm256_maskstore_ps(p, mask(n), x);
+        }
+    }
+    static void store_stream_n(float* p, R x, size_t n) {
+        if (n == W && reinterpret_cast<uintptr_t>(p) % 32 == 0) {
+            _mm256_stream_ps(p, x);  // half a cache line; the next store completes it
+        } else {
+            store_n(p, x, n);
         }
     }
     static R add(R a, R b) { return _mm256_add_ps(a, b); }

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <array>
+#include <cstdint>
 #include <utility>
 
 #include "kernels/ukernel.hpp"
@@ -18,6 +19,13 @@ struct Vec {
     static R load(const float* p) { return _mm512_loadu_ps(p); }
     static R load_n(const float* p, size_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
     static void store_n(float* p, R x, size_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
+    static void store_stream_n(float* p, R x, size_t n) {
+        if (n == W && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+            _mm512_stream_ps(p, x);  // a whole cache line
+        } else {
+            store_n(p, x, n);
+        }
+    }
     static R add(R a, R b) { return _mm512_add_ps(a, b); }
     static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
     static R mul(R a, R b) { return _mm512_mul_ps(a, b); }

@@ -29,6 +29,7 @@ struct Vec {
     static void store_n(float* p, R x, size_t n) {
         for (size_t i = 0; i < n; ++i) p[i] = x.lane[i];
     }
+    static void store_stream_n(float* p, R x, size_t n) { store_n(p, x, n); }  // no portable non-temporal store
     static R add(R a, R b) { return map([&](int i) { return a.lane[i] + b.lane[i]; }); }
     static R sub(R a, R b) { return map([&](int i) { return a.lane[i] - b.lane[i]; }); }
     static R mul(R a, R b) { return map([&](int i) { return a.lane[i] * b.lane[i]; }); }

@@ -6,7 +6,8 @@
 // never be picked by the linker for the scalar path.
 //
 // Vec provides: W (lanes), R (register type), set1, load (aligned to nothing), load_n/store_n
-// (first n lanes, 0 <= n <= W), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
+// (first n lanes, 0 <= n <= W), store_stream_n (as store_n, non-temporal for a whole aligned
+// vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
 // max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
 // as b keeps NaN), abs, round (to nearest), pow2 (2^n for integral n in [-126, 127]),
 // select_neg(x, a, b) = x < 0 ? a : b, dup4(p) (p[0..3] in every group of four lanes) and
@@ -188,10 +189,17 @@ void f32_gemm_tile(const GemmTileArgs& p) {
                 acc[m][v] = Vec::add(acc[m][v], Vec::load_n(p.residual[m] + p.col + v * W, lanes[v]));
     }
     if (p.final) activate_tile<MR, NV>(acc, p.act);
+    if (p.stream) {
 #pragma GCC unroll 32
-    for (int m = 0; m < MR; ++m)
+        for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) Vec::store_n(p.c[m] + p.col + v * W, acc[m][v], lanes[v]);
+            for (int v = 0; v < NV; ++v) Vec::store_stream_n(p.c[m] + p.col + v * W, acc[m][v], lanes[v]);
+    } else {
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) Vec::store_n(p.c[m] + p.col + v * W, acc[m][v], lanes[v]);
+    }
 }
 
 // The kernel for every row count 1..sizeof(R): the table a GemmKernel points to.

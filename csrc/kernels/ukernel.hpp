@@ -18,6 +18,8 @@
 //   into several K blocks.
 // - c[m] and residual[m] point at output row m; the tile's columns start at c[m] + col. Only
 //   n < nr are read or written (masked).
+// - stream (final tiles only): store whole, aligned vectors with non-temporal stores, bypassing the
+//   caches (the output is too large to stay cached); the caller fences before the output is read.
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
@@ -40,6 +42,7 @@ struct GemmTileArgs {
     size_t col;                      // the panel's first output channel within c[m], residual[m]
     Activation act;                  // applied when final
     bool final;
+    bool stream;                     // final stores may bypass the caches
 };
 
 using GemmTileFn = void (*)(const GemmTileArgs&);

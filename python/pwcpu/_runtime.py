@@ -65,5 +65,6 @@ def show_runtime() -> None:
         + (" - single-threaded: forked after pwcpu ran threads" if info["single_threaded_after_fork"] else ""),
         f"caches:         L1d {info['l1d_bytes'] // kib} KiB, L2 {info['l2_bytes'] // kib} KiB, "
         f"L3 {info['l3_bytes'] // kib} KiB",
+        f"outputs from {info['stream_store_min_bytes'] // kib} KiB are written past the caches (non-temporal stores)",
     ]
     print("\n".join(lines))

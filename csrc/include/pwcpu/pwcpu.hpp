@@ -104,6 +104,7 @@ struct RuntimeInfo {
     std::vector<std::string> supported_isas;  // compiled in and supported by this CPU
     std::string kernel_main, kernel_narrow;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
+    int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
 };
 RuntimeInfo runtime_info();
 const char* active_isa();  // cheap: the name of the ISA whose kernels new packings use
