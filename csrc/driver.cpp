@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "dispatch.hpp"
+#include "thread_pool.hpp"
 #include "pwcpu/pwcpu.hpp"
 
 namespace pwcpu {
@@ -86,9 +88,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- threads --------------------------------------------------------------------------------
 
-// GNU OpenMP cannot run a parallel region in a child forked after the parent started its thread
-// pool: the child waits forever for threads that were not copied. A child forked after pwcpu ran
-// in parallel therefore stays on one thread (spawned processes start afresh and are unaffected).
+// A child forked after the worker pool started has none of its threads, and the pool's lock may
+// have been held at the fork. Such a child therefore stays on one thread (spawned processes start
+// afresh and are unaffected).
 std::atomic<bool> thread_pool_started{false};
 std::atomic<bool> forked_after_pool{false};
 
@@ -98,7 +100,7 @@ void on_fork_child() {
 
 [[maybe_unused]] const bool fork_handler_registered = [] { return pthread_atfork(nullptr, nullptr, on_fork_child) == 0; }();
 
-// Threads for a parallel region of up to `wanted` threads; records that the pool will start.
+// Threads for a parallel loop of up to `wanted` threads; records that the pool will start.
 int region_threads(int wanted) {
     if (wanted <= 1 || forked_after_pool.load(std::memory_order_relaxed)) return 1;
     thread_pool_started.store(true, std::memory_order_relaxed);
@@ -296,24 +298,16 @@ int call_threads(int64_t rows, int64_t k, int64_t cg) {
     return region_threads(std::max(1, threads));
 }
 
-// Runs work(range) for every range: inline for one, else in one parallel region, with denormals
-// flushed in every thread and streaming stores fenced.
+// Runs work(range) for every range, one thread per range (the caller takes the ranges no worker
+// has claimed), with denormals flushed and streaming stores fenced by the thread that ran it.
 template <class Work>
 void run_ranges(const std::vector<WorkRange>& ranges, bool streaming, const Work& work) {
     const int teams = static_cast<int>(ranges.size());
-    if (teams == 1) {
+    detail::parallel_for(teams, teams, [&](int r) {
         DenormalsAreZero daz;
-        work(ranges[0]);
+        work(ranges[static_cast<size_t>(r)]);
         if (streaming) fence_streaming_stores();
-        return;
-    }
-#pragma omp parallel num_threads(teams)
-    {
-        DenormalsAreZero daz;
-        // A smaller team than asked for (nested or limited OpenMP) still covers every range.
-        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
-        if (streaming) fence_streaming_stores();
-    }
+    });
 }
 
 // Outputs larger than 3/8 of the last-level cache are written with non-temporal stores: they skip
@@ -384,9 +378,9 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.panels = allocate_floats(static_cast<size_t>(w.panel_count() * w.panel_stride));
 
     const int64_t panel_count = w.panel_count();
-    const int pack_threads = region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1);
-#pragma omp parallel for schedule(static) num_threads(pack_threads) if (pack_threads > 1)
-    for (int64_t p = 0; p < panel_count; ++p) {
+    const int pack_threads = static_cast<int>(std::min<int64_t>(
+        panel_count, region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1)));
+    const auto pack_panel = [&](int64_t p) {
         const int64_t g = p / w.panels_per_group;
         const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
         const int64_t width = std::min<int64_t>(nr, (g + 1) * w.kg - first);
@@ -404,7 +398,10 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
                 for (int64_t c = c0; c < c1; ++c) dst[nr * (1 + c) + n] = src[c * col_stride];
             }
         }
-    }
+    };
+    detail::parallel_for(pack_threads, pack_threads, [&](int t) {
+        for (int64_t p = panel_count * t / pack_threads; p < panel_count * (t + 1) / pack_threads; ++p) pack_panel(p);
+    });
 }
 
 PackedWeights::~PackedWeights() = default;
@@ -647,19 +644,18 @@ double measure_fma_peak_gflops(int threads, double seconds) {
     const kernels::IsaKernels& isa = detail::active_kernels();
     const size_t iterations = 1u << 16;
     double best = 0.0;
-    volatile float sink = 0.0f;
-    const double start = omp_get_wtime();
+    std::vector<float> sinks(static_cast<size_t>(threads));
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point start = Clock::now();
+    // Rounds where a thread started late (and another ran two probes) are slower; the best counts.
     do {
-        const double t0 = omp_get_wtime();
-#pragma omp parallel num_threads(threads) if (threads > 1)
-        {
-            const float v = isa.fma_probe(iterations);
-#pragma omp atomic
-            sink += v;
-        }
-        const double elapsed = omp_get_wtime() - t0;
+        const Clock::time_point t0 = Clock::now();
+        detail::parallel_for(threads, threads, [&](int t) { sinks[static_cast<size_t>(t)] += isa.fma_probe(iterations); });
+        const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
         best = std::max(best, 2.0 * isa.fma_per_iteration * static_cast<double>(iterations) * threads / elapsed / 1e9);
-    } while (omp_get_wtime() - start < seconds);
+    } while (std::chrono::duration<double>(Clock::now() - start).count() < seconds);
+    volatile float sink = 0.0f;  // keeps the probes' results alive
+    for (float s : sinks) sink = sink + s;
     return best;
 }
 
