@@ -249,9 +249,10 @@ private:
     Line line_{};
 };
 
-// A rectangle of the (tiles x panels) grid given to one thread.
+// A rectangle of the (M units x N units) grid given to one thread. NHWC: output pixels x weight
+// panels; NCHW: tiles of output channels x pixel panels.
 struct WorkRange {
-    int64_t tile_begin, tile_end, panel_begin, panel_end;
+    int64_t m_begin, m_end, n_begin, n_end;
 };
 
 // Split `tiles` units of `tile_size` rows (of `rows` in all) and `panels` units of `panel_size`
@@ -501,8 +502,11 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const bool stream = streams_output(rows * k);
 
     CallGuard guard;
+    // Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go
+    // 25 + 24 rather than 28 + 21, at the price of one partial tile per thread.
     const std::vector<WorkRange> ranges =
-        partition(tiles, mr, rows, panels_total, kernel.nr, cg, call_threads(rows, k, cg));
+        partition(rows, 1, rows, panels_total, kernel.nr, cg, call_threads(rows, k, cg));
+    const int64_t mc_rows = blk.mc_tiles * mr;
 
     const auto work = [&](const WorkRange& range) {
         float* out_rows[kMaxMR];
@@ -513,10 +517,10 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         args.a = a_rows;
 
         RowWalker walker = walker_template;
-        for (int64_t pb = range.panel_begin; pb < range.panel_end; pb += blk.nc_panels) {
-            const int64_t pe = std::min(range.panel_end, pb + blk.nc_panels);
-            for (int64_t mb = range.tile_begin; mb < range.tile_end; mb += blk.mc_tiles) {
-                const int64_t me = std::min(range.tile_end, mb + blk.mc_tiles);
+        for (int64_t pb = range.n_begin; pb < range.n_end; pb += blk.nc_panels) {
+            const int64_t pe = std::min(range.n_end, pb + blk.nc_panels);
+            for (int64_t mb = range.m_begin; mb < range.m_end; mb += mc_rows) {
+                const int64_t me = std::min(range.m_end, mb + mc_rows);
                 for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
                     const int64_t k0 = kb * blk.kc;
                     args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
@@ -524,10 +528,10 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                     args.stream = args.final && stream;
                     args.act = args.final ? act : Activation::none;
                     args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
-                    walker.seek(mb * mr);
+                    walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
-                    for (int64_t t = mb; t < me; ++t) {
-                        const int64_t tile_rows = std::min<int64_t>(mr, rows - t * mr);
+                    for (int64_t row = mb; row < me; row += mr) {
+                        const int64_t tile_rows = std::min<int64_t>(mr, me - row);
                         int64_t group = first_group, j = first_j;
                         walker.next(tile_rows, group * cg + k0, a_rows, out_rows, res_rows);
                         const GemmTileFn tile_kernel = kernel.by_rows[tile_rows - 1];
@@ -588,7 +592,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         args.a = a_rows;
         args.c = out_rows;
         args.w = block.data();
-        for (int64_t u = range.panel_begin; u < range.panel_end; ++u) {
+        for (int64_t u = range.n_begin; u < range.n_end; ++u) {
             const int64_t n = u / panels_per_image, p0 = (u % panels_per_image) * nr;
             args.nr = static_cast<size_t>(std::min(nr, pixels - p0));
             args.col = static_cast<size_t>(p0);
@@ -604,7 +608,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
                 args.final = kb + 1 == blk.k_blocks;
                 args.stream = args.final && stream;
                 args.act = args.final ? act : Activation::none;
-                for (int64_t tile = range.tile_begin; tile < range.tile_end; ++tile) {
+                for (int64_t tile = range.m_begin; tile < range.m_end; ++tile) {
                     const int64_t group = tile / tiles_per_group;
                     const int64_t first = group * kg + (tile % tiles_per_group) * mr;
                     const int64_t count = std::min(mr, (group + 1) * kg - first);
