@@ -41,7 +41,7 @@ def test_epilogue(isa, rng, activation, with_bias, with_residual):
     check_conv(y, x, weight, bias, activation=activation, residual=residual)
 
 
-@pytest.mark.parametrize("groups,c,k", [(2, 4, 6), (3, 24, 24), (4, 64, 32), (8, 240, 240), (5, 5, 35), (2, 2, 2)])
+@pytest.mark.parametrize("groups,c,k", [(2, 4, 6), (3, 24, 24), (4, 64, 32), (8, 240, 240), (5, 5, 35), (2, 2, 2), (2, 10, 72)])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_groups(isa, rng, groups, c, k, activation):
     x, weight, bias = randn(rng, 2, 5, 7, c), randn(rng, k, c // groups), randn(rng, k)
