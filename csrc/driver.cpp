@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -299,14 +300,36 @@ int call_threads(int64_t rows, int64_t k, int64_t cg) {
     return region_threads(std::max(1, threads));
 }
 
-// Runs work(range) for every range, one thread per range (the caller takes the ranges no worker
-// has claimed), with denormals flushed and streaming stores fenced by the thread that ran it.
+// Runs work() over every range, one thread per range, with denormals flushed and streaming stores
+// fenced by each thread. Ranges are cut along M into up to kChunks chunks of whole multiples of
+// m_step units; a thread works through its own range's chunks, then takes the chunks other
+// threads have not started. A thread that the OS runs late or slowly (another process on its
+// core) thus holds a call up by at most one chunk, and a worker that never arrives by nothing.
 template <class Work>
-void run_ranges(const std::vector<WorkRange>& ranges, bool streaming, const Work& work) {
+void run_ranges(const std::vector<WorkRange>& ranges, int64_t m_step, bool streaming, const Work& work) {
+    constexpr int64_t kChunks = 8;
     const int teams = static_cast<int>(ranges.size());
-    detail::parallel_for(teams, teams, [&](int r) {
+    std::vector<int64_t> chunk_units(ranges.size()), chunk_count(ranges.size());
+    for (size_t r = 0; r < ranges.size(); ++r) {
+        const int64_t units = ranges[r].m_end - ranges[r].m_begin;
+        chunk_units[r] = teams == 1 ? std::max<int64_t>(units, 1)
+                                    : std::max(4 * m_step, ceil_div(ceil_div(units, kChunks), m_step) * m_step);
+        chunk_count[r] = ceil_div(units, chunk_units[r]);
+    }
+    std::unique_ptr<std::atomic<int64_t>[]> next_chunk(new std::atomic<int64_t>[ranges.size()]);
+    for (size_t r = 0; r < ranges.size(); ++r) next_chunk[r].store(0, std::memory_order_relaxed);
+    detail::parallel_for(teams, teams, [&](int own) {
         DenormalsAreZero daz;
-        work(ranges[static_cast<size_t>(r)]);
+        for (int i = 0; i < teams; ++i) {
+            const size_t r = static_cast<size_t>((own + i) % teams);
+            for (int64_t c = next_chunk[r].fetch_add(1, std::memory_order_relaxed); c < chunk_count[r];
+                 c = next_chunk[r].fetch_add(1, std::memory_order_relaxed)) {
+                WorkRange chunk = ranges[r];
+                chunk.m_begin += c * chunk_units[r];
+                chunk.m_end = std::min(chunk.m_end, chunk.m_begin + chunk_units[r]);
+                work(chunk);
+            }
+        }
         if (streaming) fence_streaming_stores();
     });
 }
@@ -555,7 +578,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         }
     };
 
-    run_ranges(ranges, stream, work);
+    run_ranges(ranges, mr, stream, work);
 }
 
 // NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile
@@ -637,7 +660,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         }
     };
 
-    run_ranges(ranges, stream, work);
+    run_ranges(ranges, 1, stream, work);
 }
 
 // ---- peak ----------------------------------------------------------------------------------
