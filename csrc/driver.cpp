@@ -301,20 +301,31 @@ int call_threads(int64_t rows, int64_t k, int64_t cg) {
 }
 
 // Runs work() over every range, one thread per range, with denormals flushed and streaming stores
-// fenced by each thread. Ranges are cut along M into up to kChunks chunks of whole multiples of
-// m_step units; a thread works through its own range's chunks, then takes the chunks other
-// threads have not started. A thread that the OS runs late or slowly (another process on its
-// core) thus holds a call up by at most one chunk, and a worker that never arrives by nothing.
+// fenced by each thread. Ranges are cut into up to kChunks chunks; a thread works through its own
+// range's chunks, then takes the chunks other threads have not started. A thread that the OS runs
+// late or slowly (another process on its core) thus holds a call up by at most one chunk, and a
+// worker that never arrives by nothing. Chunks follow N, in whole multiples of n_step units, where
+// a range has more than n_step of them: the work's outer loop walks N in such steps, re-reading
+// the range's M side for each, so cutting along N costs no extra traffic (cutting along M would
+// re-read weights that do not fit in L2). Otherwise chunks follow M in multiples of m_step.
 template <class Work>
-void run_ranges(const std::vector<WorkRange>& ranges, int64_t m_step, bool streaming, const Work& work) {
+void run_ranges(const std::vector<WorkRange>& ranges, int64_t m_step, int64_t n_step, bool streaming,
+                const Work& work) {
     constexpr int64_t kChunks = 8;
+    struct Chunking {
+        bool along_n;
+        int64_t size, count;
+    };
     const int teams = static_cast<int>(ranges.size());
-    std::vector<int64_t> chunk_units(ranges.size()), chunk_count(ranges.size());
+    std::vector<Chunking> chunking(ranges.size());
     for (size_t r = 0; r < ranges.size(); ++r) {
-        const int64_t units = ranges[r].m_end - ranges[r].m_begin;
-        chunk_units[r] = teams == 1 ? std::max<int64_t>(units, 1)
-                                    : std::max(4 * m_step, ceil_div(ceil_div(units, kChunks), m_step) * m_step);
-        chunk_count[r] = ceil_div(units, chunk_units[r]);
+        const WorkRange& range = ranges[r];
+        const int64_t m_units = range.m_end - range.m_begin, n_units = range.n_end - range.n_begin;
+        Chunking& c = chunking[r];
+        c.along_n = n_units > n_step;
+        const int64_t units = c.along_n ? n_units : m_units, step = c.along_n ? n_step : m_step;
+        c.size = teams == 1 ? units : std::max((c.along_n ? 1 : 4) * step, ceil_div(ceil_div(units, kChunks), step) * step);
+        c.count = ceil_div(units, std::max<int64_t>(c.size, 1));
     }
     std::unique_ptr<std::atomic<int64_t>[]> next_chunk(new std::atomic<int64_t>[ranges.size()]);
     for (size_t r = 0; r < ranges.size(); ++r) next_chunk[r].store(0, std::memory_order_relaxed);
@@ -322,11 +333,14 @@ void run_ranges(const std::vector<WorkRange>& ranges, int64_t m_step, bool strea
         DenormalsAreZero daz;
         for (int i = 0; i < teams; ++i) {
             const size_t r = static_cast<size_t>((own + i) % teams);
-            for (int64_t c = next_chunk[r].fetch_add(1, std::memory_order_relaxed); c < chunk_count[r];
-                 c = next_chunk[r].fetch_add(1, std::memory_order_relaxed)) {
+            const Chunking& c = chunking[r];
+            for (int64_t k = next_chunk[r].fetch_add(1, std::memory_order_relaxed); k < c.count;
+                 k = next_chunk[r].fetch_add(1, std::memory_order_relaxed)) {
                 WorkRange chunk = ranges[r];
-                chunk.m_begin += c * chunk_units[r];
-                chunk.m_end = std::min(chunk.m_end, chunk.m_begin + chunk_units[r]);
+                int64_t& begin = c.along_n ? chunk.n_begin : chunk.m_begin;
+                int64_t& end = c.along_n ? chunk.n_end : chunk.m_end;
+                begin += k * c.size;
+                end = std::min(end, begin + c.size);
                 work(chunk);
             }
         }
@@ -578,7 +592,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         }
     };
 
-    run_ranges(ranges, mr, stream, work);
+    run_ranges(ranges, mr, blk.nc_panels, stream, work);
 }
 
 // NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile
@@ -660,7 +674,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         }
     };
 
-    run_ranges(ranges, 1, stream, work);
+    run_ranges(ranges, 1, 1, stream, work);
 }
 
 // ---- peak ----------------------------------------------------------------------------------

@@ -159,13 +159,21 @@ def test_padding_only_output(isa, rng):
     check_conv(y, x, weight, bias, padding=1, activation="sigmoid")
 
 
-def test_result_does_not_depend_on_thread_count(isa, rng):
-    x, weight, bias = randn(rng, 2, 17, 19, 96), randn(rng, 136, 96), randn(rng, 136)
-    with pwcpu.num_threads(1):
-        one = pwcpu.conv1x1(x, weight, bias, activation="gelu")
-    with pwcpu.num_threads(2):
-        two = pwcpu.conv1x1(x, weight, bias, activation="gelu")
-    np.testing.assert_array_equal(one, two)
+# Threads split the work into chunks along the pixels (few weights) or along the output channels
+# (weights beyond L2, as in the deep layer), for NHWC and NCHW.
+@pytest.mark.parametrize("shape,k", [((2, 17, 19, 96), 136), ((1, 3, 37, 2048), 1000)])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_result_does_not_depend_on_thread_count(isa, rng, shape, k, layout):
+    x, weight, bias = randn(rng, *shape), randn(rng, k, shape[3]), randn(rng, k)
+    if layout == "NCHW":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    results = []
+    for threads in (1, 2, 3):
+        with pwcpu.num_threads(threads):
+            results.append(pwcpu.conv1x1(x, weight, bias, activation="gelu", layout=layout))
+    check_conv(results[0], x, weight, bias, activation="gelu", layout=layout)
+    for result in results[1:]:
+        np.testing.assert_array_equal(result, results[0])
 
 
 def test_denormals_are_flushed_and_state_restored(isa, rng):

@@ -347,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default="numpy",
                         help=f"comma-separated peers, 'all' or 'none' (default numpy); known: {', '.join(PEERS)}")
     parser.add_argument("--suite", default="all", choices=sorted(SUITES), help="which layers (default all)")
-    parser.add_argument("--seconds", type=float, default=0.12, help="timing budget per implementation and layer")
+    parser.add_argument("--seconds", type=float, default=0.3, help="timing budget per implementation and layer")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds to let thread pools go idle between implementations (threads > 1); "
