@@ -9,11 +9,9 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -22,7 +20,6 @@
 #include <vector>
 
 #include "dispatch.hpp"
-#include "thread_pool.hpp"
 #include "pwcpu/pwcpu.hpp"
 
 namespace pwcpu {
@@ -89,9 +86,9 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- threads --------------------------------------------------------------------------------
 
-// A child forked after the worker pool started has none of its threads, and the pool's lock may
-// have been held at the fork. Such a child therefore stays on one thread (spawned processes start
-// afresh and are unaffected).
+// GNU OpenMP cannot run a parallel region in a child forked after the parent started its thread
+// pool: the child waits forever for threads that were not copied. A child forked after pwcpu ran
+// in parallel therefore stays on one thread (spawned processes start afresh and are unaffected).
 std::atomic<bool> thread_pool_started{false};
 std::atomic<bool> forked_after_pool{false};
 
@@ -101,7 +98,7 @@ void on_fork_child() {
 
 [[maybe_unused]] const bool fork_handler_registered = [] { return pthread_atfork(nullptr, nullptr, on_fork_child) == 0; }();
 
-// Threads for a parallel loop of up to `wanted` threads; records that the pool will start.
+// Threads for a parallel region of up to `wanted` threads; records that the pool will start.
 int region_threads(int wanted) {
     if (wanted <= 1 || forked_after_pool.load(std::memory_order_relaxed)) return 1;
     thread_pool_started.store(true, std::memory_order_relaxed);
@@ -300,52 +297,24 @@ int call_threads(int64_t rows, int64_t k, int64_t cg) {
     return region_threads(std::max(1, threads));
 }
 
-// Runs work() over every range, one thread per range, with denormals flushed and streaming stores
-// fenced by each thread. Ranges are cut into up to kChunks chunks; a thread works through its own
-// range's chunks, then takes the chunks other threads have not started. A thread that the OS runs
-// late or slowly (another process on its core) thus holds a call up by at most one chunk, and a
-// worker that never arrives by nothing. Chunks follow N, in whole multiples of n_step units, where
-// a range has more than n_step of them: the work's outer loop walks N in such steps, re-reading
-// the range's M side for each, so cutting along N costs no extra traffic (cutting along M would
-// re-read weights that do not fit in L2). Otherwise chunks follow M in multiples of m_step.
+// Runs work(range) for every range: inline for one, else in one parallel region, with denormals
+// flushed in every thread and streaming stores fenced.
 template <class Work>
-void run_ranges(const std::vector<WorkRange>& ranges, int64_t m_step, int64_t n_step, bool streaming,
-                const Work& work) {
-    constexpr int64_t kChunks = 8;
-    struct Chunking {
-        bool along_n;
-        int64_t size, count;
-    };
+void run_ranges(const std::vector<WorkRange>& ranges, bool streaming, const Work& work) {
     const int teams = static_cast<int>(ranges.size());
-    std::vector<Chunking> chunking(ranges.size());
-    for (size_t r = 0; r < ranges.size(); ++r) {
-        const WorkRange& range = ranges[r];
-        const int64_t m_units = range.m_end - range.m_begin, n_units = range.n_end - range.n_begin;
-        Chunking& c = chunking[r];
-        c.along_n = n_units > n_step;
-        const int64_t units = c.along_n ? n_units : m_units, step = c.along_n ? n_step : m_step;
-        c.size = teams == 1 ? units : std::max((c.along_n ? 1 : 4) * step, ceil_div(ceil_div(units, kChunks), step) * step);
-        c.count = ceil_div(units, std::max<int64_t>(c.size, 1));
-    }
-    std::unique_ptr<std::atomic<int64_t>[]> next_chunk(new std::atomic<int64_t>[ranges.size()]);
-    for (size_t r = 0; r < ranges.size(); ++r) next_chunk[r].store(0, std::memory_order_relaxed);
-    detail::parallel_for(teams, teams, [&](int own) {
+    if (teams == 1) {
         DenormalsAreZero daz;
-        for (int i = 0; i < teams; ++i) {
-            const size_t r = static_cast<size_t>((own + i) % teams);
-            const Chunking& c = chunking[r];
-            for (int64_t k = next_chunk[r].fetch_add(1, std::memory_order_relaxed); k < c.count;
-                 k = next_chunk[r].fetch_add(1, std::memory_order_relaxed)) {
-                WorkRange chunk = ranges[r];
-                int64_t& begin = c.along_n ? chunk.n_begin : chunk.m_begin;
-                int64_t& end = c.along_n ? chunk.n_end : chunk.m_end;
-                begin += k * c.size;
-                end = std::min(end, begin + c.size);
-                work(chunk);
-            }
-        }
+        work(ranges[0]);
         if (streaming) fence_streaming_stores();
-    });
+        return;
+    }
+#pragma omp parallel num_threads(teams)
+    {
+        DenormalsAreZero daz;
+        // A smaller team than asked for (nested or limited OpenMP) still covers every range.
+        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
+        if (streaming) fence_streaming_stores();
+    }
 }
 
 // Outputs larger than 3/8 of the last-level cache are written with non-temporal stores: they skip
@@ -416,9 +385,9 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.panels = allocate_floats(static_cast<size_t>(w.panel_count() * w.panel_stride));
 
     const int64_t panel_count = w.panel_count();
-    const int pack_threads = static_cast<int>(std::min<int64_t>(
-        panel_count, region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1)));
-    const auto pack_panel = [&](int64_t p) {
+    const int pack_threads = region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1);
+#pragma omp parallel for schedule(static) num_threads(pack_threads) if (pack_threads > 1)
+    for (int64_t p = 0; p < panel_count; ++p) {
         const int64_t g = p / w.panels_per_group;
         const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
         const int64_t width = std::min<int64_t>(nr, (g + 1) * w.kg - first);
@@ -436,10 +405,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
                 for (int64_t c = c0; c < c1; ++c) dst[nr * (1 + c) + n] = src[c * col_stride];
             }
         }
-    };
-    detail::parallel_for(pack_threads, pack_threads, [&](int t) {
-        for (int64_t p = panel_count * t / pack_threads; p < panel_count * (t + 1) / pack_threads; ++p) pack_panel(p);
-    });
+    }
 }
 
 PackedWeights::~PackedWeights() = default;
@@ -592,7 +558,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         }
     };
 
-    run_ranges(ranges, mr, blk.nc_panels, stream, work);
+    run_ranges(ranges, stream, work);
 }
 
 // NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile
@@ -674,7 +640,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         }
     };
 
-    run_ranges(ranges, 1, 1, stream, work);
+    run_ranges(ranges, stream, work);
 }
 
 // ---- peak ----------------------------------------------------------------------------------
@@ -685,18 +651,19 @@ double measure_fma_peak_gflops(int threads, double seconds) {
     const kernels::IsaKernels& isa = detail::active_kernels();
     const size_t iterations = 1u << 16;
     double best = 0.0;
-    std::vector<float> sinks(static_cast<size_t>(threads));
-    using Clock = std::chrono::steady_clock;
-    const Clock::time_point start = Clock::now();
-    // Rounds where a thread started late (and another ran two probes) are slower; the best counts.
+    volatile float sink = 0.0f;
+    const double start = omp_get_wtime();
     do {
-        const Clock::time_point t0 = Clock::now();
-        detail::parallel_for(threads, threads, [&](int t) { sinks[static_cast<size_t>(t)] += isa.fma_probe(iterations); });
-        const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+        const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            const float v = isa.fma_probe(iterations);
+#pragma omp atomic
+            sink += v;
+        }
+        const double elapsed = omp_get_wtime() - t0;
         best = std::max(best, 2.0 * isa.fma_per_iteration * static_cast<double>(iterations) * threads / elapsed / 1e9);
-    } while (std::chrono::duration<double>(Clock::now() - start).count() < seconds);
-    volatile float sink = 0.0f;  // keeps the probes' results alive
-    for (float s : sinks) sink = sink + s;
+    } while (omp_get_wtime() - start < seconds);
     return best;
 }
 

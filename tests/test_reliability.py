@@ -129,7 +129,7 @@ def test_fork_after_threads_does_not_hang(tmp_path):
         pwcpu.set_num_threads(2)
         x = np.ones((1, 64, 64, 64), np.float32)
         w = np.ones((64, 64), np.float32)
-        pwcpu.conv1x1(x, w)  # starts the worker threads
+        pwcpu.conv1x1(x, w)  # starts the OpenMP thread pool
         pid = os.fork()
         if pid == 0:
             y = pwcpu.conv1x1(x, w)

@@ -1,6 +1,6 @@
 """pwcpu: fast pointwise (1x1) convolution on the CPU, with a NumPy API.
 
-The core is multi-threaded C++ SIMD microkernels (AVX-512, AVX2 and a portable path, chosen at run time;
+The core is C++ SIMD/OpenMP microkernels (AVX-512, AVX2 and a portable path, chosen at run time;
 ``PWCPU_ISA=scalar|avx2|avx512`` forces one) driven as a cache-tiled GEMM over NHWC data.
 """
 
