@@ -164,6 +164,17 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     return b;
 }
 
+// Sets up the tile arguments for K block kb of a reduction of length cg: its length, and for the
+// last block the epilogue (activation, streaming stores). Returns the block's first channel.
+int64_t begin_k_block(GemmTileArgs& args, const Blocking& blk, int64_t kb, int64_t cg, Activation act, bool stream) {
+    const int64_t k0 = kb * blk.kc;
+    args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
+    args.final = kb + 1 == blk.k_blocks;
+    args.stream = args.final && stream;
+    args.act = args.final ? act : Activation::none;
+    return k0;
+}
+
 // Maps output pixels, in (n, oh, ow) order, to the rows a tile reads and writes: the input row
 // (or a row of zeros where the pixel falls in the padding), the output row and the residual row.
 // The first pixel's position costs divisions, the rest are increments.
@@ -525,11 +536,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
             for (int64_t mb = range.m_begin; mb < range.m_end; mb += mc_rows) {
                 const int64_t me = std::min(range.m_end, mb + mc_rows);
                 for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
-                    const int64_t k0 = kb * blk.kc;
-                    args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
-                    args.final = kb + 1 == blk.k_blocks;
-                    args.stream = args.final && stream;
-                    args.act = args.final ? act : Activation::none;
+                    const int64_t k0 = begin_k_block(args, blk, kb, cg, act, stream);
                     args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
                     walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
@@ -606,11 +613,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
             }
             int64_t packed_group = -1, packed_kb = -1;
             for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
-                const int64_t k0 = kb * blk.kc;
-                args.kc = static_cast<size_t>(std::clamp<int64_t>(cg - k0, 0, blk.kc));
-                args.final = kb + 1 == blk.k_blocks;
-                args.stream = args.final && stream;
-                args.act = args.final ? act : Activation::none;
+                const int64_t k0 = begin_k_block(args, blk, kb, cg, act, stream);
                 for (int64_t tile = range.m_begin; tile < range.m_end; ++tile) {
                     const int64_t group = tile / tiles_per_group;
                     const int64_t first = group * kg + (tile % tiles_per_group) * mr;
