@@ -1,5 +1,6 @@
 // The driver: weight packing, cache blocking, threading and the fused epilogue's bookkeeping.
 // It knows kernels only through the contract in kernels/ukernel.hpp and the dispatch table.
+#include <dirent.h>
 #include <omp.h>
 #include <pthread.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,7 +68,7 @@ struct BufferFree {
 };
 using AlignedBuffer = std::unique_ptr<float[], BufferFree>;
 
-AlignedBuffer allocate_floats(size_t count) {
+AlignedBuffer allocate_floats(size_t count, const char* what) {
     const size_t bytes = std::max<size_t>(kAlignment, (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment);
     SpareBuffer& spare = spare_buffer();
     {
@@ -78,31 +79,58 @@ AlignedBuffer allocate_floats(size_t count) {
         }
     }
     void* p = std::aligned_alloc(kAlignment, bytes);
-    if (p == nullptr) throw std::bad_alloc();
+    if (p == nullptr) throw AllocationError(std::string("cannot allocate ") + std::to_string(bytes) + " bytes for " + what);
     return AlignedBuffer(static_cast<float*>(p), BufferFree{bytes});
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// a * b for sizes that come from the caller (broadcast views make absurd extents cheap): an
+// overflow is an error naming what was being sized, never a wrapped size and a short buffer.
+int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+    int64_t product = 0;
+    if (__builtin_mul_overflow(a, b, &product)) throw std::length_error(std::string(what) + " is too large to describe");
+    return product;
+}
+
+// A buffer of `count` floats must also be describable in bytes.
+size_t checked_floats(int64_t count, const char* what) {
+    return static_cast<size_t>(checked_mul(count, static_cast<int64_t>(sizeof(float)), what)) / sizeof(float);
+}
+
 // ---- threads --------------------------------------------------------------------------------
 
 // GNU OpenMP cannot run a parallel region in a child forked after the parent started its thread
-// pool: the child waits forever for threads that were not copied. A child forked after pwcpu ran
-// in parallel therefore stays on one thread (spawned processes start afresh and are unaffected).
-std::atomic<bool> thread_pool_started{false};
-std::atomic<bool> forked_after_pool{false};
+// pool: the child waits forever for threads that were not copied. The pool may have been started
+// by anyone sharing the OpenMP runtime (PyTorch among them), so a fork from a parent that had more
+// than one thread (or whose threads cannot be counted) leaves the child on one thread; a child of
+// a single-threaded parent, where no pool can exist, runs normally. Spawned processes start afresh.
+std::atomic<bool> parent_had_threads{true};
+std::atomic<bool> forked_after_threads{false};
 
-void on_fork_child() {
-    if (thread_pool_started.load(std::memory_order_relaxed)) forked_after_pool.store(true, std::memory_order_relaxed);
+// Threads of this process, from /proc; 0 when they cannot be counted.
+int64_t process_thread_count() {
+    DIR* tasks = opendir("/proc/self/task");
+    if (tasks == nullptr) return 0;
+    int64_t count = 0;
+    while (const dirent* entry = readdir(tasks)) count += entry->d_name[0] != '.';
+    closedir(tasks);
+    return count;
 }
 
-[[maybe_unused]] const bool fork_handler_registered = [] { return pthread_atfork(nullptr, nullptr, on_fork_child) == 0; }();
+void before_fork() { parent_had_threads.store(process_thread_count() != 1, std::memory_order_relaxed); }
 
-// Threads for a parallel region of up to `wanted` threads; records that the pool will start.
+void on_fork_child() {
+    if (parent_had_threads.load(std::memory_order_relaxed)) forked_after_threads.store(true, std::memory_order_relaxed);
+}
+
+[[maybe_unused]] const bool fork_handlers_registered = [] {
+    return pthread_atfork(before_fork, nullptr, on_fork_child) == 0;
+}();
+
+// Threads for a parallel region of up to `wanted` threads.
 int region_threads(int wanted) {
-    if (wanted <= 1 || forked_after_pool.load(std::memory_order_relaxed)) return 1;
-    thread_pool_started.store(true, std::memory_order_relaxed);
-    return wanted;
+    return wanted <= 1 || forked_after_threads.load(std::memory_order_relaxed) ? 1 : wanted;
 }
 
 // 0 = follow OpenMP's setting for the calling thread (OMP_NUM_THREADS, threadpoolctl).
@@ -381,8 +409,9 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.layout = layout;
     if (layout == Layout::nchw) {
         w.kernel = w.isa->main;  // its NR columns are pixels here
-        w.weight_rows = allocate_floats(static_cast<size_t>(w.k * w.cg));
-        w.row_bias = allocate_floats(static_cast<size_t>(w.k));
+        const char* what = "weight (K x C/groups)";
+        w.weight_rows = allocate_floats(checked_floats(checked_mul(w.k, w.cg, what), what), what);
+        w.row_bias = allocate_floats(static_cast<size_t>(w.k), "bias");
         for (int64_t r = 0; r < w.k; ++r) {
             for (int64_t c = 0; c < w.cg; ++c) w.weight_rows[r * w.cg + c] = weight[r * row_stride + c * col_stride];
             w.row_bias[r] = bias != nullptr ? bias[r] : 0.0f;
@@ -392,8 +421,9 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.kernel = w.kg <= w.isa->narrow.nr ? w.isa->narrow : w.isa->main;
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
-    w.panel_stride = nr * (1 + w.cg);
-    w.panels = allocate_floats(static_cast<size_t>(w.panel_count() * w.panel_stride));
+    const char* what = "weight (K x C/groups), packed";
+    w.panel_stride = checked_mul(nr, 1 + w.cg, what);
+    w.panels = allocate_floats(checked_floats(checked_mul(w.panel_count(), w.panel_stride, what), what), what);
 
     const int64_t panel_count = w.panel_count();
     const int pack_threads = region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1);
@@ -429,7 +459,10 @@ const char* PackedWeights::isa() const { return impl_->isa->isa; }
 const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
 
 int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride) {
-    const int64_t padded = in + 2 * pad;
+    int64_t padded = 0;
+    if (__builtin_mul_overflow(pad, 2, &padded) || __builtin_add_overflow(padded, in, &padded)) {
+        throw std::length_error("conv1x1: the padded input extent is too large");
+    }
     return padded > 0 ? (padded - 1) / stride + 1 : 0;
 }
 
@@ -438,7 +471,15 @@ namespace {
 // NHWC: the channel axis must be contiguous. NCHW: for out and residual (contiguous_spatial), the
 // (H, W) plane must be; x is gathered, so any strides do.
 void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial) {
-    const bool empty = v.shape[0] * v.shape[1] * v.shape[2] * v.shape[3] == 0;
+    for (int64_t d : v.shape) {
+        if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
+    }
+    const bool empty = v.shape[0] == 0 || v.shape[1] == 0 || v.shape[2] == 0 || v.shape[3] == 0;
+    if (!empty) {
+        const std::string what = std::string(name) + "'s element count";
+        checked_mul(checked_mul(checked_mul(v.shape[0], v.shape[1], what.c_str()), v.shape[2], what.c_str()), v.shape[3],
+                    what.c_str());
+    }
     if (!empty && v.data == nullptr) throw std::invalid_argument(std::string(name) + " has no data");
     if (layout == Layout::nhwc && !empty && v.shape[3] > 1 && v.strides[3] != 1) {
         throw std::invalid_argument(std::string(name) + " must have a contiguous channel axis (strides[3] == 1)");
@@ -446,9 +487,6 @@ void check_view(const TensorView& v, const char* name, Layout layout, bool conti
     if (layout == Layout::nchw && contiguous_spatial && !empty &&
         ((v.shape[3] > 1 && v.strides[3] != 1) || (v.shape[2] > 1 && v.strides[2] != v.shape[3]))) {
         throw std::invalid_argument(std::string(name) + " must have contiguous (H, W) planes");
-    }
-    for (int64_t d : v.shape) {
-        if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
     }
 }
 
@@ -510,9 +548,14 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
 
     // Padding reads a row of zeros, so border pixels get bias, residual and activation only.
     const bool padded = geo.pad_h > 0 || geo.pad_w > 0;
-    std::vector<float> zeros(padded ? static_cast<size_t>(std::max<int64_t>(cg * groups, 1)) : 0, 0.0f);
+    AlignedBuffer zeros;
+    if (padded) {
+        const size_t count = static_cast<size_t>(std::max<int64_t>(cg * groups, 1));
+        zeros = allocate_floats(count, "the padding's row of zeros");
+        std::memset(zeros.get(), 0, count * sizeof(float));
+    }
 
-    const RowWalker walker_template(x, out, residual, geo, zeros.data());
+    const RowWalker walker_template(x, out, residual, geo, zeros.get());
     const bool stream = streams_output(rows * k);
 
     CallGuard guard;
@@ -672,7 +715,7 @@ double measure_fma_peak_gflops(int threads, double seconds) {
 
 // ---- thread control -------------------------------------------------------------------------
 
-bool single_threaded_after_fork() { return forked_after_pool.load(std::memory_order_relaxed); }
+bool single_threaded_after_fork() { return forked_after_threads.load(std::memory_order_relaxed); }
 
 int get_num_threads() {
     if (single_threaded_after_fork()) return 1;

@@ -13,11 +13,13 @@ import pwcpu
 from helpers import check_conv, randn
 
 
-def run_script(tmp_path, code, timeout=120):
+def run_script(tmp_path, code, timeout=120, env=None):
     # A file, not -c: spawned workers re-import the main module.
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(code))
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout)
+    environment = None if env is None else {**os.environ, **env}
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                          env=environment)
 
 
 class TestConcurrency:
@@ -145,6 +147,45 @@ def test_fork_after_threads_does_not_hang(tmp_path):
     assert "parent threads 2" in result.stdout or os.cpu_count() == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_after_pytorch_threads_does_not_hang(tmp_path):
+    """PyTorch shares the OpenMP runtime: its pool, not pwcpu's, is what a child inherits here."""
+    pytest.importorskip("torch")
+    result = run_script(tmp_path, """
+        import os
+        import numpy as np
+        import torch
+        torch.set_num_threads(2)
+        torch.ones(1000, 1000).sum()  # PyTorch's parallel region starts the OpenMP threads
+        import pwcpu
+        x = np.ones((1, 64, 64, 64), np.float32)
+        w = np.ones((64, 64), np.float32)
+        pid = os.fork()
+        if pid == 0:
+            y = pwcpu.conv1x1(x, w)  # big enough to use threads in the parent
+            os._exit(0 if bool(np.all(y == 64)) and pwcpu.runtime_info()["single_threaded_after_fork"] else 1)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "child 0" in result.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc to count threads")
+def test_child_of_a_single_threaded_parent_keeps_its_threads(tmp_path):
+    result = run_script(tmp_path, """
+        import os
+        import pwcpu
+        pid = os.fork()  # no thread has started yet (NumPy's BLAS is limited to one below)
+        if pid == 0:
+            os._exit(3 if pwcpu.runtime_info()["single_threaded_after_fork"] else 0)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """, timeout=60, env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "child 0" in result.stdout
+
+
 def test_spawned_workers_run_normally(tmp_path):
     result = run_script(tmp_path, """
         import multiprocessing as mp
@@ -186,6 +227,18 @@ def test_output_that_cannot_be_allocated_is_a_memory_error():
     # So large that its size in bytes overflows 64 bits.
     with pytest.raises(MemoryError, match="too large to allocate"):
         pwcpu.conv1x1(np.ones((2, 1, 1, 4), np.float32), np.ones((4, 4), np.float32), padding=2**31 - 1)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("shape", [(2**61 - 1, 1), (1, 2**61 - 1), (2**40, 2**20), (2**33, 1)])
+def test_weights_too_large_to_pack_are_an_error(shape, layout):
+    """Broadcast weights describe absurd sizes without memory behind them: packing them is an
+    error naming the weight, never a wrapped byte count and a short buffer."""
+    weight = np.broadcast_to(np.float32(1), shape)
+    x_shape = (1, 1, 1, shape[1]) if layout == "NHWC" else (1, shape[1], 1, 1)
+    x = np.broadcast_to(np.float32(1), x_shape)
+    with pytest.raises((ValueError, MemoryError), match="weight"):
+        pwcpu.conv1x1(x, weight, layout=layout)
 
 
 def _rss_bytes():

@@ -10,7 +10,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace pwcpu {
@@ -28,6 +30,17 @@ struct TensorView {
     float* data = nullptr;
     int64_t shape[4] = {0, 0, 0, 0};
     int64_t strides[4] = {0, 0, 0, 1};
+};
+
+// Thrown when a buffer cannot be allocated (a std::bad_alloc whose what() names the buffer).
+// Sizes that do not even fit in 64 bits throw std::length_error instead.
+class AllocationError : public std::bad_alloc {
+public:
+    explicit AllocationError(std::string message) : message_(std::move(message)) {}
+    const char* what() const noexcept override { return message_.c_str(); }
+
+private:
+    std::string message_;
 };
 
 // Output extent of a 1x1 convolution along one axis: (in + 2 pad - 1) / stride + 1, 0 if empty.
