@@ -140,40 +140,53 @@ bool same_view(const py::array& a, const py::array& b) {
     return true;
 }
 
-// A 4-D view of `a` in its own axis order. With merge_leading, `a` is (..., C) and its leading axes are merged
-// into at most three strided axes; false when they do not fit.
-bool tensor_view(const py::array& a, bool merge_leading, TensorView& v) {
-    v.data = static_cast<float*>(const_cast<void*>(a.data()));
-    const py::ssize_t last = a.ndim() - 1;
-    v.shape[3] = a.shape(last);
-    v.strides[3] = a.strides(last) / static_cast<py::ssize_t>(sizeof(float));
-    int64_t dims[32][2];  // (extent, stride) of the merged leading axes, outermost first
-    int count = 0;
+// 4-D views of the arrays of one call (out, x and residual), each in its own axis order. Without
+// merge_leading each array is 4-D. With it, the arrays are (..., C) with the same leading shape,
+// and their leading axes are merged into at most three strided axes, jointly: an axis joins the
+// one before it only where it does so in every array, so the views walk the same pixels in the
+// same order. False when more than three axes remain.
+bool tensor_views(const py::array* const* arrays, TensorView* const* views, int count, bool merge_leading) {
+    constexpr int kMaxArrays = 3, kMaxAxes = 32;
+    struct Axis {
+        int64_t extent[kMaxArrays];
+        int64_t stride[kMaxArrays];
+    };
+    const auto element_stride = [](const py::array& a, py::ssize_t d) {
+        return static_cast<int64_t>(a.strides(d) / static_cast<py::ssize_t>(sizeof(float)));
+    };
+    const py::ssize_t last = arrays[0]->ndim() - 1;
+    for (int i = 0; i < count; ++i) {
+        views[i]->data = static_cast<float*>(const_cast<void*>(arrays[i]->data()));
+        views[i]->shape[3] = arrays[i]->shape(last);
+        views[i]->strides[3] = element_stride(*arrays[i], last);
+    }
+    Axis axes[kMaxAxes];
+    int merged = 0;
     bool empty = false;
     for (py::ssize_t d = 0; d < last; ++d) {
-        const int64_t n = a.shape(d), stride = a.strides(d) / static_cast<py::ssize_t>(sizeof(float));
+        const int64_t n = arrays[0]->shape(d);  // the same in every array when merging
         empty = empty || n == 0;
         if (n == 1 && merge_leading) continue;
-        if (merge_leading && count > 0 && dims[count - 1][1] == stride * n) {
-            dims[count - 1][0] *= n;
-            dims[count - 1][1] = stride;
-        } else {
-            if (count == 32) return false;
-            dims[count][0] = n;
-            dims[count][1] = stride;
-            ++count;
+        bool joins = merge_leading && merged > 0;
+        for (int i = 0; i < count && joins; ++i) joins = axes[merged - 1].stride[i] == element_stride(*arrays[i], d) * n;
+        if (!joins && merged == kMaxAxes) return false;
+        Axis& axis = axes[joins ? merged - 1 : merged++];
+        for (int i = 0; i < count; ++i) {
+            axis.extent[i] = joins ? axis.extent[i] * n : arrays[i]->shape(d);
+            axis.stride[i] = element_stride(*arrays[i], d);
         }
     }
     if (empty && merge_leading) {
-        count = 1;
-        dims[0][0] = 0;
-        dims[0][1] = 0;
+        merged = 1;
+        axes[0] = Axis{{0, 0, 0}, {0, 0, 0}};
     }
-    if (count > 3) return false;
+    if (merged > 3) return false;
     for (int d = 0; d < 3; ++d) {
-        const int src = d - (3 - count);
-        v.shape[d] = src >= 0 ? dims[src][0] : 1;
-        v.strides[d] = src >= 0 ? dims[src][1] : 0;
+        const int src = d - (3 - merged);
+        for (int i = 0; i < count; ++i) {
+            views[i]->shape[d] = src >= 0 ? axes[src].extent[i] : 1;
+            views[i]->strides[d] = src >= 0 ? axes[src].stride[i] : 0;
+        }
     }
     return true;
 }
@@ -314,20 +327,17 @@ private:
 
         TensorView xv, ov, rv;
         py::array x_read = readable(x, layout_, true);
-        if (!tensor_view(x_read, merge_leading, xv)) {
+        py::array r_read = has_residual ? (same_view(out, residual) ? out : readable(residual, layout_)) : out;
+        const py::array* arrays[] = {&out, &x_read, &r_read};
+        TensorView* views[] = {&ov, &xv, &rv};
+        const int count = has_residual ? 3 : 2;
+        if (!tensor_views(arrays, views, count, merge_leading)) {
+            // Inputs whose leading axes do not merge with out's: contiguous copies merge as out does.
             x_read = numpy().attr("ascontiguousarray")(x_read);
-            tensor_view(x_read, merge_leading, xv);
-        }
-        if (!tensor_view(out, merge_leading, ov)) {
-            throw py::value_error("out's leading axes (strides " + text(out.attr("strides")) +
-                                  ") cannot be viewed as 3 strided axes; pass a C-contiguous out");
-        }
-        py::array r_read;
-        if (has_residual) {
-            r_read = same_view(out, residual) ? out : readable(residual, layout_);
-            if (!tensor_view(r_read, merge_leading, rv)) {
-                r_read = numpy().attr("ascontiguousarray")(r_read);
-                tensor_view(r_read, merge_leading, rv);
+            if (has_residual && !same_view(out, residual)) r_read = numpy().attr("ascontiguousarray")(r_read);
+            if (!tensor_views(arrays, views, count, merge_leading)) {
+                throw py::value_error("out's leading axes (strides " + text(out.attr("strides")) +
+                                      ") cannot be viewed as 3 strided axes; pass a C-contiguous out");
             }
         }
         if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pwcpu
-from helpers import conv_bound
+from helpers import conv_bound, pointwise_bound
 
 FUZZ_EXAMPLES = 1500
 ACCEPTED_ERRORS = (TypeError, ValueError, MemoryError)
@@ -41,14 +41,19 @@ def calls(draw):
         big = rng.standard_normal((n, 2 * h, w, 3 * c), dtype=np.float32)
         x = {"strided": big[:, ::2, :, :c], "reversed": big[:, ::-2, ::-1, c:2 * c],
              "channels_strided": big[:, ::2, :, ::3]}[x_view]
+    if draw(st.integers(0, 5)) == 0:  # zero strides: one pixel (or one image) broadcast everywhere
+        x = np.broadcast_to(x[:1, :1, :1] if draw(st.booleans()) else x[:1], x.shape)
     huge = np.broadcast_to(np.ones((1, 1, 1, c), np.float32), (2**40, 1, 1, c))
     with np.errstate(invalid="ignore", over="ignore"):  # NaN and 3e38 cast to int32 / float16
         x = variants(draw, x, [x.astype(np.float64), x.astype(np.int32), x.astype(np.float16), x.tolist(), None,
                                "x", x.sum(axis=0), x[..., None], x.astype(">f4"), huge])
 
     weight = rng.standard_normal((k, cg), dtype=np.float32)
+    if draw(st.integers(0, 5)) == 0:  # zero-stride weights, read in place
+        weight = np.broadcast_to(weight[:1] if draw(st.booleans()) else weight[:, :1], weight.shape)
+    absurd = np.broadcast_to(np.float32(1), (2**60 // max(cg, 1), max(cg, 1)))
     weight = variants(draw, weight, [weight[:, :, None, None], weight.astype(np.float64), weight.T.copy(),
-                                     weight[:, :1], weight[None], None, np.zeros((k, cg, 3, 3), np.float32)])
+                                     weight[:, :1], weight[None], None, np.zeros((k, cg, 3, 3), np.float32), absurd])
     bias = draw(st.sampled_from([None, "valid"]))
     if bias == "valid":
         bias = rng.standard_normal(k, dtype=np.float32)
@@ -127,3 +132,59 @@ def test_boundary_never_crashes_or_corrupts(call):
     comparable = np.isfinite(expected) & np.isfinite(tolerance)  # no bound where float32 may overflow
     assert np.all(np.abs(y[comparable].astype(np.float64) - expected[comparable]) <= tolerance[comparable])
     assert np.all(np.isnan(y[np.isnan(expected)])), "NaN must propagate"
+
+
+# ---- pointwise over views of every leading axis ----------------------------------------------
+
+
+def _leading_view(draw, rng, shape, channels, writable):
+    """A random view of shape ``shape + (channels,)``: slices, steps, reversals, transposes and
+    (for inputs) broadcasts of the leading axes, and a slice of a wider channel axis."""
+    steps = [draw(st.sampled_from([1, 1, 2, -1, -2])) for _ in shape]
+    padded = tuple(n * abs(step) for n, step in zip(shape, steps)) + (channels + 3,)
+    memory_order = list(draw(st.permutations(range(len(shape))))) + [len(shape)]  # leading axes permuted in memory
+    base = np.ascontiguousarray(rng.standard_normal(padded, dtype=np.float32).transpose(memory_order))
+    base = base.transpose(np.argsort(memory_order))
+    view = base[tuple(slice(None, None, step) for step in steps) + (slice(1, 1 + channels),)]
+    if not writable and shape and view.size and draw(st.integers(0, 3)) == 0:
+        axis = draw(st.integers(0, len(shape) - 1))
+        view = np.broadcast_to(np.take(view, [0], axis=axis), view.shape)
+    assert view.shape == tuple(shape) + (channels,)
+    return view
+
+
+@st.composite
+def pointwise_calls(draw):
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=4))
+    c, k = draw(st.integers(0, 9)), draw(st.integers(1, 9))
+    x = _leading_view(draw, rng, shape, c, writable=False)
+    weight = rng.standard_normal((k, c), dtype=np.float32)
+    if draw(st.integers(0, 4)) == 0:
+        weight = np.broadcast_to(weight[:1], weight.shape)
+    residual = _leading_view(draw, rng, shape, k, writable=False) if draw(st.booleans()) else None
+    out_kind = draw(st.sampled_from(["none", "view", "residual"]))
+    out = None
+    if out_kind == "view":
+        out = _leading_view(draw, rng, shape, k, writable=True)
+    elif out_kind == "residual" and residual is not None and residual.flags.writeable:
+        out = residual
+    return dict(x=x, weight=weight, residual=residual, out=out)
+
+
+@settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pointwise_calls())
+def test_pointwise_takes_any_leading_view(call):
+    before = {name: _snapshot(value) for name, value in call.items()}
+    try:
+        y = pwcpu.pointwise(call["x"], call["weight"], residual=call["residual"], out=call["out"])
+    except ValueError as e:
+        # Only an out whose leading axes cannot be walked as three strided axes may be refused.
+        assert call["out"] is not None and "leading axes" in str(e), e
+        event("out refused")
+        return
+    event("computed")
+    if call["out"] is not None:
+        assert y is call["out"]
+    expected, tolerance = pointwise_bound(before["x"], call["weight"], residual=before["residual"])
+    assert np.all(np.abs(y.astype(np.float64) - expected) <= tolerance)

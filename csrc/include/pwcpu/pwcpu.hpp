@@ -103,7 +103,8 @@ void conv1x1(const TensorView& x, const float* weight, const float* bias, const 
 // Threads used by one call (defaults to OMP_NUM_THREADS or the number of cores).
 int get_num_threads();
 void set_num_threads(int n);
-// True in a child forked after pwcpu ran threads: GNU OpenMP cannot run there, so calls use one.
+// True in a child forked from a parent that had several threads (an OpenMP pool, whoever started
+// it, cannot run in the child under GNU OpenMP): calls there use one thread.
 bool single_threaded_after_fork();
 
 // The active ISA's fp32 FMA peak in GFLOP/s, measured over about `seconds` on `threads` threads.
