@@ -132,6 +132,23 @@ bool overlaps(const py::array& a, const py::array& b) {
     }
 }
 
+// Whether two elements of `a` may share memory (a zero or overlapping stride). Sufficient test:
+// sorted by stride, each axis must step past everything the smaller axes span.
+bool overlaps_itself(const py::array& a) {
+    if (a.size() <= 1) return false;
+    std::vector<std::pair<py::ssize_t, py::ssize_t>> axes;  // (|stride|, extent) of axes longer than 1
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+        if (a.shape(d) > 1) axes.emplace_back(std::abs(a.strides(d)), a.shape(d));
+    }
+    std::sort(axes.begin(), axes.end());
+    py::ssize_t span = a.itemsize();
+    for (const auto& [stride, n] : axes) {
+        if (stride < span) return true;
+        span = stride * (n - 1) + span;
+    }
+    return false;
+}
+
 bool same_view(const py::array& a, const py::array& b) {
     if (a.data() != b.data() || a.ndim() != b.ndim()) return false;
     for (py::ssize_t d = 0; d < a.ndim(); ++d) {
@@ -288,6 +305,10 @@ private:
             throw py::value_error("out must have shape " + text(shape_tuple(shape)) + ", got " + text(a.attr("shape")));
         }
         if (!a.writeable()) throw py::value_error("out must be writable");
+        if (overlaps_itself(a)) {
+            throw py::value_error("out must not overlap itself (its strides " + text(a.attr("strides")) +
+                                  " make several elements share memory)");
+        }
         if (!kernel_layout(a, layout_)) {
             throw py::value_error(std::string("out must have ") +
                                   (layout_ == pwcpu::Layout::nchw ? "contiguous (H, W) planes" : "a contiguous channel (last) axis") +
@@ -383,6 +404,7 @@ PYBIND11_MODULE(_core, m) {
           py::arg("value"), py::arg("name"));
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
+    m.def("set_num_threads_for_this_thread", &pwcpu::set_num_threads_for_this_thread, py::arg("n"));
     m.def("measure_fma_peak_gflops", &pwcpu::measure_fma_peak_gflops, py::arg("threads"), py::arg("seconds"),
           py::call_guard<py::gil_scoped_release>());
     m.def("select_isa", &pwcpu::select_isa, py::arg("name"));

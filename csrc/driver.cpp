@@ -133,8 +133,11 @@ int region_threads(int wanted) {
     return wanted <= 1 || forked_after_threads.load(std::memory_order_relaxed) ? 1 : wanted;
 }
 
-// 0 = follow OpenMP's setting for the calling thread (OMP_NUM_THREADS, threadpoolctl).
+// pwcpu's own thread count, never above OpenMP's setting for the calling thread (OMP_NUM_THREADS,
+// threadpoolctl, else the cores), which it leaves alone: PyTorch and other users of the process's
+// OpenMP runtime keep theirs. 0 = follow OpenMP's setting. A per-thread override comes first.
 std::atomic<int> requested_threads{0};
+thread_local int scoped_threads = 0;
 // Calls in flight, so that concurrent callers share the cores instead of multiplying threads.
 std::atomic<int> calls_in_flight{0};
 
@@ -720,14 +723,19 @@ bool single_threaded_after_fork() { return forked_after_threads.load(std::memory
 int get_num_threads() {
     if (single_threaded_after_fork()) return 1;
     const int omp_threads = std::max(1, omp_get_max_threads());
-    const int requested = requested_threads.load(std::memory_order_relaxed);
+    const int scoped = scoped_threads;
+    const int requested = scoped > 0 ? scoped : requested_threads.load(std::memory_order_relaxed);
     return requested > 0 ? std::min(requested, omp_threads) : omp_threads;
 }
 
 void set_num_threads(int n) {
     if (n < 1) throw std::invalid_argument("set_num_threads: the number of threads must be >= 1");
     requested_threads.store(n, std::memory_order_relaxed);
-    omp_set_num_threads(n);
+}
+
+int set_num_threads_for_this_thread(int n) {
+    if (n < 0) throw std::invalid_argument("set_num_threads_for_this_thread: the number of threads must be >= 0");
+    return std::exchange(scoped_threads, n);
 }
 
 }  // namespace pwcpu

@@ -144,3 +144,16 @@ def test_thread_and_isa_controls():
     with pytest.raises(ValueError, match="not a known ISA"):
         _core.select_isa("sse9")
     assert _core.active_isa() in _core.runtime_info()["supported_isas"]
+
+
+def test_out_that_overlaps_itself():
+    """A writable zero or overlapping stride would make several outputs share memory."""
+    base = np.zeros(OUT_SHAPE, np.float32)
+    zero_stride = np.lib.stride_tricks.as_strided(base, OUT_SHAPE, (0,) + base.strides[1:])
+    call_unchanged(ValueError, "out must not overlap itself", X, W, out=zero_stride)
+    call_unchanged(ValueError, "out must not overlap itself", X, W, residual=zero_stride, out=zero_stride)
+    rows_overlap = np.lib.stride_tricks.as_strided(base, OUT_SHAPE, (400, 80, 8, 4))  # pixels 2 floats apart
+    call_unchanged(ValueError, "out must not overlap itself", X, W, out=rows_overlap)
+    tokens = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="out must not overlap itself"):
+        pwcpu.pointwise(f32(3, 6), W, out=np.lib.stride_tricks.as_strided(tokens, (3, 4), (0, 4)))

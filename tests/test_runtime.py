@@ -78,3 +78,60 @@ def test_public_api():
     for name in pwcpu.__all__:
         assert hasattr(pwcpu, name), name
     assert callable(pwcpu.reference.conv1x1)
+
+
+def test_num_threads_blocks_in_two_threads_restore_their_own_values():
+    """Overlapping blocks in different threads: each thread sees its own count, and the process
+    count is what it was once both have left."""
+    import threading
+
+    pwcpu.set_num_threads(2)
+    outer = pwcpu.get_num_threads()
+    entered, release = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def block(name, n):
+        with pwcpu.num_threads(n):
+            entered.wait()
+            seen[name] = pwcpu.get_num_threads()
+            if name == "first":
+                release.wait()  # leave after the second thread has left
+        if name == "second":
+            release.set()
+
+    threads = [threading.Thread(target=block, args=("first", 1)), threading.Thread(target=block, args=("second", 1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"first": 1, "second": 1}
+    assert pwcpu.get_num_threads() == outer
+    with pwcpu.num_threads(1):
+        with pwcpu.num_threads(2):
+            assert pwcpu.get_num_threads() == outer
+        assert pwcpu.get_num_threads() == 1
+    assert pwcpu.get_num_threads() == outer
+
+
+def test_set_num_threads_leaves_other_openmp_users_alone():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    pwcpu.set_num_threads(1)
+    assert pwcpu.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_absurd_thread_counts_are_capped_and_numpy_ints_accepted():
+    import time
+
+    pwcpu.set_num_threads(np.int64(1))
+    assert pwcpu.get_num_threads() == 1
+    pwcpu.set_num_threads(2**31 - 1)
+    assert pwcpu.get_num_threads() <= os.cpu_count()
+    x, w = np.ones((1, 56, 56, 64), np.float32), np.ones((64, 64), np.float32)
+    pwcpu.conv1x1(x, w)
+    start = time.perf_counter()
+    pwcpu.conv1x1(x, w)
+    assert time.perf_counter() - start < 0.5  # 4.2 s when the partitioning tried 2^31 threads
+    with pwcpu.num_threads(10**6):
+        assert pwcpu.get_num_threads() <= os.cpu_count()

@@ -3,40 +3,56 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import platform
 import sys
 from typing import Any, Dict, Iterator
 
+import numpy as np
+
 from . import _core
+
+# No CPU runs this many threads; larger requests are capped by OpenMP's setting anyway.
+_MAX_THREADS = 2**16
 
 __all__ = ["get_num_threads", "set_num_threads", "num_threads", "runtime_info", "show_runtime"]
 
 
 def get_num_threads() -> int:
-    """Threads one call uses: the last :func:`set_num_threads`, capped by OpenMP's setting for the
-    calling thread (``OMP_NUM_THREADS``, ``threadpoolctl``), which is the default."""
+    """Threads one call from this thread uses: the innermost :func:`num_threads` block of this
+    thread, else the last :func:`set_num_threads`, never more than OpenMP's setting for the calling
+    thread (``OMP_NUM_THREADS``, ``threadpoolctl``, else the number of cores), which is the default."""
     return _core.get_num_threads()
 
 
-def set_num_threads(n: int) -> None:
-    """Set the threads used by each call (process-wide)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+def _thread_count(n) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    _core.set_num_threads(n)
+    return min(int(n), _MAX_THREADS)  # OpenMP's setting caps it anyway
+
+
+def set_num_threads(n: int) -> None:
+    """Set pwcpu's thread count for the whole process.
+
+    It never exceeds OpenMP's setting (``OMP_NUM_THREADS``, else the number of cores), and it does
+    not change that setting: PyTorch and other libraries sharing the OpenMP runtime keep theirs.
+    """
+    _core.set_num_threads(_thread_count(n))
 
 
 @contextlib.contextmanager
 def num_threads(n: int) -> Iterator[None]:
-    """``with pwcpu.num_threads(1): ...`` runs the block with ``n`` threads, then restores."""
-    previous = get_num_threads()
-    set_num_threads(n)
+    """``with pwcpu.num_threads(1): ...``: calls made from *this* thread inside the block use ``n``
+    threads (capped as in :func:`set_num_threads`). Blocks nest, and blocks in other threads do
+    not interfere."""
+    previous = _core.set_num_threads_for_this_thread(_thread_count(n))
     try:
         yield
     finally:
-        set_num_threads(previous)
+        _core.set_num_threads_for_this_thread(previous)
 
 
 def runtime_info() -> Dict[str, Any]:

@@ -100,9 +100,15 @@ struct ConvOptions {
 void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
              const TensorView* residual, const ConvOptions& options);
 
-// Threads used by one call (defaults to OMP_NUM_THREADS or the number of cores).
+// Threads used by a call from the calling thread: the override for this thread, else
+// set_num_threads, never more than OpenMP's setting for this thread (OMP_NUM_THREADS,
+// threadpoolctl, else the number of cores), which is also the default. pwcpu never changes
+// OpenMP's setting, so other libraries sharing the OpenMP runtime (PyTorch) keep theirs.
 int get_num_threads();
-void set_num_threads(int n);
+void set_num_threads(int n);  // process-wide, n >= 1
+// Overrides the count for calls made from the calling thread only (0 removes the override);
+// returns the previous override. Scopes in different threads do not interfere.
+int set_num_threads_for_this_thread(int n);
 // True in a child forked from a parent that had several threads (an OpenMP pool, whoever started
 // it, cannot run in the child under GNU OpenMP): calls there use one thread.
 bool single_threaded_after_fork();
