@@ -62,20 +62,34 @@ py::array aligned_output(const std::vector<py::ssize_t>& shape) {
     constexpr size_t kLine = 64;
     size_t bytes = sizeof(float);
     for (py::ssize_t extent : shape) bytes *= static_cast<size_t>(extent);
-    if (bytes > std::numeric_limits<size_t>::max() - kLine) throw std::bad_alloc();
     void* data = std::aligned_alloc(kLine, std::max(kLine, (bytes + kLine - 1) / kLine * kLine));
-    if (data == nullptr) throw std::bad_alloc();  // MemoryError
+    if (data == nullptr) {  // MemoryError
+        throw pwcpu::AllocationError("cannot allocate " + std::to_string(bytes) + " bytes for an output of shape " +
+                                     text(shape_tuple(shape)));
+    }
     py::capsule owner(data, [](void* p) { std::free(p); });
     return py::array_t<float>(shape, static_cast<float*>(data), owner);
 }
 
 bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
 
+bool is_masked(const py::handle& array) {
+    static auto* ndarray = new py::object(numpy().attr("ndarray"));
+    if (array.get_type().is(*ndarray)) return false;  // the common case, without looking up numpy.ma
+    static auto* masked = new py::object(py::module_::import("numpy.ma").attr("MaskedArray"));
+    return py::isinstance(array, *masked);
+}
+
 // `value` as a float32 ndarray: array-likes are converted, other dtypes are a TypeError that says
 // how to convert (no silent downcast).
 py::array float32_array(const py::handle& value, const std::string& name) {
     if (value.is_none()) throw py::type_error(name + " must be a float32 array, not None");
     const bool is_array = py::isinstance<py::array>(value);
+    if (is_array && is_masked(value)) {
+        throw py::type_error(name + " is a masked array, and pwcpu would ignore its mask: pass " + name +
+                             ".filled(value) to compute with the masked entries replaced, or np.asarray(" + name +
+                             ") to use the data as it is");
+    }
     py::array a = is_array ? py::reinterpret_borrow<py::array>(value) : py::array(numpy().attr("asarray")(value));
     if (!is_native_float32(a)) {
         const std::string how = is_array ? name + ".astype(np.float32)" : "np.asarray(" + name + ", dtype=np.float32)";

@@ -105,3 +105,58 @@ def test_block_loads_a_pytorch_state_dict(rng):
     with torch.inference_mode():
         expected = module(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     np.testing.assert_allclose(block(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_failed_load_changes_nothing(rng):
+    block = pwcpu.PointwiseConvBlock(8, 6, activation=None)
+    state = random_state(rng, 6, 8)
+    block.load_state_dict(state)
+    x = randn(rng, 1, 3, 3, 8)
+    before_y, before_state = block(x), block.state_dict()
+    bad = {**random_state(rng, 6, 8), "bn.running_var": -np.ones(6, np.float32)}
+    with pytest.raises(ValueError, match="var \\+ eps must be positive"):
+        block.load_state_dict(bad)
+    np.testing.assert_array_equal(block(x), before_y)
+    for key, value in block.state_dict().items():
+        np.testing.assert_array_equal(value, before_state[key])
+
+
+def test_float64_state_beyond_float32_is_an_error(rng):
+    block = pwcpu.PointwiseConvBlock(8, 6)
+    state = {key: value.astype(np.float64) for key, value in random_state(rng, 6, 8).items()}
+    block.load_state_dict(state)  # float64 within range: rounded to float32
+    state["bn.running_mean"][2] = 1e300
+    with pytest.raises(ValueError, match="bn.running_mean has values beyond float32's range"):
+        block.load_state_dict(state)
+
+
+def test_sequential_state_dict_with_conv_bias(rng):
+    torch = pytest.importorskip("torch")
+    module = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 1, bias=True), torch.nn.BatchNorm2d(24), torch.nn.SiLU())
+    with torch.no_grad():
+        module[1].running_mean.normal_()
+        module[1].running_var.uniform_(0.5, 2.0)
+    module.eval()
+    block = pwcpu.PointwiseConvBlock(16, 24, activation="silu")
+    block.load_state_dict({k: v.numpy() for k, v in module.state_dict().items()})  # keys 0.weight, 1.bias, ...
+    assert "conv.bias" in block.state_dict()
+    x = randn(rng, 1, 5, 5, 16)
+    with torch.inference_mode():
+        expected = module(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(block(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps", [np.float32(1e-3), np.float64(1e-3), 1e-3, 0])
+def test_eps_types_are_accepted_alike(eps):
+    ones = np.ones(4, np.float32)
+    pwcpu.fold_batchnorm(np.ones((4, 3)), None, ones, ones, ones, ones, eps=eps)
+    pwcpu.PointwiseConvBlock(3, 4, eps=eps)
+
+
+@pytest.mark.parametrize("eps,error", [("1e-3", TypeError), (None, TypeError), (True, TypeError), (-1.0, ValueError)])
+def test_bad_eps(eps, error):
+    ones = np.ones(4, np.float32)
+    with pytest.raises(error, match="eps"):
+        pwcpu.fold_batchnorm(np.ones((4, 3)), None, ones, ones, ones, ones, eps=eps)
+    with pytest.raises(error, match="eps"):
+        pwcpu.PointwiseConvBlock(3, 4, eps=eps)

@@ -157,3 +157,29 @@ def test_out_that_overlaps_itself():
     tokens = np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="out must not overlap itself"):
         pwcpu.pointwise(f32(3, 6), W, out=np.lib.stride_tricks.as_strided(tokens, (3, 4), (0, 4)))
+
+
+def test_masked_arrays_are_refused():
+    masked = np.ma.masked_array(X, mask=X > 1)
+    call_unchanged(TypeError, r"x is a masked array.*x.filled", masked, W)
+    call_unchanged(TypeError, "weight is a masked array", X, np.ma.masked_array(W))
+    call_unchanged(TypeError, "residual is a masked array", X, W, residual=np.ma.masked_array(np.zeros(OUT_SHAPE, np.float32)))
+
+
+def test_integer_like_geometry_and_errors_that_name_the_argument():
+    assert pwcpu.conv1x1(X, W, stride=np.array(2)).shape == (2, 3, 3, 4)
+    assert pwcpu.conv1x1(X, W, stride=np.int64(2), padding=np.array([1, 0])).shape == (2, 4, 3, 4)
+    call_unchanged(TypeError, "stride must be an int", X, W, stride=np.array([2.5, 1.0]))
+    call_unchanged(TypeError, "stride must be an int", X, W, stride=np.array(2.0))
+    with pytest.raises(MemoryError, match=r"output of shape \(1, 1, 4294967295, 1024\)"):
+        pwcpu.conv1x1(f32(1, 1, 1, 6), np.ones((1024, 6), np.float32), padding=(0, 2**31 - 1))
+
+
+def test_layer_weights_cannot_be_made_writable():
+    layer = pwcpu.PointwiseConv(W, B)
+    for array in (layer.weight, layer.bias):
+        with pytest.raises(ValueError):
+            array.flags.writeable = True
+        with pytest.raises(ValueError):
+            array[0] = 1
+    np.testing.assert_array_equal(layer.weight, W)

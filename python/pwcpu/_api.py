@@ -11,6 +11,7 @@ so a result can never land in a temporary that the caller does not see.
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -40,16 +41,20 @@ def _float32_array(name: str, value) -> np.ndarray:
 
 
 def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    """An integer argument: ints, NumPy integers and 0-d integer arrays (anything with __index__)."""
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if not minimum <= value <= _MAX_GEOMETRY:
         raise ValueError(f"{name} must be between {minimum} and {_MAX_GEOMETRY}, got {value}")
     return value
 
 
 def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
-    if isinstance(value, (numbers.Integral, bool, np.bool_)):
+    if isinstance(value, (numbers.Integral, bool, np.bool_)) or (isinstance(value, np.ndarray) and value.ndim == 0):
         v = _int(name, value, minimum)
         return v, v
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
@@ -209,12 +214,9 @@ class PointwiseConv:
         self._padding = _pair("padding", padding, 0)
         self._activation = activation
         self._code = _activation_code(activation)
-        w = np.array(_weight_matrix(weight, self._groups), dtype=np.float32, order="C", copy=True)
+        w = _frozen_copy(_weight_matrix(weight, self._groups))
         b = _bias_vector(bias, w.shape[0])
-        b = None if b is None else np.array(b, copy=True)
-        w.flags.writeable = False
-        if b is not None:
-            b.flags.writeable = False
+        b = None if b is None else _frozen_copy(b)
         self._weight, self._bias = w, b
         self._plan = _core.ConvPlan(w, b, self._groups, *self._stride, *self._padding, self._code, True, layout_code)
 
@@ -274,6 +276,12 @@ class PointwiseConv:
             f"stride={self._stride}, padding={self._padding}, groups={self._groups}, "
             f"activation={self._activation!r}, bias={self.bias is not None}, layout={self._layout!r})"
         )
+
+
+def _frozen_copy(a: np.ndarray) -> np.ndarray:
+    """A private copy that nobody can make writable again: its memory is an immutable bytes object,
+    so the weights a layer reports (and pickles) are always the ones it packed."""
+    return np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=np.float32).reshape(a.shape)
 
 
 def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, layout="NHWC") -> PointwiseConv:
