@@ -6,6 +6,8 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <memory>
@@ -75,7 +77,7 @@ bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::o
 
 bool is_masked(const py::handle& array) {
     static auto* ndarray = new py::object(numpy().attr("ndarray"));
-    if (array.get_type().is(*ndarray)) return false;  // the common case, without looking up numpy.ma
+    if (py::type::handle_of(array).is(*ndarray)) return false;  // the common case, without looking up numpy.ma
     static auto* masked = new py::object(py::module_::import("numpy.ma").attr("MaskedArray"));
     return py::isinstance(array, *masked);
 }
@@ -199,7 +201,9 @@ bool tensor_views(const py::array* const* arrays, TensorView* const* views, int 
         empty = empty || n == 0;
         if (n == 1 && merge_leading) continue;
         bool joins = merge_leading && merged > 0;
-        for (int i = 0; i < count && joins; ++i) joins = axes[merged - 1].stride[i] == element_stride(*arrays[i], d) * n;
+        for (int i = 0; i < count && joins; ++i) {  // (the strides of an array with no elements never matter)
+            joins = arrays[i]->size() == 0 || axes[merged - 1].stride[i] == element_stride(*arrays[i], d) * n;
+        }
         if (!joins && merged == kMaxAxes) return false;
         Axis& axis = axes[joins ? merged - 1 : merged++];
         for (int i = 0; i < count; ++i) {
@@ -283,6 +287,24 @@ public:
     }
 
 private:
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual) {
+        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
+        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
+        py::gil_scoped_release release;
+        packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
+    }
+
+    // The NHWC view of an NCHW-shaped tensor's memory; false unless its channels are contiguous.
+    static bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
+        constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
+        v.data = reinterpret_cast<float*>(data);
+        for (int d = 0; d < 4; ++d) {
+            v.shape[d] = shape[kAxis[d]].cast<int64_t>();
+            v.strides[d] = strides[kAxis[d]].cast<int64_t>();
+        }
+        return v.strides[3] == 1 || v.shape[3] <= 1;
+    }
+
     void pack() {
         const py::object& bias = bias_contiguous_;
         const float* b = bias.is_none() ? nullptr : static_cast<const float*>(py::array(bias).data());
@@ -375,15 +397,38 @@ private:
                                       ") cannot be viewed as 3 strided axes; pass a C-contiguous out");
             }
         }
-        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
-        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
-        {
-            py::gil_scoped_release release;
-            packed->run(xv, ov, has_residual ? &rv : nullptr, geometry_, static_cast<pwcpu::Activation>(activation_));
-        }
+        run(xv, ov, has_residual ? &rv : nullptr);
         return out;
     }
 
+public:
+    // The PyTorch bridge's eager path, for tensors it has already checked (float32, CPU, 4-D, with
+    // the shapes below): x is NCHW-shaped (N, C, H, W) with element strides, out a fresh
+    // contiguous (N, Ho, Wo, K) buffer, residual NCHW-shaped (N, K, Ho, Wo) or a null pointer.
+    // Returns false, computing nothing, unless the channels of x and residual are contiguous
+    // (channels_last memory): the caller then takes the general path.
+    bool conv_channels_last(uintptr_t x_data, const py::tuple& x_shape, const py::tuple& x_strides, uintptr_t out_data,
+                            uintptr_t residual_data, const py::object& residual_strides) {
+        if (layout_ != pwcpu::Layout::nhwc) return false;
+        TensorView xv, ov, rv;
+        if (!nhwc_of_nchw(x_data, x_shape, x_strides, xv)) return false;
+        if (xv.shape[3] != in_channels()) throw py::value_error("x has the wrong number of channels");
+        const std::array<int64_t, 4> shape = packed_->output_shape(xv, geometry_);
+        ov.data = reinterpret_cast<float*>(out_data);
+        for (int d = 0; d < 4; ++d) ov.shape[d] = shape[d];
+        ov.strides[3] = 1;
+        for (int d = 2; d >= 0; --d) ov.strides[d] = ov.strides[d + 1] * shape[d + 1];
+        if (residual_data != 0) {
+            const py::tuple residual_shape = py::make_tuple(shape[0], shape[3], shape[1], shape[2]);
+            if (!nhwc_of_nchw(residual_data, residual_shape, py::reinterpret_borrow<py::tuple>(residual_strides), rv)) {
+                return false;
+            }
+        }
+        run(xv, ov, residual_data != 0 ? &rv : nullptr);
+        return true;
+    }
+
+private:
     py::array weight_;
     py::object bias_;                           // as given, for the overlap check
     py::object bias_contiguous_ = py::none();   // what is packed
@@ -409,6 +454,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("layout") = 0)
         .def("conv", &ConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("pointwise", &ConvPlan::pointwise, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def("conv_channels_last", &ConvPlan::conv_channels_last)
         .def_property_readonly("isa", [](const ConvPlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const ConvPlan& p) { return p.packed().kernel_name(); })
         .def_property_readonly("out_channels", &ConvPlan::out_channels)

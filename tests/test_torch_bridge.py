@@ -42,13 +42,19 @@ def test_converted_blocks_match(build, channels_last):
 def test_convert_fuses_bn_and_activation_and_leaves_the_original_alone():
     model = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.SiLU(), nn.Conv2d(16, 4, 3)))
     converted = pt.convert(model)
-    assert isinstance(converted[0], pt.PwcpuConv2d) and converted[0].activation == "silu"
-    assert isinstance(converted[1], nn.Identity) and isinstance(converted[2], nn.Identity)
+    assert isinstance(converted, pt.PwcpuSequential) and converted._runs == {0: 3}
+    assert isinstance(converted[0], pt.PwcpuConv2d) and converted[0].activation is None  # unfused, one by one
+    assert isinstance(converted[1], pt.PwcpuBatchNorm2d) and isinstance(converted[2], nn.SiLU)
     assert isinstance(converted[3], nn.Conv2d)
     assert isinstance(model[0], nn.Conv2d)  # the original is untouched
+    assert converted.pwcpu_report == ["0: pwcpu (fused 1, 2)"]
     x = torch.randn(1, 8, 9, 9)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
+        fused = converted._fused[0][1]
+        assert isinstance(fused, pt.PwcpuConv2d) and fused.activation == "silu"
+        # Children called one by one compute what the original children computed.
+        torch.testing.assert_close(converted[1](converted[0](x)), model[1](model[0](x)), rtol=1e-4, atol=1e-4)
 
 
 def test_ineligible_convs_are_reported():

@@ -1,192 +1,588 @@
 """PyTorch bridge (optional: ``import pwcpu`` never needs torch).
 
-- ``torch.ops.pwcpu.conv1x1``: a custom operator with a fake (meta) implementation, so models that
-  call it survive ``torch.compile`` and ``torch.export``. Inputs use PyTorch's NCHW shapes; a
-  channels_last tensor reaches the kernels without a copy, and the result is channels_last.
-- ``PwcpuConv2d``: an ``nn.Module`` running a 1x1 convolution (with a folded BatchNorm and an
-  activation) through that operator.
-- ``convert(model)``: an inference copy of a model in which every eligible 1x1 ``nn.Conv2d`` (and
-  a BatchNorm2d and ReLU/ReLU6/SiLU/Hardswish/GELU/Sigmoid directly following it in a
-  ``Sequential``) is replaced by a ``PwcpuConv2d``.
+- ``torch.ops.pwcpu.conv1x1`` and ``torch.ops.pwcpu.pointwise``: custom operators with fake (meta)
+  implementations, so models that call them survive ``torch.compile`` and ``torch.export``.
+  ``conv1x1`` takes PyTorch's NCHW shapes (a channels_last tensor reaches the kernels without a
+  copy, and the result is channels_last); ``pointwise`` is ``nn.Linear``'s (..., C) -> (..., K).
+- ``PwcpuConv2d`` and ``PwcpuLinear``: inference modules holding their weights packed (a folded
+  BatchNorm and an activation included). Eager calls go straight to the kernels; under
+  ``torch.compile`` and ``torch.export`` they call the operators.
+- ``convert(model)``: an inference copy of a model in which every eligible 1x1 ``nn.Conv2d`` and
+  ``nn.Linear`` (with a BatchNorm2d and an activation directly following it in a ``Sequential``)
+  runs on pwcpu.
+
+Converted modules are frozen, as ``torch.jit.freeze`` freezes: their weights are packed once and
+are reached only through copies (``module.weight`` returns one), so no write through ``.data``,
+``.numpy()`` or ``torch.from_numpy`` can leave the packed weights stale. New weights go in by
+assignment (``module.weight = w``) or ``load_state_dict``, which re-pack.
 """
 
 from __future__ import annotations
 
-import collections
 import copy
 import warnings
-from typing import List, Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._api import PointwiseConv
 from ._block import fold_batchnorm
 
-__all__ = ["PwcpuConv2d", "PwcpuConversionWarning", "conv1x1", "convert"]
+__all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuLinear", "PwcpuSequential",
+           "conv1x1", "convert", "pointwise"]
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
                        nn.Sigmoid: "sigmoid"}
 
 
 def _activation_name(module: nn.Module) -> Optional[str]:
-    if isinstance(module, nn.GELU):
+    if type(module) is nn.GELU:
         return "gelu" if module.approximate == "none" else None
     return _ACTIVATION_MODULES.get(type(module))
 
 
 class PwcpuConversionWarning(UserWarning):
-    """A 1x1 convolution that ``convert`` had to leave to PyTorch."""
+    """A layer that ``convert`` had to leave to PyTorch."""
 
 
-# Packed layers by weight tensor: packing costs a pass over the weights, so a model's parameters
-# are packed once. The cache holds the tensors it keys on, so their addresses cannot be reused.
-_PACKED_CACHE_SIZE = 256
-_packed: "collections.OrderedDict[tuple, Tuple[PointwiseConv, Tensor, Optional[Tensor]]]" = collections.OrderedDict()
+# ---- the operators -------------------------------------------------------------------------
+
+# The converted modules' private weight tensors (see _FrozenLayer), mapped to their modules: the
+# operators use a module's packed layer for them and pack any other weight on every call, so a
+# write that PyTorch's version counter does not see (through .data or .numpy()) can never leave a
+# cached packing stale. Entries go with their tensors.
+_private_weights = WeakIdKeyDictionary()  # by identity: tensors do not compare as dictionary keys
 
 
-def _packed_layer(weight: Tensor, bias: Optional[Tensor], stride, padding, groups: int, activation: Optional[str]):
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()),
-           None if bias is None else (bias.data_ptr(), bias._version), tuple(stride), tuple(padding), groups,
-           activation)
-    entry = _packed.get(key)
-    if entry is None:
-        w = weight.detach().reshape(weight.shape[0], weight.shape[1]).numpy()
-        b = None if bias is None else bias.detach().numpy()
-        layer = PointwiseConv(w, b, stride=tuple(stride), padding=tuple(padding), groups=groups,
-                              activation=activation)
-        entry = (layer, weight, bias)
-        _packed[key] = entry
-        if len(_packed) > _PACKED_CACHE_SIZE:
-            _packed.popitem(last=False)
-    else:
-        _packed.move_to_end(key)
-    return entry[0]
+def _layer_for(weight: Tensor, bias: Optional[Tensor], options: tuple) -> PointwiseConv:
+    owner = _private_weights.get(weight)
+    module = owner() if owner is not None else None
+    if module is not None and module._options == options and module._traced_bias is bias:
+        return module._layer
+    w = weight.detach().reshape(weight.shape[0], -1).numpy()
+    b = None if bias is None else bias.detach().numpy()
+    stride, padding, groups, activation = options
+    return PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation)
 
 
-def _output_hw(x: Tensor, stride: List[int], padding: List[int]) -> Tuple[int, int]:
+def _check_operands(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                    x_dims: Optional[int], x_form: str) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32, got {t.dtype}; convert it with {name}.float()")
+        if t.device.type != "cpu":
+            raise TypeError(f"{op}: {name} must be on the CPU, got device {t.device}")
+    if (x.dim() != x_dims) if x_dims is not None else x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape {x_form}, got {tuple(x.shape)}")
+
+
+def _output_hw(x: Tensor, stride: Sequence[int], padding: Sequence[int]) -> Tuple[int, int]:
     h, w = x.shape[2], x.shape[3]
     return (h + 2 * padding[0] - 1) // stride[0] + 1, (w + 2 * padding[1] - 1) // stride[1] + 1
 
 
-@torch.library.custom_op("pwcpu::conv1x1", mutates_args=())
-def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int], padding: List[int], groups: int,
-            activation: Optional[str], residual: Optional[Tensor]) -> Tensor:
-    """1x1 convolution of an NCHW-shaped float32 CPU tensor: ``act(conv(x) + bias + residual)``."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
-        raise TypeError("pwcpu::conv1x1 takes float32 CPU tensors")
-    layer = _packed_layer(weight, bias, stride, padding, groups, activation)
-    ho, wo = _output_hw(x, stride, padding)
-    out = torch.empty((x.shape[0], ho, wo, weight.shape[0]), dtype=torch.float32)
-    nhwc = x.detach().permute(0, 2, 3, 1).numpy()  # a view: contiguous channels for channels_last x
+def _run_conv(layer: PointwiseConv, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+    """The kernels on tensor memory: NCHW-shaped x (channels_last is read in place), result
+    channels_last."""
+    ho, wo = _output_hw(x, layer.stride, layer.padding)
+    out = torch.empty((x.shape[0], ho, wo, layer.out_channels), dtype=torch.float32)
+    if residual is None or residual.shape == (x.shape[0], layer.out_channels, ho, wo):
+        # Straight to the kernels when the channels are contiguous: no NumPy views on the way.
+        if layer._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(),
+                                          0 if residual is None else residual.data_ptr(),
+                                          None if residual is None else residual.stride()):
+            return out.permute(0, 3, 1, 2)
     res = None if residual is None else residual.detach().permute(0, 2, 3, 1).numpy()
-    layer(nhwc, residual=res, out=out.numpy())
-    return out.permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
+    layer(x.detach().permute(0, 2, 3, 1).numpy(), residual=res, out=out.numpy())
+    return out.permute(0, 3, 1, 2)
+
+
+def _run_pointwise(layer: PointwiseConv, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+    out = torch.empty(tuple(x.shape[:-1]) + (layer.out_channels,), dtype=torch.float32)
+    layer._plan.pointwise(x.detach().numpy(), None if residual is None else residual.detach().numpy(), out.numpy())
+    return out
+
+
+@torch.library.custom_op(
+    "pwcpu::conv1x1", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, SymInt[2] padding=0, SymInt groups=1, "
+           "str? activation=None, Tensor? residual=None) -> Tensor")
+def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1),
+            padding: Sequence[int] = (0, 0), groups: int = 1, activation: Optional[str] = None,
+            residual: Optional[Tensor] = None) -> Tensor:
+    """1x1 convolution of an NCHW-shaped float32 CPU tensor: ``act(conv(x) + bias + residual)``."""
+    _check_operands("pwcpu::conv1x1", x, weight, bias, residual, 4, "(N, C, H, W)")
+    if weight.dim() not in (2, 4):
+        raise ValueError(f"pwcpu::conv1x1: weight must have shape (K, C // groups, 1, 1) or (K, C // groups), "
+                         f"got {tuple(weight.shape)}")
+    layer = _layer_for(weight, bias, (tuple(stride), tuple(padding), groups, activation))
+    return _run_conv(layer, x, residual)
 
 
 @conv1x1.register_fake
-def _(x, weight, bias, stride, padding, groups, activation, residual):
+def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), groups=1, activation=None, residual=None):
     ho, wo = _output_hw(x, stride, padding)
     return x.new_empty((x.shape[0], ho, wo, weight.shape[0])).permute(0, 3, 1, 2)
 
 
-class PwcpuConv2d(nn.Module):
+@torch.library.custom_op(
+    "pwcpu::pointwise", mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor? bias=None, str? activation=None, Tensor? residual=None) -> Tensor")
+def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
+              residual: Optional[Tensor] = None) -> Tensor:
+    """``act(x @ weight.T + bias + residual)`` over any leading axes, as ``nn.Linear`` computes."""
+    _check_operands("pwcpu::pointwise", x, weight, bias, residual, None, "(..., C)")
+    if weight.dim() != 2:
+        raise ValueError(f"pwcpu::pointwise: weight must have shape (K, C), got {tuple(weight.shape)}")
+    layer = _layer_for(weight, bias, ((1, 1), (0, 0), 1, activation))
+    return _run_pointwise(layer, x, residual)
+
+
+@pointwise.register_fake
+def _(x, weight, bias=None, activation=None, residual=None):
+    return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
+
+
+# ---- the modules ---------------------------------------------------------------------------
+
+
+def _eager(x) -> bool:
+    """Whether a call may go straight to the kernels: a plain tensor outside any tracing."""
+    return type(x) is Tensor and not torch.compiler.is_compiling()
+
+
+def _plain_operand(t, dims: Optional[int]) -> bool:
+    """The common case, tested fast: a float32 CPU tensor of the expected rank."""
+    return (type(t) is Tensor and t.dtype is torch.float32 and t.device.type == "cpu"
+            and (t.dim() == dims if dims is not None else t.dim() >= 1))
+
+
+def _check_inference(op: str, *tensors: Optional[Tensor]) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} is an inference module (converted by pwcpu) and computes no gradients; "
+                           "call it under torch.no_grad() or torch.inference_mode(), or train the original model")
+
+
+def _as_float32_array(value) -> np.ndarray:
+    return np.asarray(value.detach() if isinstance(value, Tensor) else value, dtype=np.float32)
+
+
+class _FrozenModule(nn.Module):
+    """A module whose state is private: reads return copies and writes (assignment,
+    ``load_state_dict``) go through ``_install``, which bumps ``_generation`` so that anything
+    derived from the state (packed weights, fused layers) knows to rebuild."""
+
+    _generation = 0
+
+    def _touch(self) -> None:
+        object.__setattr__(self, "_generation", self._generation + 1)
+
+    def _state_names(self) -> Tuple[str, ...]:
+        raise NotImplementedError
+
+    def _set_state(self, values: Dict[str, Optional[np.ndarray]]) -> None:
+        raise NotImplementedError
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name in self._state_names():
+            value = getattr(self, name)
+            if value is not None:
+                destination[prefix + name] = value
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        names = [name for name in self._state_names() if getattr(self, name) is not None]
+        missing = [prefix + name for name in names if prefix + name not in state_dict]
+        missing_keys.extend(missing)
+        if missing:
+            return
+        try:
+            self._set_state({name: _as_float32_array(state_dict[prefix + name]) for name in names})
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{prefix}: {e}")
+
+
+class _FrozenLayer(_FrozenModule):
+    """What PwcpuConv2d and PwcpuLinear share: weights kept in private tensors (saved and loaded as
+    ``weight`` and ``bias``, read as copies) and packed for the kernels on first use."""
+
+    def _init_layer(self, weight, bias, options: tuple) -> None:
+        object.__setattr__(self, "_options", options)  # (stride, padding, groups, activation)
+        self._set_state({"weight": _as_float32_array(weight), "bias": None if bias is None else _as_float32_array(bias)})
+
+    def _state_names(self) -> Tuple[str, ...]:
+        return ("weight", "bias")
+
+    def _set_state(self, values: Dict[str, Optional[np.ndarray]]) -> None:
+        w, b = values["weight"], values.get("bias")
+        w = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
+        stride, padding, groups, activation = self._options
+        layer = PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation)
+        object.__setattr__(self, "_packed", layer)
+        # Private tensors of the same values, for the operators' path under torch.compile and
+        # torch.export (never saved: ``weight`` and ``bias`` are).
+        self.register_buffer("_traced_weight", torch.tensor(np.asarray(layer.weight)), persistent=False)
+        self.register_buffer("_traced_bias", None if b is None else torch.tensor(np.asarray(layer.bias)),
+                             persistent=False)
+        _private_weights[self._traced_weight] = weakref.ref(self)
+        self._touch()
+
+    @property
+    def _layer(self) -> PointwiseConv:
+        layer = self.__dict__.get("_packed")
+        if layer is None:  # a copy or an unpickled module: pack again
+            self._set_state({"weight": self._traced_weight.numpy(), "bias": None if self._traced_bias is None
+                             else self._traced_bias.numpy()})
+            layer = self._packed
+        return layer
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_packed", None)  # packed again where it is needed
+        return state
+
+    def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> Tensor:
+        """A copy of the weights the layer computes with (writing to it changes nothing)."""
+        w = self._traced_weight
+        return w.clone().reshape(self._weight_shape(*w.shape))
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._set_state({"weight": _as_float32_array(value), "bias": None if self._traced_bias is None
+                         else self._traced_bias.numpy()})
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """A copy of the bias, or None."""
+        return None if self._traced_bias is None else self._traced_bias.clone()
+
+    @bias.setter
+    def bias(self, value) -> None:
+        self._set_state({"weight": self._traced_weight.numpy(), "bias": None if value is None
+                         else _as_float32_array(value)})
+
+    @property
+    def activation(self) -> Optional[str]:
+        return self._options[3]
+
+
+class PwcpuConv2d(_FrozenLayer):
     """An inference 1x1 convolution (BatchNorm folded in, activation fused) run by pwcpu."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], stride, padding, groups: int,
+    def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), groups: int = 1,
                  activation: Optional[str] = None) -> None:
         super().__init__()
-        self.register_buffer("weight", weight.detach().to(torch.float32).contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).contiguous())
-        self.stride, self.padding = list(stride), list(padding)
-        self.groups, self.activation = groups, activation
+        object.__setattr__(self, "_output_shapes", {})  # input shape -> output shape, for the eager path
+        self._init_layer(weight, bias, (_pair(stride), _pair(padding), int(groups), activation))
+
+    def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
+        return (k, cg, 1, 1)
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._options[0]
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        return self._options[1]
+
+    @property
+    def groups(self) -> int:
+        return self._options[2]
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None,
                      activation: Optional[str] = None) -> "PwcpuConv2d":
-        weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
+        weight = _as_float32_array(conv.weight)
+        bias = None if conv.bias is None else _as_float32_array(conv.bias)
         if bn is not None:
-            w, b = fold_batchnorm(weight.numpy(), None if bias is None else bias.numpy(), bn.weight.detach().numpy(),
-                                  bn.bias.detach().numpy(), bn.running_mean.numpy(), bn.running_var.numpy(), bn.eps)
-            weight, bias = torch.from_numpy(w), torch.from_numpy(b)
-        return cls(weight, bias, _pair(conv.stride), _pair(conv.padding), conv.groups, activation)
+            weight, bias = fold_batchnorm(weight, bias, *_batchnorm_state(bn), bn.eps)
+        return cls(weight, bias, conv.stride, conv.padding, conv.groups, activation)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return torch.ops.pwcpu.conv1x1(x, self.weight, self.bias, self.stride, self.padding, self.groups,
-                                       self.activation, residual)
+        if type(x) is not Tensor or torch.compiler.is_compiling():
+            return torch.ops.pwcpu.conv1x1(x, self._traced_weight, self._traced_bias, list(self.stride),
+                                           list(self.padding), self.groups, self.activation, residual)
+        # The common call, with nothing on the way that costs more than it must: a channels_last
+        # float32 CPU tensor without gradients, no residual.
+        if residual is None and x.dtype is torch.float32 and x.is_cpu and x.dim() == 4 and not (
+                x.requires_grad and torch.is_grad_enabled()):
+            out_shape = self._output_shapes.get(x.shape)
+            if out_shape is None:
+                out_shape = self._output_shapes.setdefault(
+                    x.shape, (x.shape[0], self._traced_weight.shape[0]) + _output_hw(x, self.stride, self.padding))
+            out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
+            if self._layer._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
+                return out
+        _check_inference("PwcpuConv2d", x, residual)
+        if not _plain_operand(x, 4) or (residual is not None and not _plain_operand(residual, 4)):
+            _check_operands("PwcpuConv2d", x, self._traced_weight, None, residual, 4, "(N, C, H, W)")
+        return _run_conv(self._layer, x, residual)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, stride={tuple(self.stride)}, "
-                f"padding={tuple(self.padding)}, groups={self.groups}, activation={self.activation!r}")
+        k, cg = self._traced_weight.shape
+        return (f"{cg * self.groups}, {k}, stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"activation={self.activation!r}")
+
+
+class PwcpuLinear(_FrozenLayer):
+    """An inference ``nn.Linear`` (activation fused) run by pwcpu over any leading axes."""
+
+    def __init__(self, weight, bias, activation: Optional[str] = None) -> None:
+        super().__init__()
+        self._init_layer(weight, bias, ((1, 1), (0, 0), 1, activation))
+
+    def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
+        return (k, cg)
+
+    @property
+    def in_features(self) -> int:
+        return self._traced_weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self._traced_weight.shape[0]
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, activation: Optional[str] = None) -> "PwcpuLinear":
+        return cls(linear.weight, linear.bias, activation)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        if not _eager(x):
+            return torch.ops.pwcpu.pointwise(x, self._traced_weight, self._traced_bias, self.activation, residual)
+        _check_inference("PwcpuLinear", x, residual)
+        if not _plain_operand(x, None) or (residual is not None and not _plain_operand(residual, None)):
+            _check_operands("PwcpuLinear", x, self._traced_weight, None, residual, None, "(..., C)")
+        return _run_pointwise(self._layer, x, residual)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation!r}"
+
+
+def _batchnorm_state(bn: nn.BatchNorm2d) -> Tuple[np.ndarray, ...]:
+    """(gamma, beta, mean, var) of an inference BatchNorm2d; affine=False means gamma 1, beta 0."""
+    k = bn.num_features
+    gamma = np.ones(k, np.float32) if bn.weight is None else _as_float32_array(bn.weight)
+    beta = np.zeros(k, np.float32) if bn.bias is None else _as_float32_array(bn.bias)
+    return gamma, beta, _as_float32_array(bn.running_mean), _as_float32_array(bn.running_var)
+
+
+class PwcpuBatchNorm2d(_FrozenModule):
+    """An inference BatchNorm2d with private state, computed by PyTorch: what a BatchNorm folded
+    into a fused pwcpu layer computes when its ``Sequential``'s child is called on its own."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        object.__setattr__(self, "eps", float(bn.eps))
+        object.__setattr__(self, "_affine", bn.weight is not None)
+        gamma, beta, mean, var = _batchnorm_state(bn)
+        self._set_state({"weight": gamma, "bias": beta, "running_mean": mean, "running_var": var})
+        # Kept so that the original's state dict loads (unused in inference).
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.clone())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "num_batches_tracked"] = self.num_batches_tracked.clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if prefix + "num_batches_tracked" in state_dict:
+            self.num_batches_tracked = torch.as_tensor(state_dict[prefix + "num_batches_tracked"]).clone()
+
+    def _state_names(self) -> Tuple[str, ...]:
+        return ("weight", "bias", "running_mean", "running_var")
+
+    def _set_state(self, values: Dict[str, Optional[np.ndarray]]) -> None:
+        k = len(values["running_mean"])
+        values = {"weight": np.ones(k, np.float32), "bias": np.zeros(k, np.float32), **values}  # affine=False
+        for name in self._state_names():
+            self.register_buffer("_" + name, torch.tensor(values[name]), persistent=False)
+        self._touch()
+
+    def __getattr__(self, name: str):
+        if name in ("weight", "bias") and not self.__dict__.get("_affine", True):
+            return None
+        if name in ("weight", "bias", "running_mean", "running_var"):
+            return nn.Module.__getattr__(self, "_" + name).clone()
+        return nn.Module.__getattr__(self, name)
+
+    def state(self) -> Tuple[np.ndarray, ...]:
+        return tuple(getattr(self, "_" + name).numpy() for name in self._state_names())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.batch_norm(x, self._running_mean, self._running_var, self._weight, self._bias, False,
+                                        0.0, self.eps)
+
+
+class PwcpuSequential(nn.Sequential):
+    """A ``Sequential`` in which runs of (1x1 convolution or linear, BatchNorm, activation) execute
+    as one fused pwcpu layer when the Sequential runs as a whole. The children of a fused run
+    still compute one by one, exactly as before conversion, for code that calls them directly
+    (``seq[0](x)``); the fused layer is derived from them and rebuilt when their state changes."""
+
+    def __init__(self, children: Dict[str, nn.Module], runs: Dict[int, int]) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+        object.__setattr__(self, "_runs", runs)  # position of a run's first child -> children it covers
+        object.__setattr__(self, "_fused", {})
+
+    def _fused_layer(self, modules: List[nn.Module], start: int) -> nn.Module:
+        covered = modules[start:start + self._runs[start]]
+        generations = tuple(getattr(m, "_generation", 0) for m in covered)
+        cached = self._fused.get(start)
+        if cached is not None and cached[0] == generations:
+            return cached[1]
+        layer, bn, activation = covered[0], None, None
+        for module in covered[1:]:
+            if isinstance(module, PwcpuBatchNorm2d):
+                bn = module
+            else:
+                activation = _activation_name(module)
+        if isinstance(layer, PwcpuConv2d):
+            weight, bias = layer.weight.numpy(), None if layer.bias is None else layer.bias.numpy()
+            if bn is not None:
+                weight, bias = fold_batchnorm(weight, bias, *bn.state(), bn.eps)
+            fused: nn.Module = PwcpuConv2d(weight, bias, layer.stride, layer.padding, layer.groups, activation)
+        else:
+            fused = PwcpuLinear(layer.weight, layer.bias, activation)
+        self._fused[start] = (generations, fused)
+        return fused
+
+    def __getstate__(self):
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state["_fused"] = {}  # derived: rebuilt on first use
+        return state
+
+    def forward(self, x):
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            if i in self._runs:
+                x = self._fused_layer(modules, i)(x)
+                i += self._runs[i]
+            else:
+                x = modules[i](x)
+                i += 1
+        return x
+
+
+# ---- convert -------------------------------------------------------------------------------
 
 
 def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _ineligible_reason(conv: nn.Conv2d) -> Optional[str]:
-    """Why a 1x1 convolution cannot run on pwcpu, or None."""
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r}"
-    if isinstance(conv.padding, str):
-        return f"padding={conv.padding!r}"
-    if conv.weight.dtype != torch.float32:
-        return f"dtype {conv.weight.dtype}"
-    if conv.weight.device.type != "cpu":
-        return f"device {conv.weight.device}"
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _ineligible_reason(module: nn.Module) -> Optional[str]:
+    """Why a 1x1 convolution or a linear layer cannot run on pwcpu, or None."""
+    if isinstance(module, nn.Conv2d):
+        if type(module).forward is not nn.Conv2d.forward:
+            return f"{type(module).__name__} has its own forward"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r}"
+    elif type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} has its own forward"
+    if _has_hooks(module):
+        return "it has hooks"
+    if module.weight.dtype != torch.float32:
+        return f"dtype {module.weight.dtype}"
+    if module.weight.device.type != "cpu":
+        return f"device {module.weight.device}"
     return None
 
 
 def _is_pointwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+    if isinstance(module, nn.Conv2d):
+        return tuple(module.kernel_size) == (1, 1)
+    return isinstance(module, nn.Linear)
 
 
-def convert(model: nn.Module) -> nn.Module:
-    """An inference (eval) copy of ``model`` with its 1x1 convolutions running on pwcpu.
+def _foldable_batchnorm(module: nn.Module) -> bool:
+    return (type(module) is nn.BatchNorm2d and module.track_running_stats and module.running_mean is not None
+            and not _has_hooks(module))
 
-    In a ``Sequential``, a 1x1 ``Conv2d`` directly followed by ``BatchNorm2d`` and/or an activation
-    (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, exact GELU) becomes one fused ``PwcpuConv2d`` (the folded modules
-    become ``Identity``); elsewhere a 1x1 ``Conv2d`` alone is replaced. Everything else is left as
-    it is. The copy's ``pwcpu_report`` lists what was replaced and what was not (and why);
-    1x1 convolutions that could not be converted also raise a ``PwcpuConversionWarning``.
+
+def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+    """An inference (eval) copy of ``model`` whose 1x1 convolutions and linear layers run on pwcpu.
+
+    Each eligible 1x1 ``nn.Conv2d`` becomes a ``PwcpuConv2d`` and each ``nn.Linear`` a
+    ``PwcpuLinear``. In a plain ``nn.Sequential``, a 1x1 convolution directly followed by
+    ``BatchNorm2d`` and/or an activation (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, exact GELU), or a
+    linear layer followed by an activation, runs as one fused layer when the Sequential runs as a
+    whole (it becomes a ``PwcpuSequential`` whose children still compute one by one). Layers with
+    hooks, subclasses with their own ``forward`` and other layers pwcpu cannot take are left to
+    PyTorch. With ``channels_last`` (the default) the copy's other 4-D weights are moved to
+    channels_last memory, the format pwcpu's layers read in place and produce. The copy's
+    ``pwcpu_report`` lists what was converted and what was not (and why); layers left to PyTorch
+    also raise a ``PwcpuConversionWarning``.
     """
     converted = copy.deepcopy(model).eval()
     report: List[str] = []
     skipped: List[str] = []
 
-    def visit(module: nn.Module, prefix: str) -> None:
+    def visit(module: nn.Module, prefix: str) -> nn.Module:
         names = list(module._modules)
-        consumed = set()
-        for i, name in enumerate(names):
+        runs: Dict[int, int] = {}
+        i = 0
+        while i < len(names):
+            name = names[i]
             child = module._modules[name]
-            if child is None or name in consumed:
-                continue
             path = f"{prefix}{name}"
-            if not _is_pointwise(child):
-                visit(child, path + ".")
+            if child is None or not _is_pointwise(child):
+                if child is not None:
+                    module._modules[name] = visit(child, path + ".")
+                i += 1
                 continue
             reason = _ineligible_reason(child)
             if reason is not None:
                 skipped.append(f"{path}: left to PyTorch ({reason})")
+                i += 1
                 continue
-            bn, activation, fused = None, None, []
-            if isinstance(module, nn.Sequential):
+            module._modules[name] = PwcpuConv2d.from_modules(child) if isinstance(child, nn.Conv2d) \
+                else PwcpuLinear.from_module(child)
+            covered = 1
+            if type(module) is nn.Sequential:  # a subclass may have its own forward
                 following = [module._modules[n] for n in names[i + 1:i + 3]]
-                if following and isinstance(following[0], nn.BatchNorm2d) and following[0].track_running_stats:
-                    bn = following.pop(0)
-                    fused.append(names[i + 1])
-                if following and _activation_name(following[0]) is not None:
-                    activation = _activation_name(following[0])
-                    fused.append(names[i + 1 + len(fused)])
-            module._modules[name] = PwcpuConv2d.from_modules(child, bn, activation)
-            for folded in fused:
-                module._modules[folded] = nn.Identity()
-                consumed.add(folded)
-            report.append(f"{path}: pwcpu" + (f" (fused {', '.join(fused)})" if fused else ""))
+                if isinstance(child, nn.Conv2d) and following and _foldable_batchnorm(following[0]):
+                    module._modules[names[i + 1]] = PwcpuBatchNorm2d(following.pop(0))
+                    covered += 1
+                if following and following[0] is not None and _activation_name(following[0]) is not None \
+                        and not _has_hooks(following[0]):
+                    covered += 1
+            if covered > 1:
+                runs[i] = covered
+                report.append(f"{path}: pwcpu (fused {', '.join(names[i + 1:i + covered])})")
+            else:
+                report.append(f"{path}: pwcpu")
+            i += covered
+        return PwcpuSequential(dict(module._modules), runs) if runs else module
 
-    visit(converted, "")
+    converted = visit(converted, "")
+    if channels_last:
+        converted = converted.to(memory_format=torch.channels_last)
     converted.pwcpu_report = report + skipped
     if skipped:
-        warnings.warn("pwcpu.torch.convert left 1x1 convolutions to PyTorch: " + "; ".join(skipped),
+        warnings.warn("pwcpu.torch.convert left layers to PyTorch: " + "; ".join(skipped),
                       PwcpuConversionWarning, stacklevel=2)
     return converted

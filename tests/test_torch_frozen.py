@@ -1,0 +1,195 @@
+"""The PyTorch bridge holds what it converted: frozen weights, no stale packing, no leaks, exact
+equivalence where convert cannot see the module graph, and clear errors."""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import pwcpu.torch as pt  # noqa: E402
+from pwcpu.torch_models import randomize_batchnorm  # noqa: E402
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_writes_that_bypass_the_version_counter_cannot_make_weights_stale():
+    layer = pt.PwcpuConv2d.from_modules(nn.Conv2d(8, 8, 1))
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        before = layer(x)
+    layer.weight.data.mul_(2)  # a copy: the layer is unchanged
+    layer.weight.numpy()[...] = 0
+    torch.from_numpy(layer.bias.numpy()).fill_(5)
+    with torch.inference_mode():
+        close(layer(x), before)
+        new_weight = torch.randn(8, 8, 1, 1)
+        layer.weight = new_weight  # assignment re-packs
+        close(layer(x), nn.functional.conv2d(x, new_weight, layer.bias))
+    state = layer.state_dict()
+    assert set(state) == {"weight", "bias"}
+    close(state["weight"], new_weight)
+
+
+def test_the_functional_operator_never_caches_a_users_weight():
+    x, w = torch.randn(1, 8, 3, 3), torch.randn(8, 8, 1, 1)
+    first = torch.ops.pwcpu.conv1x1(x, w)
+    w.data.mul_(2)
+    close(torch.ops.pwcpu.conv1x1(x, w), 2 * first)
+
+
+def test_converted_and_run_in_inference_mode():
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU()))
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        converted = pt.convert(model)
+        close(converted(x), model(x))
+        close(converted(x), model(x))
+
+
+def test_load_state_dict_reaches_the_fused_layers():
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6()))
+    converted = pt.convert(model)
+    assert set(converted.state_dict()) == set(model.state_dict())
+    other = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6())).eval()
+    converted.load_state_dict(other.state_dict())
+    x = torch.randn(1, 8, 6, 6)
+    with torch.inference_mode():
+        close(converted(x), other(x))
+
+
+class CallsChildrenOneByOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        y = self.seq[0](x)
+        return self.seq[2](self.seq[1](y)) + y
+
+
+class StandardizedConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias)
+
+
+def test_convert_is_exact_where_it_cannot_see_the_graph():
+    model = randomize_batchnorm(CallsChildrenOneByOne())
+    converted = pt.convert(model)
+    x = torch.randn(1, 8, 5, 5)
+    with torch.inference_mode():
+        close(converted(x), model(x))
+
+
+def test_subclasses_with_their_own_forward_and_hooked_layers_are_left_alone():
+    hooked = nn.Conv2d(4, 4, 1)
+    calls = []
+    hooked.register_forward_hook(lambda module, args, out: calls.append(1))
+    model = nn.Sequential(StandardizedConv(4, 4, 1), hooked, nn.Conv2d(4, 4, 1))
+    with pytest.warns(pt.PwcpuConversionWarning) as warned:
+        converted = pt.convert(model)
+    assert type(converted[0]) is StandardizedConv and type(converted[1]) is nn.Conv2d
+    assert isinstance(converted[2], pt.PwcpuConv2d)
+    report = "; ".join(converted.pwcpu_report)
+    assert "StandardizedConv has its own forward" in report and "it has hooks" in report
+    assert "left layers to PyTorch" in str(warned[0].message)
+    x = torch.randn(1, 4, 3, 3)
+    with torch.inference_mode():
+        close(converted(x), model(x))
+    assert len(calls) == 2  # the hook still fires in the copy
+
+
+def test_batchnorm_without_affine_parameters():
+    model = nn.Sequential(nn.Conv2d(6, 10, 1), nn.BatchNorm2d(10, affine=False), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    converted = pt.convert(model)
+    x = torch.randn(1, 6, 4, 4)
+    with torch.inference_mode():
+        close(converted(x), model(x))
+        close(converted[1](converted[0](x)), model[1](model[0](x)))
+
+
+def test_deleted_models_free_their_packed_weights():
+    def convert_and_run():
+        model = pt.convert(nn.Sequential(*[nn.Conv2d(64, 64, 1) for _ in range(8)]))
+        with torch.inference_mode():
+            model(torch.randn(1, 64, 4, 4))
+        return weakref.ref(model), weakref.ref(model[0]._layer)
+
+    before = len(pt._private_weights)
+    refs = [convert_and_run() for _ in range(3)]
+    gc.collect()
+    assert all(model() is None and layer() is None for model, layer in refs)
+    assert len(pt._private_weights) == before
+
+
+def test_gradients_are_refused_not_dropped():
+    layer = pt.PwcpuConv2d.from_modules(nn.Conv2d(4, 4, 1))
+    x = torch.randn(1, 4, 2, 2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inference module"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == (1, 4, 2, 2)
+
+
+def test_operator_defaults_and_errors_name_the_argument():
+    x, w = torch.randn(1, 8, 3, 3), torch.randn(4, 8, 1, 1)
+    close(torch.ops.pwcpu.conv1x1(x, w), nn.functional.conv2d(x, w))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\), got \(8, 3, 3\)"):
+        torch.ops.pwcpu.conv1x1(x[0], w)
+    with pytest.raises(TypeError, match="x must be float32, got torch.bfloat16"):
+        torch.ops.pwcpu.conv1x1(x.bfloat16(), w)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        torch.ops.pwcpu.conv1x1(x, w.double())
+    with pytest.raises(ValueError, match="x has 7 channels"):
+        torch.ops.pwcpu.conv1x1(x[:, :7], w)
+    layer = pt.PwcpuConv2d.from_modules(nn.Conv2d(8, 4, 1))
+    with pytest.raises(TypeError, match="x must be float32"):
+        layer(x.double())
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, H, W\)"):
+        layer(x[0])
+
+
+def test_linear_layers_and_a_fused_activation():
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    converted = pt.convert(model)
+    assert isinstance(converted, pt.PwcpuSequential) and converted._runs == {0: 2}
+    assert isinstance(converted[2], pt.PwcpuLinear)
+    tokens = torch.randn(2, 7, 7, 32)  # ConvNeXt's channels-last features
+    with torch.inference_mode():
+        close(converted(tokens), model(tokens))
+        close(converted(tokens[:, ::2]), model(tokens[:, ::2]))
+
+
+def test_channels_last_and_contiguous_models_convert_alike():
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8),
+                                              nn.Conv2d(8, 16, 1)))
+    converted = pt.convert(model)
+    assert converted[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, 6, 6)
+    with torch.inference_mode():
+        y = converted(x)
+        close(y, model(x))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pickle_and_deepcopy_keep_the_layer():
+    import copy
+    import pickle
+
+    layer = pt.PwcpuConv2d.from_modules(nn.Conv2d(8, 4, 1), activation="relu")
+    x = torch.randn(1, 8, 3, 3)
+    with torch.inference_mode():
+        expected = layer(x)
+        for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            close(other(x), expected)
+            assert other._traced_weight in pt._private_weights
