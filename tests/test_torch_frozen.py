@@ -125,11 +125,12 @@ def test_deleted_models_free_their_packed_weights():
             model(torch.randn(1, 64, 4, 4))
         return weakref.ref(model), weakref.ref(model[0]._layer)
 
+    gc.collect()
     before = len(pt._private_weights)
     refs = [convert_and_run() for _ in range(3)]
     gc.collect()
     assert all(model() is None and layer() is None for model, layer in refs)
-    assert len(pt._private_weights) == before
+    assert len(pt._private_weights) <= before
 
 
 def test_gradients_are_refused_not_dropped():

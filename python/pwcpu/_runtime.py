@@ -64,7 +64,20 @@ def runtime_info() -> Dict[str, Any]:
     info["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     info["python"] = sys.version.split()[0]
     info["machine"] = platform.machine()
+    info["cpu_model"] = _cpu_model()
     return info
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def show_runtime() -> None:
@@ -73,6 +86,7 @@ def show_runtime() -> None:
     kib = 1024
     lines = [
         f"pwcpu {info['version']} (Python {info['python']}, {info['machine']})",
+        f"CPU:            {info['cpu_model']}",
         f"CPU features:   {' '.join(info['cpu_features']) or '(none detected)'}",
         f"ISAs available: {', '.join(info['supported_isas'])}",
         f"ISA in use:     {info['isa']} ({info['isa_reason']})",

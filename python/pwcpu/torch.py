@@ -94,7 +94,8 @@ def _run_conv(layer: PointwiseConv, x: Tensor, residual: Optional[Tensor]) -> Te
     channels_last."""
     ho, wo = _output_hw(x, layer.stride, layer.padding)
     out = torch.empty((x.shape[0], ho, wo, layer.out_channels), dtype=torch.float32)
-    if residual is None or residual.shape == (x.shape[0], layer.out_channels, ho, wo):
+    if x.shape[1] == layer.in_channels and (residual is None or residual.shape == (x.shape[0], layer.out_channels,
+                                                                                   ho, wo)):
         # Straight to the kernels when the channels are contiguous: no NumPy views on the way.
         if layer._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(),
                                           0 if residual is None else residual.data_ptr(),
@@ -238,7 +239,7 @@ class _FrozenLayer(_FrozenModule):
     @property
     def _layer(self) -> PointwiseConv:
         layer = self.__dict__.get("_packed")
-        if layer is None:  # a copy or an unpickled module: pack again
+        if layer is None:  # an unpickled module: pack again
             self._set_state({"weight": self._traced_weight.numpy(), "bias": None if self._traced_bias is None
                              else self._traced_bias.numpy()})
             layer = self._packed
@@ -248,6 +249,8 @@ class _FrozenLayer(_FrozenModule):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_packed", None)  # packed again where it is needed
+        if "_output_geometry" in state:
+            state["_output_geometry"] = {}  # the fast lane opens again after the first (packing) call
         return state
 
     def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
@@ -285,7 +288,8 @@ class PwcpuConv2d(_FrozenLayer):
     def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), groups: int = 1,
                  activation: Optional[str] = None) -> None:
         super().__init__()
-        object.__setattr__(self, "_output_shapes", {})  # input shape -> output shape, for the eager path
+        # Input shape -> output (size, stride), for the eager path's fast lane (shapes it has run).
+        object.__setattr__(self, "_output_geometry", {})
         self._init_layer(weight, bias, (_pair(stride), _pair(padding), int(groups), activation))
 
     def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
@@ -313,24 +317,28 @@ class PwcpuConv2d(_FrozenLayer):
         return cls(weight, bias, conv.stride, conv.padding, conv.groups, activation)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        # The common call first, with nothing on the way that costs more than it must: a plain
+        # float32 CPU tensor of a shape seen before, no residual, no gradients, no tracing.
+        if (residual is None and type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu
+                and not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())):
+            out_geometry = self._output_geometry.get(x.shape)
+            if out_geometry is not None:
+                out = torch.empty_strided(*out_geometry)
+                if self._packed._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
+                    return out
+        return self._forward(x, residual)
+
+    def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if type(x) is not Tensor or torch.compiler.is_compiling():
             return torch.ops.pwcpu.conv1x1(x, self._traced_weight, self._traced_bias, list(self.stride),
                                            list(self.padding), self.groups, self.activation, residual)
-        # The common call, with nothing on the way that costs more than it must: a channels_last
-        # float32 CPU tensor without gradients, no residual.
-        if residual is None and x.dtype is torch.float32 and x.is_cpu and x.dim() == 4 and not (
-                x.requires_grad and torch.is_grad_enabled()):
-            out_shape = self._output_shapes.get(x.shape)
-            if out_shape is None:
-                out_shape = self._output_shapes.setdefault(
-                    x.shape, (x.shape[0], self._traced_weight.shape[0]) + _output_hw(x, self.stride, self.padding))
-            out = torch.empty(out_shape, dtype=torch.float32, memory_format=torch.channels_last)
-            if self._layer._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
-                return out
         _check_inference("PwcpuConv2d", x, residual)
         if not _plain_operand(x, 4) or (residual is not None and not _plain_operand(residual, 4)):
             _check_operands("PwcpuConv2d", x, self._traced_weight, None, residual, 4, "(N, C, H, W)")
-        return _run_conv(self._layer, x, residual)
+        out = _run_conv(self._layer, x, residual)
+        if residual is None and len(self._output_geometry) < 64:  # the shape is valid: take the fast path next time
+            self._output_geometry[x.shape] = (tuple(out.shape), out.stride())
+        return out
 
     def extra_repr(self) -> str:
         k, cg = self._traced_weight.shape

@@ -3,12 +3,13 @@ PyTorch bridge. Random weights; ``randomize_batchnorm`` gives BatchNorm non-triv
 
 from __future__ import annotations
 
-from typing import List
+import sys
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["Bottleneck", "InvertedResidual", "mobilenet_v2", "randomize_batchnorm", "resnet50"]
+__all__ = ["Bottleneck", "InvertedResidual", "mobilenet_v2", "randomize_batchnorm", "resnet50", "torchvision_models"]
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 1, stride: int = 1, groups: int = 1, act=nn.ReLU6) -> nn.Sequential:
@@ -83,9 +84,38 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.BatchNorm2d) and m.affine:
                 m.weight.uniform_(0.5, 1.5, generator=generator)
                 m.bias.normal_(0.0, 0.1, generator=generator)
                 m.running_mean.normal_(0.0, 0.1, generator=generator)
                 m.running_var.uniform_(0.5, 2.0, generator=generator)
     return model.eval()
+
+
+def torchvision_models() -> Optional[object]:
+    """``torchvision.models`` when torchvision is installed, else None.
+
+    Only the model definitions are needed, and they are plain Python. A torchvision wheel whose
+    compiled operators do not load with the installed torch (its ``import`` fails registering
+    ``torchvision::nms``) is imported after declaring the schemas of the two operators its import
+    registers fake kernels for; calling them still fails, and no classification model calls them.
+    """
+    try:
+        import torchvision.models
+    except ImportError:
+        return None
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        global _torchvision_schemas
+        _torchvision_schemas = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            if not hasattr(torch.ops.torchvision, op):
+                _torchvision_schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import torchvision.models
+    return torchvision.models
+
+
+_torchvision_schemas = None  # the Library object must outlive the import for its definitions to stay
