@@ -42,26 +42,47 @@ def test_converted_blocks_match(build, channels_last):
 def test_convert_fuses_bn_and_activation_and_leaves_the_original_alone():
     model = randomize_batchnorm(nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.SiLU(), nn.Conv2d(16, 4, 3)))
     converted = pt.convert(model)
-    assert isinstance(converted, pt.PwcpuSequential) and converted._runs == {0: 3}
-    assert isinstance(converted[0], pt.PwcpuConv2d) and converted[0].activation is None  # unfused, one by one
-    assert isinstance(converted[1], pt.PwcpuBatchNorm2d) and isinstance(converted[2], nn.SiLU)
-    assert isinstance(converted[3], nn.Conv2d)
+    assert isinstance(converted, torch.fx.GraphModule)
+    fused = converted.get_submodule("0")
+    assert isinstance(fused, pt.PwcpuConv2d) and fused.activation == "silu"
+    assert isinstance(converted.get_submodule("3"), nn.Conv2d)
     assert isinstance(model[0], nn.Conv2d)  # the original is untouched
-    assert converted.pwcpu_report == ["0: pwcpu (fused 1, 2)"]
+    assert converted.pwcpu_report == ["1: folded into 0", "0: pwcpu (fused silu)"]
     x = torch.randn(1, 8, 9, 9)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
-        fused = converted._fused[0][1]
+
+
+class Untraceable(nn.Sequential):
+    """A Sequential whose forward branches on data: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        return super().forward(x) if bool(x.sum() > -1e30) else x
+
+
+def test_untraceable_models_convert_module_by_module():
+    inner = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.SiLU(), nn.Conv2d(16, 4, 3))
+    model = randomize_batchnorm(Untraceable(inner))
+    converted = pt.convert(model)
+    seq = converted[0]
+    assert isinstance(seq, pt.PwcpuSequential) and seq._runs == {0: 3}
+    assert isinstance(seq[0], pt.PwcpuConv2d) and seq[0].activation is None  # unfused, one by one
+    assert isinstance(seq[1], pt.PwcpuBatchNorm2d) and isinstance(seq[2], nn.SiLU)
+    assert converted.pwcpu_report == ["0.0: pwcpu (fused 1, 2)"]
+    x = torch.randn(1, 8, 9, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
+        fused = seq._fused[0][1]
         assert isinstance(fused, pt.PwcpuConv2d) and fused.activation == "silu"
         # Children called one by one compute what the original children computed.
-        torch.testing.assert_close(converted[1](converted[0](x)), model[1](model[0](x)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(seq[1](seq[0](x)), inner[1](inner[0](x)), rtol=1e-4, atol=1e-4)
 
 
 def test_ineligible_convs_are_reported():
     model = nn.Sequential(nn.Conv2d(4, 4, 1, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 1).double())
     with pytest.warns(pt.PwcpuConversionWarning, match="padding_mode='reflect'"):
         converted = pt.convert(model)
-    assert isinstance(converted[0], nn.Conv2d) and isinstance(converted[1], nn.Conv2d)
+    assert isinstance(converted.get_submodule("0"), nn.Conv2d) and isinstance(converted.get_submodule("1"), nn.Conv2d)
     assert len(converted.pwcpu_report) == 2 and all("left to PyTorch" in r for r in converted.pwcpu_report)
 
 

@@ -19,14 +19,18 @@ assignment (``module.weight = w``) or ``load_state_dict``, which re-pack.
 
 from __future__ import annotations
 
+import collections
 import copy
+import operator
 import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
+from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._api import PointwiseConv
@@ -37,6 +41,11 @@ __all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuLi
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
                        nn.Sigmoid: "sigmoid"}
+
+
+# The activations as PyTorch computes them, for the paths PyTorch takes.
+_TORCH_ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
+                      "hardswish": F.hardswish, "sigmoid": torch.sigmoid}
 
 
 def _activation_name(module: nn.Module) -> Optional[str]:
@@ -333,8 +342,14 @@ class PwcpuConv2d(_FrozenLayer):
             return torch.ops.pwcpu.conv1x1(x, self._traced_weight, self._traced_bias, list(self.stride),
                                            list(self.padding), self.groups, self.activation, residual)
         _check_inference("PwcpuConv2d", x, residual)
-        if not _plain_operand(x, 4) or (residual is not None and not _plain_operand(residual, 4)):
-            _check_operands("PwcpuConv2d", x, self._traced_weight, None, residual, 4, "(N, C, H, W)")
+        if not _plain_operand(x, 4):
+            _check_operands("PwcpuConv2d", x, self._traced_weight, None, None, 4, "(N, C, H, W)")
+        if residual is not None and (not _plain_operand(residual, 4) or residual.shape != (
+                x.shape[0], self._traced_weight.shape[0]) + _output_hw(x, self.stride, self.padding)):
+            # What the graph added to the convolution may broadcast or promote: PyTorch computes it.
+            weight = self._traced_weight.reshape(self._weight_shape(*self._traced_weight.shape))
+            y = F.conv2d(x, weight, self._traced_bias, self.stride, self.padding, 1, self.groups) + residual
+            return _TORCH_ACTIVATIONS[self.activation](y)
         out = _run_conv(self._layer, x, residual)
         if residual is None and len(self._output_geometry) < 64:  # the shape is valid: take the fast path next time
             self._output_geometry[x.shape] = (tuple(out.shape), out.stride())
@@ -372,8 +387,12 @@ class PwcpuLinear(_FrozenLayer):
         if not _eager(x):
             return torch.ops.pwcpu.pointwise(x, self._traced_weight, self._traced_bias, self.activation, residual)
         _check_inference("PwcpuLinear", x, residual)
-        if not _plain_operand(x, None) or (residual is not None and not _plain_operand(residual, None)):
-            _check_operands("PwcpuLinear", x, self._traced_weight, None, residual, None, "(..., C)")
+        if not _plain_operand(x, None):
+            _check_operands("PwcpuLinear", x, self._traced_weight, None, None, None, "(..., C)")
+        if residual is not None and (not _plain_operand(residual, None) or
+                                     residual.shape != x.shape[:-1] + (self._traced_weight.shape[0],)):
+            y = F.linear(x, self._traced_weight, self._traced_bias) + residual  # broadcasts or promotes: PyTorch's
+            return _TORCH_ACTIVATIONS[self.activation](y)
         return _run_pointwise(self._layer, x, residual)
 
     def extra_repr(self) -> str:
@@ -531,23 +550,134 @@ def _foldable_batchnorm(module: nn.Module) -> bool:
             and not _has_hooks(module))
 
 
+_FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu",
+                         F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.gelu: "gelu"}
+_METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _node_activation(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The activation a graph node applies to its one tensor argument, if pwcpu has it."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return None if _has_hooks(module) or len(node.args) != 1 or node.kwargs else _activation_name(module)
+    if len(node.args) != 1 or set(node.kwargs) - {"inplace", "approximate"}:
+        return None
+    if node.op == "call_function" and node.target in _FUNCTION_ACTIVATIONS:
+        if node.target is F.gelu and node.kwargs.get("approximate", "none") != "none":
+            return None
+        return _FUNCTION_ACTIVATIONS[node.target]
+    if node.op == "call_method" and not node.kwargs:
+        return _METHOD_ACTIVATIONS.get(node.target)
+    return None
+
+
+def _sole_user(node: fx.Node) -> Optional[fx.Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> Optional[nn.Module]:
+    """``model`` traced by torch.fx and rewritten, or None where it cannot be traced.
+
+    The graph says exactly what feeds what, whatever the modules' own ``forward`` methods do, so
+    every fusion is proven by it: a BatchNorm2d whose only input is a convolution's only use is
+    folded into that convolution (3x3 and depthwise ones too, which stay PyTorch's); a 1x1
+    convolution or linear layer followed by an addition of another tensor (a residual) and/or an
+    activation, each the previous node's only use, becomes one pwcpu layer.
+    """
+    if _has_hooks(model):
+        return None  # a traced copy would not call the root's hooks
+    try:
+        graph_module = fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - any untraceable model takes the module-by-module path
+        return None
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+    def single_use_module(node: fx.Node) -> Optional[nn.Module]:
+        if node.op != "call_module" or calls[node.target] != 1:
+            return None
+        return modules[node.target]
+
+    for node in list(graph.nodes):
+        bn = single_use_module(node)
+        if bn is None or not _foldable_batchnorm(bn) or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        conv = single_use_module(source) if isinstance(source, fx.Node) else None
+        if conv is None or type(conv) is not nn.Conv2d or _has_hooks(conv) or len(source.users) != 1 \
+                or conv.weight.dtype != torch.float32:
+            continue
+        _set_submodule(graph_module, source.target, fuse_conv_bn_eval(conv, bn))
+        modules[source.target] = graph_module.get_submodule(source.target)
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+        report.append(f"{node.target}: folded into {source.target}")
+
+    for node in list(graph.nodes):
+        layer = single_use_module(node)
+        if layer is None or not _is_pointwise(layer):
+            continue
+        reason = _ineligible_reason(layer)
+        if reason is not None:
+            skipped.append(f"{node.target}: left to PyTorch ({reason})")
+            continue
+        chain, residual, activation = [node], None, None
+        user = _sole_user(node)
+        if user is not None and user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 \
+                and not user.kwargs and all(isinstance(a, fx.Node) for a in user.args):
+            residual = user.args[1] if user.args[0] is node else user.args[0]
+            chain.append(user)
+            user = _sole_user(user)
+        if user is not None and _node_activation(user, modules) is not None:
+            activation = _node_activation(user, modules)
+            chain.append(user)
+        converted = PwcpuConv2d.from_modules(layer, None, activation) if isinstance(layer, nn.Conv2d) \
+            else PwcpuLinear.from_module(layer, activation)
+        _set_submodule(graph_module, node.target, converted)
+        with graph.inserting_after(chain[-1]):
+            fused = graph.call_module(node.target, (node.args[0],) + ((residual,) if residual is not None else ()))
+        chain[-1].replace_all_uses_with(fused)
+        for erased in reversed(chain):
+            graph.erase_node(erased)
+        parts = (["residual add"] if residual is not None else []) + ([activation] if activation else [])
+        report.append(f"{node.target}: pwcpu" + (f" (fused {', '.join(parts)})" if parts else ""))
+    graph.lint()
+    graph_module.delete_all_unused_submodules()
+    graph_module.recompile()
+    return graph_module
+
+
 def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     """An inference (eval) copy of ``model`` whose 1x1 convolutions and linear layers run on pwcpu.
 
-    Each eligible 1x1 ``nn.Conv2d`` becomes a ``PwcpuConv2d`` and each ``nn.Linear`` a
-    ``PwcpuLinear``. In a plain ``nn.Sequential``, a 1x1 convolution directly followed by
-    ``BatchNorm2d`` and/or an activation (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, exact GELU), or a
-    linear layer followed by an activation, runs as one fused layer when the Sequential runs as a
-    whole (it becomes a ``PwcpuSequential`` whose children still compute one by one). Layers with
-    hooks, subclasses with their own ``forward`` and other layers pwcpu cannot take are left to
-    PyTorch. With ``channels_last`` (the default) the copy's other 4-D weights are moved to
-    channels_last memory, the format pwcpu's layers read in place and produce. The copy's
-    ``pwcpu_report`` lists what was converted and what was not (and why); layers left to PyTorch
-    also raise a ``PwcpuConversionWarning``.
+    The copy is traced with ``torch.fx`` where it can be: then every BatchNorm2d that follows a
+    convolution is folded into it, and each eligible 1x1 ``nn.Conv2d`` (a ``PwcpuConv2d``) or
+    ``nn.Linear`` (a ``PwcpuLinear``) absorbs a residual addition and an activation (ReLU, ReLU6,
+    SiLU, Hardswish, Sigmoid, exact GELU; modules or functions) that follow it in the graph; the
+    result is a ``torch.fx.GraphModule``. A model that cannot be traced is converted module by
+    module: a 1x1 convolution directly followed by ``BatchNorm2d`` and/or an activation in a plain
+    ``nn.Sequential`` runs as one fused layer when the Sequential runs as a whole (it becomes a
+    ``PwcpuSequential`` whose children still compute one by one). Either way, layers with hooks,
+    subclasses with their own ``forward`` and layers pwcpu cannot take are left to PyTorch. With
+    ``channels_last`` (the default) the copy's other 4-D weights are moved to channels_last
+    memory, the format pwcpu's layers read in place and produce. The copy's ``pwcpu_report``
+    lists what was converted and folded, and what was not (and why); layers left to PyTorch also
+    raise a ``PwcpuConversionWarning``.
     """
     converted = copy.deepcopy(model).eval()
     report: List[str] = []
     skipped: List[str] = []
+    traced = _convert_graph(converted, report, skipped)
+    if traced is not None:
+        return _finish_conversion(traced, report, skipped, channels_last)
 
     def visit(module: nn.Module, prefix: str) -> nn.Module:
         names = list(module._modules)
@@ -586,11 +716,14 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
             i += covered
         return PwcpuSequential(dict(module._modules), runs) if runs else module
 
-    converted = visit(converted, "")
+    return _finish_conversion(visit(converted, ""), report, skipped, channels_last)
+
+
+def _finish_conversion(converted: nn.Module, report: List[str], skipped: List[str], channels_last: bool) -> nn.Module:
     if channels_last:
         converted = converted.to(memory_format=torch.channels_last)
     converted.pwcpu_report = report + skipped
     if skipped:
         warnings.warn("pwcpu.torch.convert left layers to PyTorch: " + "; ".join(skipped),
-                      PwcpuConversionWarning, stacklevel=2)
+                      PwcpuConversionWarning, stacklevel=3)
     return converted
