@@ -57,20 +57,25 @@ void check_allocatable(const std::vector<py::ssize_t>& shape) {
     }
 }
 
-// A new output array that starts on a cache line (NumPy's start 16 bytes into one), so that rows
-// of a multiple of 16 channels take whole-line (non-temporal) stores.
+// A new output array from pwcpu's output buffers (pwcpu.hpp: cache-line aligned, so that rows of
+// a multiple of 16 channels take whole-line non-temporal stores; huge pages; the last freed
+// block reused, so that `y = layer(x)` in a loop does not fault in fresh pages on every call).
 py::array aligned_output(const std::vector<py::ssize_t>& shape) {
     check_allocatable(shape);
-    constexpr size_t kLine = 64;
     size_t bytes = sizeof(float);
     for (py::ssize_t extent : shape) bytes *= static_cast<size_t>(extent);
-    void* data = std::aligned_alloc(kLine, std::max(kLine, (bytes + kLine - 1) / kLine * kLine));
-    if (data == nullptr) {  // MemoryError
-        throw pwcpu::AllocationError("cannot allocate " + std::to_string(bytes) + " bytes for an output of shape " +
-                                     text(shape_tuple(shape)));
-    }
-    py::capsule owner(data, [](void* p) { std::free(p); });
-    return py::array_t<float>(shape, static_cast<float*>(data), owner);
+    struct Block {
+        void* data;
+        size_t bytes;
+    };
+    const std::string what = "an output of shape " + text(shape_tuple(shape));
+    auto* block = new Block{pwcpu::allocate_buffer(bytes, pwcpu::BufferKind::output, what.c_str()), bytes};
+    py::capsule owner(block, [](void* p) {
+        auto* b = static_cast<Block*>(p);
+        pwcpu::free_buffer(b->data, b->bytes, pwcpu::BufferKind::output);
+        delete b;
+    });
+    return py::array_t<float>(shape, static_cast<float*>(block->data), owner);
 }
 
 bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }

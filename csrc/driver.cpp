@@ -32,55 +32,18 @@ using kernels::GemmTileFn;
 namespace {
 
 constexpr int kMaxMR = 32;
-constexpr size_t kAlignment = 64;
 
-// Packed-weight buffers. Large ones come from fresh mmap-ed pages, and the page faults on first
-// touch cost more than packing itself (and serialise the packing threads), so the largest freed
-// buffer (up to kReusableBytes) is kept for the next packing: conv1x1 packs on every call.
-constexpr size_t kReusableBytes = size_t{64} << 20;
-
-struct SpareBuffer {
-    std::mutex mutex;
-    void* data = nullptr;
-    size_t bytes = 0;
-};
-
-SpareBuffer& spare_buffer() {
-    static auto* spare = new SpareBuffer;  // never destroyed: buffers may be freed during exit
-    return *spare;
-}
-
+// Packed-weight buffers. conv1x1 packs on every call, so they come from allocate_buffer, which
+// keeps the last one freed: page faults on fresh pages cost more than packing itself.
 struct BufferFree {
     size_t bytes;
-    void operator()(float* p) const {
-        if (p == nullptr) return;
-        SpareBuffer& spare = spare_buffer();
-        void* release = p;
-        if (bytes <= kReusableBytes) {
-            std::lock_guard<std::mutex> lock(spare.mutex);
-            if (bytes > spare.bytes) {
-                std::swap(release, spare.data);
-                spare.bytes = bytes;
-            }
-        }
-        std::free(release);
-    }
+    void operator()(float* p) const { free_buffer(p, bytes, BufferKind::packed_weights); }
 };
 using AlignedBuffer = std::unique_ptr<float[], BufferFree>;
 
 AlignedBuffer allocate_floats(size_t count, const char* what) {
-    const size_t bytes = std::max<size_t>(kAlignment, (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment);
-    SpareBuffer& spare = spare_buffer();
-    {
-        std::lock_guard<std::mutex> lock(spare.mutex);
-        if (spare.data != nullptr && spare.bytes >= bytes && spare.bytes <= 2 * bytes) {
-            void* p = std::exchange(spare.data, nullptr);
-            return AlignedBuffer(static_cast<float*>(p), BufferFree{std::exchange(spare.bytes, 0)});
-        }
-    }
-    void* p = std::aligned_alloc(kAlignment, bytes);
-    if (p == nullptr) throw AllocationError(std::string("cannot allocate ") + std::to_string(bytes) + " bytes for " + what);
-    return AlignedBuffer(static_cast<float*>(p), BufferFree{bytes});
+    const size_t bytes = count * sizeof(float);
+    return AlignedBuffer(static_cast<float*>(allocate_buffer(bytes, BufferKind::packed_weights, what)), BufferFree{bytes});
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

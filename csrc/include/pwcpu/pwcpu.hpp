@@ -43,6 +43,15 @@ private:
     std::string message_;
 };
 
+// Memory for large tensors, as pwcpu allocates its packed weights and (from Python) its outputs:
+// 64-byte aligned, huge pages asked for from 2 MiB, and the most recently freed block of each
+// kind (up to 256 MiB) kept for the next request of a similar size, so that a layer called in a
+// loop reuses its last output's pages instead of faulting in fresh ones on every call.
+// allocate_buffer throws AllocationError (naming `what`); free_buffer takes the requested size.
+enum class BufferKind { packed_weights, output };
+void* allocate_buffer(size_t bytes, BufferKind kind, const char* what);
+void free_buffer(void* p, size_t bytes, BufferKind kind);
+
 // Output extent of a 1x1 convolution along one axis: (in + 2 pad - 1) / stride + 1, 0 if empty.
 int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride);
 
