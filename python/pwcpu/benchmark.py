@@ -341,6 +341,28 @@ def _openblas_note() -> str:
     return note
 
 
+# Environment that holds each library to an ISA; read when the library loads. ONNX Runtime (MLAS)
+# and TFLite (XNNPACK) have no such switch: they run their best kernels, which a run reports.
+ISA_PEER_LIMITS = {
+    "avx2": {"PWCPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "OPENBLAS_CORETYPE": "Haswell"},
+    "avx512": {"PWCPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+    "scalar": {"PWCPU_ISA": "scalar"},
+}
+_ISA_APPLIED = "PWCPU_BENCH_ISA_APPLIED"
+
+
+def _rerun_with_isa(isa: str) -> int:
+    """This command again, in a fresh process whose libraries load held to ``isa``."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_L2_SIZE"}
+    env.update(ISA_PEER_LIMITS[isa])
+    env[_ISA_APPLIED] = isa
+    return subprocess.call([sys.executable, "-m", "pwcpu"] + sys.argv[1:], env=env)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default=None,
                         help="comma-separated thread counts, e.g. 1,2 (default: pwcpu.get_num_threads())")
@@ -360,6 +382,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epilogue", action="store_true",
                         help="instead of peers: the cost of the fused epilogue, conv1x1 with bias + relu + "
                              "residual (out is residual) against the plain convolution")
+    parser.add_argument("--isa", choices=sorted(ISA_PEER_LIMITS),
+                        help="run pwcpu on this ISA's kernels (PWCPU_ISA) and hold the peers that can be held to it: "
+                             "oneDNN (torch.conv2d), MKL (torch.mm) and OpenBLAS (NumPy); the run restarts itself "
+                             "with those settings, which the libraries read when they load")
     parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="grouped bars per layer and implementation (matplotlib)")
 
@@ -522,7 +548,11 @@ def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_sec
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.isa and os.environ.get(_ISA_APPLIED) != args.isa:
+        return _rerun_with_isa(args.isa)
     info = runtime_info()
+    if args.isa:
+        info["peer_isa_limits"] = ISA_PEER_LIMITS[args.isa]
     threads_list = [int(t) for t in args.threads.split(",")] if args.threads else [info["threads"]]
     if args.epilogue:
         results = bench_epilogue(SUITES[args.suite], threads_list, args.seconds, args.rounds)
@@ -546,7 +576,11 @@ def run(args: argparse.Namespace) -> int:
     peers, missing = available_peers(requested)
     layers = SUITES[args.suite]
 
-    print(f"pwcpu {info['version']}: ISA {info['isa']}, kernels {info['kernel_main']} / {info['kernel_narrow']}")
+    print(f"pwcpu {info['version']} on {info['cpu_model']}: ISA {info['isa']}, kernels {info['kernel_main']} / "
+          f"{info['kernel_narrow']}; L1d {info['l1d_bytes'] // 1024} KiB, L2 {info['l2_bytes'] // 1024} KiB, "
+          f"L3 {info['l3_bytes'] // 1024} KiB")
+    if args.isa:
+        print("peers held by: " + " ".join(f"{k}={v}" for k, v in ISA_PEER_LIMITS[args.isa].items()))
     print(_openblas_note())
     for name, note in missing.items():
         print(f"skipped {name}: {note}")
