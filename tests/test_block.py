@@ -130,7 +130,7 @@ def test_float64_state_beyond_float32_is_an_error(rng):
         block.load_state_dict(state)
 
 
-def test_sequential_state_dict_with_conv_bias(rng):
+def test_torch_sequential_state_dict_with_conv_bias(rng):
     torch = pytest.importorskip("torch")
     module = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 1, bias=True), torch.nn.BatchNorm2d(24), torch.nn.SiLU())
     with torch.no_grad():

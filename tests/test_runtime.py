@@ -113,7 +113,7 @@ def test_num_threads_blocks_in_two_threads_restore_their_own_values():
     assert pwcpu.get_num_threads() == outer
 
 
-def test_set_num_threads_leaves_other_openmp_users_alone():
+def test_set_num_threads_leaves_torch_threads_alone():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     pwcpu.set_num_threads(1)
