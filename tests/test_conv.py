@@ -276,3 +276,11 @@ def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
     residual = accumulator.copy()
     assert layer(x, residual=accumulator, out=accumulator) is accumulator
     check_conv(accumulator, x, weight, bias, layout=layout, activation="relu", residual=residual)
+
+
+@pytest.mark.parametrize("c,stride,k", [(1024, 1, 40), (1024, 2, 33), (2048, 1, 7), (3072, 1, 17)])
+def test_channels_a_multiple_of_4_kib_take_shorter_tiles(isa, rng, c, stride, k):
+    """Pixel rows 4 KiB apart fall in one L1 set; those layers run half-height tiles, tails included."""
+    x, weight, bias = randn(rng, 2, 3, 11, c), randn(rng, k, c), randn(rng, k)
+    y = pwcpu.conv1x1(x, weight, bias, stride=stride, activation="relu")
+    check_conv(y, x, weight, bias, stride=stride, activation="relu")

@@ -69,15 +69,24 @@ def runtime_info() -> Dict[str, Any]:
 
 
 def _cpu_model() -> str:
-    """The CPU's model name (Linux), else what the platform module says."""
+    """The CPU's model name with its family and model numbers (Linux; virtual machines often show
+    only a vendor name, and the numbers tell the generation), else what the platform module says."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    numbers = f" (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else ""
+    return fields["model name"] + numbers
 
 
 def show_runtime() -> None:
