@@ -4,7 +4,6 @@ equivalence where convert cannot see the module graph, and clear errors."""
 import gc
 import weakref
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
