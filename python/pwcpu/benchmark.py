@@ -573,6 +573,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [p for p in requested if p not in PEERS]
     if unknown:
         raise SystemExit(f"unknown peer(s) {unknown}; known: {', '.join(PEERS)}")
+    # The peak first: importing the peers (TensorFlow above all) starts threads that stay busy for
+    # a while and once halved a 2-thread measurement.
+    peaks = {t: _core.measure_fma_peak_gflops(t, 0.3) for t in threads_list}
     peers, missing = available_peers(requested)
     layers = SUITES[args.suite]
 
@@ -584,7 +587,6 @@ def run(args: argparse.Namespace) -> int:
     print(_openblas_note())
     for name, note in missing.items():
         print(f"skipped {name}: {note}")
-    peaks = {t: _core.measure_fma_peak_gflops(t, 0.2) for t in threads_list}
     results = []
     for threads in threads_list:
         print(f"\n{threads} thread(s); {info['isa']} FMA peak {peaks[threads]:.0f} GFLOP/s")
