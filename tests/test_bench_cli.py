@@ -1,0 +1,43 @@
+"""Smoke tests of ``python -m pwcpu bench``: it runs, and its JSON records the machine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def bench(tmp_path, *options, env=None):
+    out = tmp_path / "result.json"
+    environment = {k: v for k, v in os.environ.items() if k != "PWCPU_ISA"}
+    environment.update(env or {})
+    result = subprocess.run([sys.executable, "-m", "pwcpu", "bench", "--threads", "1", "--seconds", "0.01",
+                             "--rounds", "1", "--pause", "0", "--json", str(out), *options],
+                            capture_output=True, text=True, timeout=600, env=environment)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_layer_run_records_the_machine(tmp_path):
+    data, stdout = bench(tmp_path, "--suite", "resnet50", "--peers", "numpy")
+    runtime = data["runtime"]
+    for key in ("cpu_model", "isa", "kernel_main", "l1d_bytes", "l2_bytes", "l3_bytes", "threads"):
+        assert runtime[key], key
+    assert data["peaks_gflops"]["1"] > 0
+    assert len(data["results"]) == 9 and all(r["gflops"]["pwcpu"] > 0 for r in data["results"])
+    assert runtime["cpu_model"] in stdout
+
+
+def test_isa_option_reruns_with_the_peers_held(tmp_path):
+    data, stdout = bench(tmp_path, "--suite", "resnet50", "--peers", "numpy", "--isa", "scalar")
+    assert data["runtime"]["isa"] == "scalar"
+    assert data["runtime"]["peer_isa_limits"] == {"PWCPU_ISA": "scalar"}
+    assert "peers held by: PWCPU_ISA=scalar" in stdout
+
+
+def test_torch_overhead_run(tmp_path):
+    pytest.importorskip("torch")
+    data, _ = bench(tmp_path, "--overhead")
+    assert {r["layer"] for r in data["overhead"]} >= {"64->16 1x1", "576->96 14x14"}
+    assert all(r["us"]["converted"] > 0 for r in data["overhead"])
