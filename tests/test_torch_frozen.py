@@ -257,3 +257,16 @@ def test_resnet_bottlenecks_fuse_the_residual():
     x = torch.randn(1, 64, 12, 12)
     with torch.inference_mode():
         close(converted(x), model(x))
+
+
+def test_trace_false_keeps_the_models_class():
+    from pwcpu.torch_models import InvertedResidual
+
+    model = randomize_batchnorm(InvertedResidual(16, 16, 1, 4))
+    converted = pt.convert(model, trace=False)
+    assert type(converted) is InvertedResidual and converted.use_residual
+    assert isinstance(converted.conv, pt.PwcpuSequential)
+    x = torch.randn(1, 16, 7, 7)
+    with torch.inference_mode():
+        close(converted(x), model(x))
+    assert isinstance(pt.convert(model), torch.fx.GraphModule)

@@ -655,17 +655,19 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
     return graph_module
 
 
-def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True) -> nn.Module:
     """An inference (eval) copy of ``model`` whose 1x1 convolutions and linear layers run on pwcpu.
 
-    The copy is traced with ``torch.fx`` where it can be: then every BatchNorm2d that follows a
-    convolution is folded into it, and each eligible 1x1 ``nn.Conv2d`` (a ``PwcpuConv2d``) or
-    ``nn.Linear`` (a ``PwcpuLinear``) absorbs a residual addition and an activation (ReLU, ReLU6,
-    SiLU, Hardswish, Sigmoid, exact GELU; modules or functions) that follow it in the graph; the
-    result is a ``torch.fx.GraphModule``. A model that cannot be traced is converted module by
-    module: a 1x1 convolution directly followed by ``BatchNorm2d`` and/or an activation in a plain
-    ``nn.Sequential`` runs as one fused layer when the Sequential runs as a whole (it becomes a
-    ``PwcpuSequential`` whose children still compute one by one). Either way, layers with hooks,
+    With ``trace`` (the default) the copy is traced with ``torch.fx`` where it can be: then every
+    BatchNorm2d that follows a convolution is folded into it, and each eligible 1x1 ``nn.Conv2d``
+    (a ``PwcpuConv2d``) or ``nn.Linear`` (a ``PwcpuLinear``) absorbs a residual addition and an
+    activation (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, exact GELU; modules or functions) that
+    follow it in the graph. The result is a ``torch.fx.GraphModule``: it computes what the model's
+    ``forward`` did, but has none of its other methods and attributes. A model that cannot be
+    traced, or any model with ``trace=False`` (which keeps the model's class), is converted module
+    by module: a 1x1 convolution directly followed by ``BatchNorm2d`` and/or an activation in a
+    plain ``nn.Sequential`` runs as one fused layer when the Sequential runs as a whole (it becomes
+    a ``PwcpuSequential`` whose children still compute one by one). Either way, layers with hooks,
     subclasses with their own ``forward`` and layers pwcpu cannot take are left to PyTorch. With
     ``channels_last`` (the default) the copy's other 4-D weights are moved to channels_last
     memory, the format pwcpu's layers read in place and produce. The copy's ``pwcpu_report``
@@ -675,7 +677,7 @@ def convert(model: nn.Module, *, channels_last: bool = True) -> nn.Module:
     converted = copy.deepcopy(model).eval()
     report: List[str] = []
     skipped: List[str] = []
-    traced = _convert_graph(converted, report, skipped)
+    traced = _convert_graph(converted, report, skipped) if trace else None
     if traced is not None:
         return _finish_conversion(traced, report, skipped, channels_last)
 
