@@ -265,7 +265,7 @@ def test_trace_false_keeps_the_models_class():
     model = randomize_batchnorm(InvertedResidual(16, 16, 1, 4))
     converted = pt.convert(model, trace=False)
     assert type(converted) is InvertedResidual and converted.use_residual
-    assert isinstance(converted.conv, pt.PwcpuSequential)
+    assert isinstance(converted.conv[0], pt.PwcpuSequential)  # the expand conv_bn, fused
     x = torch.randn(1, 16, 7, 7)
     with torch.inference_mode():
         close(converted(x), model(x))
