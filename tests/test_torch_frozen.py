@@ -270,3 +270,22 @@ def test_trace_false_keeps_the_models_class():
     with torch.inference_mode():
         close(converted(x), model(x))
     assert isinstance(pt.convert(model), torch.fx.GraphModule)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0", "regnet_y_400mf",
+                                  "convnext_tiny", "resnet50"])
+def test_torchvision_models_convert_and_match(name):
+    """torchvision's own definitions (skipped where torchvision is not installed)."""
+    from pwcpu.torch_models import torchvision_models
+
+    models = torchvision_models()
+    if models is None:
+        pytest.skip("torchvision is not installed")
+    model = randomize_batchnorm(getattr(models, name)(weights=None))
+    converted = pt.convert(model)
+    assert isinstance(converted, torch.fx.GraphModule)
+    assert any(": pwcpu" in line for line in converted.pwcpu_report)
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
