@@ -249,3 +249,20 @@ def test_memory_stays_flat_over_100k_calls(rng):
                 pwcpu.conv1x1(x, weight, out=np.empty((1, 4, 4, 3), np.float32))
     growth = _rss_bytes() - before
     assert growth < 4 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 100,000 calls"
+
+
+def test_outputs_that_are_alive_never_share_memory(rng):
+    """pwcpu reuses the memory of outputs that were freed, never of outputs still alive."""
+    layers = [pwcpu.PointwiseConv(randn(rng, k, 16)) for k in (64, 96, 64)]
+    x = randn(rng, 1, 64, 64, 16)  # outputs of 1-1.5 MiB
+    alive = []  # (layer, output)
+    for _ in range(4):
+        for layer in layers:
+            alive.append((layer, layer(x)))
+            alive.append((layer, layer(x)))
+            del alive[0]  # free one, keep the rest
+    for i, (_, a) in enumerate(alive):
+        for _, b in alive[i + 1:]:
+            assert not np.shares_memory(a, b)
+    for layer, y in alive:
+        np.testing.assert_array_equal(y, layer(x))

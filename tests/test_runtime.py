@@ -81,29 +81,36 @@ def test_public_api():
 
 
 def test_num_threads_blocks_in_two_threads_restore_their_own_values():
-    """Overlapping blocks in different threads: each thread sees its own count, and the process
-    count is what it was once both have left."""
+    """Overlapping blocks in different threads, the first one in leaving first: each thread sees
+    its own count, and the process count is what it was once both have left."""
     import threading
 
     pwcpu.set_num_threads(2)
     outer = pwcpu.get_num_threads()
-    entered, release = threading.Barrier(2), threading.Event()
+    first_in, second_in, first_left = threading.Event(), threading.Event(), threading.Event()
     seen = {}
 
-    def block(name, n):
-        with pwcpu.num_threads(n):
-            entered.wait()
-            seen[name] = pwcpu.get_num_threads()
-            if name == "first":
-                release.wait()  # leave after the second thread has left
+    def block(name):
         if name == "second":
-            release.set()
+            first_in.wait()
+        with pwcpu.num_threads(1):
+            if name == "first":
+                first_in.set()
+                second_in.wait()
+            else:
+                second_in.set()
+            seen[name] = pwcpu.get_num_threads()
+            if name == "second":
+                first_left.wait()
+        if name == "first":
+            first_left.set()
 
-    threads = [threading.Thread(target=block, args=("first", 1)), threading.Thread(target=block, args=("second", 1))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    first = threading.Thread(target=block, args=("first",))
+    first.start()
+    second = threading.Thread(target=block, args=("second",))
+    second.start()
+    first.join()
+    second.join()
     assert seen == {"first": 1, "second": 1}
     assert pwcpu.get_num_threads() == outer
     with pwcpu.num_threads(1):

@@ -289,3 +289,17 @@ def test_torchvision_models_convert_and_match(name):
     with torch.inference_mode():
         expected = model(x)
         torch.testing.assert_close(converted(x), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_fast_lane_follows_the_input_layout():
+    """The eager fast lane opens for a shape after its first call; inputs of that shape whose
+    channels are not contiguous must still take the general path."""
+    layer = pt.PwcpuConv2d.from_modules(nn.Conv2d(8, 12, 1), activation="relu")
+    reference = nn.Sequential(nn.Conv2d(8, 12, 1), nn.ReLU())
+    reference[0].weight.data.copy_(layer.weight)
+    reference[0].bias.data.copy_(layer.bias)
+    x = torch.randn(2, 8, 5, 6)
+    with torch.inference_mode():
+        for inp in (x.contiguous(memory_format=torch.channels_last), x, x.contiguous(memory_format=torch.channels_last),
+                    x.contiguous(), torch.randn(2, 8, 5, 12)[..., ::2]):
+            close(layer(inp), reference(inp))
