@@ -157,15 +157,17 @@ bool overlaps(const py::array& a, const py::array& b) {
 // sorted by stride, each axis must step past everything the smaller axes span.
 bool overlaps_itself(const py::array& a) {
     if (a.size() <= 1) return false;
-    std::vector<std::pair<py::ssize_t, py::ssize_t>> axes;  // (|stride|, extent) of axes longer than 1
-    for (py::ssize_t d = 0; d < a.ndim(); ++d) {
-        if (a.shape(d) > 1) axes.emplace_back(std::abs(a.strides(d)), a.shape(d));
+    constexpr int kMaxDims = 64;  // NumPy's limit: no allocation on the call path
+    std::array<std::pair<py::ssize_t, py::ssize_t>, kMaxDims> axes;  // (|stride|, extent) of axes longer than 1
+    int count = 0;
+    for (py::ssize_t d = 0; d < a.ndim() && count < kMaxDims; ++d) {
+        if (a.shape(d) > 1) axes[count++] = {std::abs(a.strides(d)), a.shape(d)};
     }
-    std::sort(axes.begin(), axes.end());
+    std::sort(axes.begin(), axes.begin() + count);
     py::ssize_t span = a.itemsize();
-    for (const auto& [stride, n] : axes) {
-        if (stride < span) return true;
-        span = stride * (n - 1) + span;
+    for (int i = 0; i < count; ++i) {
+        if (axes[i].first < span) return true;
+        span = axes[i].first * (axes[i].second - 1) + span;
     }
     return false;
 }

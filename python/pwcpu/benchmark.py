@@ -23,7 +23,7 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -408,14 +408,16 @@ def _model_builders() -> Dict[str, Callable]:
     return builders
 
 
-def _onnxruntime_runner(model, x, threads: int):
-    """The model exported to ONNX (TorchScript exporter) and run by ONNX Runtime, or None."""
-    try:
-        import onnxruntime as ort
-        import torch
-    except ImportError:
-        return None
+def _onnx_export(model, x) -> Optional[bytes]:
+    """The model exported to ONNX (TorchScript exporter), or None without ONNX Runtime to run it
+    or where the exporter cannot take the model."""
+    import importlib.util
     import io
+
+    import torch
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
 
     buffer = io.BytesIO()
     try:
@@ -425,9 +427,15 @@ def _onnxruntime_runner(model, x, threads: int):
     except Exception as e:  # noqa: BLE001 - a model the exporter cannot take is reported, not fatal
         print(f"  ONNX export failed ({type(e).__name__}: {str(e)[:120]}): no ONNX Runtime time for this model")
         return None
+    return buffer.getvalue()
+
+
+def _onnxruntime_runner(onnx_model: bytes, x, threads: int):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
     feed = {"x": x.contiguous().numpy()}
     return lambda: session.run(None, feed)[0]
 
@@ -464,9 +472,10 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
         tolerance = dict(rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
         torch.testing.assert_close(runners["converted"](), expected, **tolerance)
         torch.testing.assert_close(runners["converted (channels_last model)"](), expected, **tolerance)
+        onnx_model = _onnx_export(model, x)
         for threads in threads_list:
             timed = dict(runners)
-            ort_run = _onnxruntime_runner(model, x, threads)
+            ort_run = None if onnx_model is None else _onnxruntime_runner(onnx_model, x, threads)
             if ort_run is not None:
                 np.testing.assert_allclose(ort_run(), expected.numpy(), rtol=1e-3, atol=tolerance["atol"])
                 timed["onnxruntime"] = ort_run

@@ -629,15 +629,15 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
         if reason is not None:
             skipped.append(f"{node.target}: left to PyTorch ({reason})")
             continue
-        chain, residual, activation = [node], None, None
+        chain, residual = [node], None
         user = _sole_user(node)
         if user is not None and user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 \
                 and not user.kwargs and all(isinstance(a, fx.Node) for a in user.args):
             residual = user.args[1] if user.args[0] is node else user.args[0]
             chain.append(user)
             user = _sole_user(user)
-        if user is not None and _node_activation(user, modules) is not None:
-            activation = _node_activation(user, modules)
+        activation = _node_activation(user, modules) if user is not None else None
+        if activation is not None:
             chain.append(user)
         converted = PwcpuConv2d.from_modules(layer, None, activation) if isinstance(layer, nn.Conv2d) \
             else PwcpuLinear.from_module(layer, activation)
