@@ -32,6 +32,8 @@ using kernels::GemmTileFn;
 namespace {
 
 constexpr int kMaxMR = 32;
+// Rows of a band (see Impl::run).
+constexpr int64_t kMaxBandRows = 256;
 
 // Packed-weight buffers. conv1x1 packs on every call, so they come from allocate_buffer, which
 // keeps the last one freed: page faults on fresh pages cost more than packing itself.
@@ -544,13 +546,19 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         partition(rows, 1, rows, panels_total, kernel.nr, cg, call_threads(rows, k, cg));
     const int64_t mc_rows = blk.mc_tiles * mr;
 
+    // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a
+    // quarter of L1) stay in L1 while every panel of the block passes over them, so each panel's
+    // weights come from L2 once per band rather than once per tile. Deep reductions leave room for
+    // one tile only. Measured on Zen 3 (AVX2, 6x16), against a band of one tile, geometric mean of 16
+    // MobileNet/ResNet layers: +2.5 % at 1 thread, +6 % at 2; 112x112x16->96 +36 %, 14x14x64->384 +18 % / +37 %.
+    const int64_t band_rows = std::clamp<int64_t>(
+        detail::cache_sizes().l1d / 4 / (blk.kc * static_cast<int64_t>(sizeof(float))) / mr * mr, mr, kMaxBandRows / mr * mr);
+
     const auto work = [&](const WorkRange& range) {
-        float* out_rows[kMaxMR];
-        const float* res_rows[kMaxMR];
-        const float* a_rows[kMaxMR];
+        float* out_rows[kMaxBandRows];
+        const float* res_rows[kMaxBandRows];
+        const float* a_rows[kMaxBandRows];
         GemmTileArgs args{};
-        args.c = out_rows;
-        args.a = a_rows;
 
         RowWalker walker = walker_template;
         for (int64_t pb = range.n_begin; pb < range.n_end; pb += blk.nc_panels) {
@@ -559,14 +567,12 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                 const int64_t me = std::min(range.m_end, mb + mc_rows);
                 for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
                     const int64_t k0 = begin_k_block(args, blk, kb, cg, act, stream);
-                    args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
                     walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
-                    for (int64_t row = mb; row < me; row += mr) {
-                        const int64_t tile_rows = std::min<int64_t>(mr, me - row);
+                    for (int64_t band = mb; band < me; band += band_rows) {
+                        const int64_t rows_in_band = std::min(band_rows, me - band);
+                        walker.next(rows_in_band, first_group * cg + k0, a_rows, out_rows, res_rows);
                         int64_t group = first_group, j = first_j;
-                        walker.next(tile_rows, group * cg + k0, a_rows, out_rows, res_rows);
-                        const GemmTileFn tile_kernel = kernel.by_rows[tile_rows - 1];
                         // Panels pb..pe-1, walked as (group, panel within group) without divisions.
                         for (int64_t p = pb; p < pe; ++p) {
                             const int64_t col = group * kg + j * kernel.nr;
@@ -574,11 +580,17 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                             args.col = static_cast<size_t>(col);
                             args.bias = kb == 0 ? panel(p) : nullptr;
                             args.w = panel(p) + kernel.nr * (1 + k0);
-                            tile_kernel(args);
+                            for (int64_t row = 0; row < rows_in_band; row += mr) {
+                                const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
+                                args.a = a_rows + row;
+                                args.c = out_rows + row;
+                                args.residual = kb == 0 && residual != nullptr ? res_rows + row : nullptr;
+                                kernel.by_rows[rows_in_tile - 1](args);
+                            }
                             if (++j == panels_per_group && p + 1 < pe) {
                                 j = 0;
                                 ++group;
-                                for (int64_t m = 0; m < tile_rows; ++m) a_rows[m] += cg;  // the next group's channels
+                                for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] += cg;  // the next group's channels
                             }
                         }
                     }
