@@ -1,136 +1,38 @@
-// The driver: weight packing, cache blocking, threading and the fused epilogue's bookkeeping.
-// It knows kernels only through the contract in kernels/ukernel.hpp and the dispatch table.
-#include <dirent.h>
-#include <omp.h>
-#include <pthread.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#endif
-
+// The GEMM driver: weight packing, cache blocking and the fused epilogue's bookkeeping for the
+// 1x1 convolution. It knows kernels only through the contract in kernels/ukernel.hpp and the
+// dispatch table; threads, buffers and row walking come from runtime/, shared by every operator.
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <mutex>
-#include <new>
 #include <stdexcept>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "dispatch.hpp"
 #include "pwcpu/pwcpu.hpp"
+#include "runtime/memory.hpp"
+#include "runtime/rows.hpp"
+#include "runtime/threads.hpp"
 
 namespace pwcpu {
 
 using kernels::GemmKernel;
 using kernels::GemmTileArgs;
 using kernels::GemmTileFn;
+using runtime::AlignedBuffer;
+using runtime::allocate_floats;
+using runtime::ceil_div;
+using runtime::checked_floats;
+using runtime::checked_mul;
+using runtime::RowWalker;
+using runtime::WorkRange;
 
 namespace {
 
 constexpr int kMaxMR = 32;
 // Rows of a band (see Impl::run).
 constexpr int64_t kMaxBandRows = 256;
-
-// Packed-weight buffers. conv1x1 packs on every call, so they come from allocate_buffer, which
-// keeps the last one freed: page faults on fresh pages cost more than packing itself.
-struct BufferFree {
-    size_t bytes;
-    void operator()(float* p) const { free_buffer(p, bytes, BufferKind::packed_weights); }
-};
-using AlignedBuffer = std::unique_ptr<float[], BufferFree>;
-
-AlignedBuffer allocate_floats(size_t count, const char* what) {
-    const size_t bytes = count * sizeof(float);
-    return AlignedBuffer(static_cast<float*>(allocate_buffer(bytes, BufferKind::packed_weights, what)), BufferFree{bytes});
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// a * b for sizes that come from the caller (broadcast views make absurd extents cheap): an
-// overflow is an error naming what was being sized, never a wrapped size and a short buffer.
-int64_t checked_mul(int64_t a, int64_t b, const char* what) {
-    int64_t product = 0;
-    if (__builtin_mul_overflow(a, b, &product)) throw std::length_error(std::string(what) + " is too large to describe");
-    return product;
-}
-
-// A buffer of `count` floats must also be describable in bytes.
-size_t checked_floats(int64_t count, const char* what) {
-    return static_cast<size_t>(checked_mul(count, static_cast<int64_t>(sizeof(float)), what)) / sizeof(float);
-}
-
-// ---- threads --------------------------------------------------------------------------------
-
-// GNU OpenMP cannot run a parallel region in a child forked after the parent started its thread
-// pool: the child waits forever for threads that were not copied. The pool may have been started
-// by anyone sharing the OpenMP runtime (PyTorch among them), so a fork from a parent that had more
-// than one thread (or whose threads cannot be counted) leaves the child on one thread; a child of
-// a single-threaded parent, where no pool can exist, runs normally. Spawned processes start afresh.
-std::atomic<bool> parent_had_threads{true};
-std::atomic<bool> forked_after_threads{false};
-
-// Threads of this process, from /proc; 0 when they cannot be counted.
-int64_t process_thread_count() {
-    DIR* tasks = opendir("/proc/self/task");
-    if (tasks == nullptr) return 0;
-    int64_t count = 0;
-    while (const dirent* entry = readdir(tasks)) count += entry->d_name[0] != '.';
-    closedir(tasks);
-    return count;
-}
-
-void before_fork() { parent_had_threads.store(process_thread_count() != 1, std::memory_order_relaxed); }
-
-void on_fork_child() {
-    if (parent_had_threads.load(std::memory_order_relaxed)) forked_after_threads.store(true, std::memory_order_relaxed);
-}
-
-[[maybe_unused]] const bool fork_handlers_registered = [] {
-    return pthread_atfork(before_fork, nullptr, on_fork_child) == 0;
-}();
-
-// Threads for a parallel region of up to `wanted` threads.
-int region_threads(int wanted) {
-    return wanted <= 1 || forked_after_threads.load(std::memory_order_relaxed) ? 1 : wanted;
-}
-
-// pwcpu's own thread count, never above OpenMP's setting for the calling thread (OMP_NUM_THREADS,
-// threadpoolctl, else the cores), which it leaves alone: PyTorch and other users of the process's
-// OpenMP runtime keep theirs. 0 = follow OpenMP's setting. A per-thread override comes first.
-std::atomic<int> requested_threads{0};
-thread_local int scoped_threads = 0;
-// Calls in flight, so that concurrent callers share the cores instead of multiplying threads.
-std::atomic<int> calls_in_flight{0};
-
-struct CallGuard {
-    CallGuard() { calls_in_flight.fetch_add(1, std::memory_order_relaxed); }
-    ~CallGuard() { calls_in_flight.fetch_sub(1, std::memory_order_relaxed); }
-};
-
-// Flush denormals to zero for the duration of a call on this thread, then restore the caller's
-// floating-point state: denormal inputs must not make a call slow. (x86; elsewhere a no-op.)
-#if defined(__x86_64__) || defined(__i386__)
-struct DenormalsAreZero {
-    unsigned saved = _mm_getcsr();
-    DenormalsAreZero() { _mm_setcsr(saved | 0x8040u); }  // FTZ | DAZ
-    ~DenormalsAreZero() { _mm_setcsr(saved); }
-};
-#else
-struct DenormalsAreZero {};
-#endif
-
-// Non-temporal stores are weakly ordered: each thread fences them before its work counts as done.
-void fence_streaming_stores() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_sfence();
-#else
-    std::atomic_thread_fence(std::memory_order_seq_cst);
-#endif
-}
 
 // ---- blocking -------------------------------------------------------------------------------
 
@@ -182,170 +84,6 @@ int64_t begin_k_block(GemmTileArgs& args, const Blocking& blk, int64_t kb, int64
     args.stream = args.final && stream;
     args.act = args.final ? act : Activation::none;
     return k0;
-}
-
-// Maps output pixels, in (n, oh, ow) order, to the rows a tile reads and writes: the input row
-// (or a row of zeros where the pixel falls in the padding), the output row and the residual row.
-// The first pixel's position costs divisions, the rest are increments.
-class RowWalker {
-public:
-    RowWalker(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
-              const float* zeros)
-        : x_(x.data), out_(out.data), res_(residual != nullptr ? residual->data : nullptr), zeros_(zeros),
-          h_(x.shape[1]), w_(x.shape[2]), ho_(out.shape[1]), wo_(out.shape[2]),
-          xs0_(x.strides[0]), xs1_(x.strides[1]), xs2_(x.strides[2]),
-          os0_(out.strides[0]), os1_(out.strides[1]), os2_(out.strides[2]),
-          rs0_(residual != nullptr ? residual->strides[0] : 0), rs1_(residual != nullptr ? residual->strides[1] : 0),
-          rs2_(residual != nullptr ? residual->strides[2] : 0),
-          sh_(geo.stride_h), sw_(geo.stride_w), ph_(geo.pad_h), pw_(geo.pad_w) {}
-
-    // Position the walker at output pixel `first`.
-    void seek(int64_t first) {
-        n_ = first / (ho_ * wo_);
-        oh_ = first / wo_ - n_ * ho_;
-        ow_ = first % wo_;
-        line_ = line_at(n_, oh_);
-    }
-
-    // Rows of the next `count` pixels, input rows offset by `channel` (never steps past the output).
-    // Pixels of one output row are equally spaced in every tensor, so each run of them along the
-    // row is filled by strided loops; only pixels in the horizontal padding need a test.
-    void next(int64_t count, int64_t channel, const float** x_rows, float** out_rows, const float** res_rows) {
-        for (int64_t m = 0; m < count;) {
-            if (ow_ == wo_) {
-                ow_ = 0;
-                if (++oh_ == ho_) {
-                    oh_ = 0;
-                    ++n_;
-                }
-                line_ = line_at(n_, oh_);
-            }
-            const int64_t run = std::min(count - m, wo_ - ow_);
-            float* const out = line_.out + ow_ * os2_;
-            for (int64_t i = 0; i < run; ++i) out_rows[m + i] = out + i * os2_;
-            if (res_ != nullptr) {
-                const float* const res = line_.res + ow_ * rs2_;
-                for (int64_t i = 0; i < run; ++i) res_rows[m + i] = res + i * rs2_;
-            }
-            const int64_t iw0 = ow_ * sw_ - pw_, iw_last = iw0 + (run - 1) * sw_;
-            if (line_.x != nullptr && iw0 >= 0 && iw_last < w_) {
-                const float* const x = line_.x + iw0 * xs2_ + channel;
-                const int64_t step = sw_ * xs2_;
-                for (int64_t i = 0; i < run; ++i) x_rows[m + i] = x + i * step;
-            } else {
-                for (int64_t i = 0; i < run; ++i) {
-                    const int64_t iw = iw0 + i * sw_;
-                    x_rows[m + i] = (line_.x != nullptr && iw >= 0 && iw < w_ ? line_.x + iw * xs2_ : zeros_) + channel;
-                }
-            }
-            ow_ += run;
-            m += run;
-        }
-    }
-
-private:
-    struct Line {
-        const float* x;  // null: the whole output row lies in the vertical padding
-        float* out;
-        const float* res;
-    };
-
-    Line line_at(int64_t n, int64_t oh) const {
-        const int64_t ih = oh * sh_ - ph_;
-        return {ih >= 0 && ih < h_ ? x_ + n * xs0_ + ih * xs1_ : nullptr, out_ + n * os0_ + oh * os1_,
-                res_ != nullptr ? res_ + n * rs0_ + oh * rs1_ : nullptr};
-    }
-
-    const float* x_;
-    float* out_;
-    const float* res_;
-    const float* zeros_;
-    int64_t h_, w_, ho_, wo_;
-    int64_t xs0_, xs1_, xs2_, os0_, os1_, os2_, rs0_, rs1_, rs2_;
-    int64_t sh_, sw_, ph_, pw_;
-    int64_t n_ = 0, oh_ = 0, ow_ = 0;
-    Line line_{};
-};
-
-// A rectangle of the (M units x N units) grid given to one thread. NHWC: output pixels x weight
-// panels; NCHW: tiles of output channels x pixel panels.
-struct WorkRange {
-    int64_t m_begin, m_end, n_begin, n_end;
-};
-
-// Split `tiles` units of `tile_size` rows (of `rows` in all) and `panels` units of `panel_size`
-// columns, over a reduction of length `cg`, on a threads_m x threads_n grid. Among grids of equal
-// balance, prefer the one that moves fewer bytes: each thread column reads all the weights of its
-// panels, each thread row all the activations of its tiles.
-std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
-                                 int64_t cg, int threads) {
-    struct Candidate {
-        int tm, tn;
-        double cost;
-    };
-    Candidate best{1, 1, 0.0};
-    bool have_best = false;
-    for (int tm = 1; tm <= threads; ++tm) {
-        if (threads % tm != 0) continue;
-        const int tn = threads / tm;
-        if (tm > tiles || tn > panels) continue;
-        const double rows_per_thread = static_cast<double>(ceil_div(tiles, tm) * tile_size);
-        const double slowest = std::min<double>(rows_per_thread, static_cast<double>(rows)) *
-                               static_cast<double>(ceil_div(panels, tn) * panel_size) * static_cast<double>(cg + 8);
-        const double traffic = static_cast<double>(tn) * static_cast<double>(rows) * static_cast<double>(cg) +
-                               static_cast<double>(tm) * static_cast<double>(panels * panel_size) * static_cast<double>(cg);
-        const double cost = slowest + 0.25 * traffic;
-        if (!have_best || cost < best.cost) best = {tm, tn, cost};
-        have_best = true;
-    }
-    std::vector<WorkRange> ranges;
-    for (int i = 0; i < best.tm; ++i) {
-        for (int j = 0; j < best.tn; ++j) {
-            ranges.push_back({tiles * i / best.tm, tiles * (i + 1) / best.tm, panels * j / best.tn,
-                              panels * (j + 1) / best.tn});
-        }
-    }
-    return ranges;
-}
-
-// Threads for a call of rows x k outputs over a reduction of cg: shared among concurrent calls,
-// and one for small calls, where a fork-join would cost more than it saves.
-int call_threads(int64_t rows, int64_t k, int64_t cg) {
-    const double flops = 2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg);
-    if (flops < 4.0e5) return 1;
-    const int threads = get_num_threads() / std::max(1, calls_in_flight.load(std::memory_order_relaxed));
-    return region_threads(std::max(1, threads));
-}
-
-// Runs work(range) for every range: inline for one, else in one parallel region, with denormals
-// flushed in every thread and streaming stores fenced.
-template <class Work>
-void run_ranges(const std::vector<WorkRange>& ranges, bool streaming, const Work& work) {
-    const int teams = static_cast<int>(ranges.size());
-    if (teams == 1) {
-        DenormalsAreZero daz;
-        work(ranges[0]);
-        if (streaming) fence_streaming_stores();
-        return;
-    }
-#pragma omp parallel num_threads(teams)
-    {
-        DenormalsAreZero daz;
-        // A smaller team than asked for (nested or limited OpenMP) still covers every range.
-        for (int r = omp_get_thread_num(); r < teams; r += omp_get_num_threads()) work(ranges[r]);
-        if (streaming) fence_streaming_stores();
-    }
-}
-
-// Outputs larger than 3/8 of the last-level cache are written with non-temporal stores: they skip
-// reading every output line before overwriting it, and most of such an output would be evicted
-// (by the input, the weights, other cores) before the next layer reads it anyway. Measured on a
-// 32 MiB L3 (streaming against plain stores, 1 / 2 threads): 4x56x56x64->256 (12 MiB out)
-// +12 % / +6 %, 8x56x56x24->144 (14 MiB) +51 % / 0 %, 16x56x56x24->144 (28 MiB) +69 % / +62 %;
-// smaller outputs stay cached and lose: 2x112x112x16->96 (9 MiB) +6 % / -12 %,
-// 4x56x56x24->144 (7 MiB) -16 % / -20 %.
-bool streams_output(int64_t floats) {
-    return floats * static_cast<int64_t>(sizeof(float)) >= detail::stream_store_min_bytes();
 }
 
 }  // namespace
@@ -407,7 +145,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.panels = allocate_floats(checked_floats(checked_mul(w.panel_count(), w.panel_stride, what), what), what);
 
     const int64_t panel_count = w.panel_count();
-    const int pack_threads = region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1);
+    const int pack_threads = runtime::region_threads(panel_count * w.panel_stride > (1 << 16) ? get_num_threads() : 1);
 #pragma omp parallel for schedule(static) num_threads(pack_threads) if (pack_threads > 1)
     for (int64_t p = 0; p < panel_count; ++p) {
         const int64_t g = p / w.panels_per_group;
@@ -447,32 +185,6 @@ int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride) {
     return padded > 0 ? (padded - 1) / stride + 1 : 0;
 }
 
-namespace {
-
-// NHWC: the channel axis must be contiguous. NCHW: for out and residual (contiguous_spatial), the
-// (H, W) plane must be; x is gathered, so any strides do.
-void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial) {
-    for (int64_t d : v.shape) {
-        if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
-    }
-    const bool empty = v.shape[0] == 0 || v.shape[1] == 0 || v.shape[2] == 0 || v.shape[3] == 0;
-    if (!empty) {
-        const std::string what = std::string(name) + "'s element count";
-        checked_mul(checked_mul(checked_mul(v.shape[0], v.shape[1], what.c_str()), v.shape[2], what.c_str()), v.shape[3],
-                    what.c_str());
-    }
-    if (!empty && v.data == nullptr) throw std::invalid_argument(std::string(name) + " has no data");
-    if (layout == Layout::nhwc && !empty && v.shape[3] > 1 && v.strides[3] != 1) {
-        throw std::invalid_argument(std::string(name) + " must have a contiguous channel axis (strides[3] == 1)");
-    }
-    if (layout == Layout::nchw && contiguous_spatial && !empty &&
-        ((v.shape[3] > 1 && v.strides[3] != 1) || (v.shape[2] > 1 && v.strides[2] != v.shape[3]))) {
-        throw std::invalid_argument(std::string(name) + " must have contiguous (H, W) planes");
-    }
-}
-
-}  // namespace
-
 std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
     if (impl_->layout == Layout::nchw) {
         return {x.shape[0], out_channels(), conv_output_size(x.shape[2], geometry.pad_h, geometry.stride_h),
@@ -488,8 +200,8 @@ void PackedWeights::run(const TensorView& x, const TensorView& out, const Tensor
         throw std::invalid_argument("conv1x1: strides must be >= 1 and paddings >= 0");
     }
     const Layout layout = impl_->layout;
-    check_view(x, "x", layout, false);
-    check_view(out, "out", layout, true);
+    runtime::check_view(x, "x", layout, false);
+    runtime::check_view(out, "out", layout, true);
     if (x.shape[layout == Layout::nchw ? 1 : 3] != in_channels()) {
         throw std::invalid_argument("conv1x1: x has the wrong number of channels");
     }
@@ -500,7 +212,7 @@ void PackedWeights::run(const TensorView& x, const TensorView& out, const Tensor
             throw std::invalid_argument("conv1x1: residual must have the output's shape");
         }
     }
-    if (residual != nullptr) check_view(*residual, "residual", layout, true);
+    if (residual != nullptr) runtime::check_view(*residual, "residual", layout, true);
     if (layout == Layout::nchw) {
         impl_->run_nchw(x, out, residual, geometry, activation);
     } else {
@@ -537,13 +249,13 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     }
 
     const RowWalker walker_template(x, out, residual, geo, zeros.get());
-    const bool stream = streams_output(rows * k);
+    const bool stream = runtime::streams_output(rows * k);
 
-    CallGuard guard;
+    runtime::CallGuard guard;
     // Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go
     // 25 + 24 rather than 28 + 21, at the price of one partial tile per thread.
     const std::vector<WorkRange> ranges =
-        partition(rows, 1, rows, panels_total, kernel.nr, cg, call_threads(rows, k, cg));
+        runtime::partition(rows, 1, rows, panels_total, kernel.nr, cg, runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg)));
     const int64_t mc_rows = blk.mc_tiles * mr;
 
     // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a
@@ -599,7 +311,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         }
     };
 
-    run_ranges(ranges, stream, work);
+    runtime::run_ranges(ranges, stream, work);
 }
 
 // NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile
@@ -616,12 +328,12 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
     const int64_t tiles_per_group = ceil_div(kg, mr);
     const int64_t channel_tiles = groups * tiles_per_group;
     const Blocking blk = choose_blocking(kernel, cg, channel_tiles, pixel_panels);
-    const bool stream = streams_output(batch * k * pixels);
+    const bool stream = runtime::streams_output(batch * k * pixels);
 
-    CallGuard guard;
+    runtime::CallGuard guard;
     // Tiles of output channels play the role of NHWC's pixel tiles, pixel panels that of weight panels.
     const std::vector<WorkRange> ranges =
-        partition(channel_tiles, mr, k, pixel_panels, nr, cg, call_threads(batch * pixels, k, cg));
+        runtime::partition(channel_tiles, mr, k, pixel_panels, nr, cg, runtime::call_threads(2.0 * static_cast<double>(batch * pixels) * static_cast<double>(k) * static_cast<double>(cg)));
 
     const auto work = [&](const WorkRange& range) {
         std::vector<float> block(static_cast<size_t>(std::max<int64_t>(blk.kc, 1) * nr));
@@ -677,53 +389,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         }
     };
 
-    run_ranges(ranges, stream, work);
-}
-
-// ---- peak ----------------------------------------------------------------------------------
-
-double measure_fma_peak_gflops(int threads, double seconds) {
-    if (threads < 1) throw std::invalid_argument("measure_fma_peak_gflops: threads must be >= 1");
-    threads = region_threads(threads);
-    const kernels::IsaKernels& isa = detail::active_kernels();
-    const size_t iterations = 1u << 16;
-    double best = 0.0;
-    volatile float sink = 0.0f;
-    const double start = omp_get_wtime();
-    do {
-        const double t0 = omp_get_wtime();
-#pragma omp parallel num_threads(threads) if (threads > 1)
-        {
-            const float v = isa.fma_probe(iterations);
-#pragma omp atomic
-            sink += v;
-        }
-        const double elapsed = omp_get_wtime() - t0;
-        best = std::max(best, 2.0 * isa.fma_per_iteration * static_cast<double>(iterations) * threads / elapsed / 1e9);
-    } while (omp_get_wtime() - start < seconds);
-    return best;
-}
-
-// ---- thread control -------------------------------------------------------------------------
-
-bool single_threaded_after_fork() { return forked_after_threads.load(std::memory_order_relaxed); }
-
-int get_num_threads() {
-    if (single_threaded_after_fork()) return 1;
-    const int omp_threads = std::max(1, omp_get_max_threads());
-    const int scoped = scoped_threads;
-    const int requested = scoped > 0 ? scoped : requested_threads.load(std::memory_order_relaxed);
-    return requested > 0 ? std::min(requested, omp_threads) : omp_threads;
-}
-
-void set_num_threads(int n) {
-    if (n < 1) throw std::invalid_argument("set_num_threads: the number of threads must be >= 1");
-    requested_threads.store(n, std::memory_order_relaxed);
-}
-
-int set_num_threads_for_this_thread(int n) {
-    if (n < 0) throw std::invalid_argument("set_num_threads_for_this_thread: the number of threads must be >= 0");
-    return std::exchange(scoped_threads, n);
+    runtime::run_ranges(ranges, stream, work);
 }
 
 }  // namespace pwcpu

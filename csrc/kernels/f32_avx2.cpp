@@ -58,6 +58,7 @@ struct Vec {
     static R select_neg(R x, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)); }
 };
 
+#include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
 
 }  // namespace avx2

@@ -49,6 +49,7 @@ struct Vec {
     static R select_neg(R x, R a, R b) { return map([&](int i) { return x.lane[i] < 0.0f ? a.lane[i] : b.lane[i]; }); }
 };
 
+#include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
 
 }  // namespace scalar

@@ -47,6 +47,7 @@ struct Vec {
     }
 };
 
+#include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
 
 }  // namespace avx512

@@ -1,0 +1,31 @@
+// Checks shared by every operator's views.
+#include "runtime/rows.hpp"
+
+#include <stdexcept>
+#include <string>
+
+#include "runtime/memory.hpp"
+
+namespace pwcpu::runtime {
+
+void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial) {
+    for (int64_t d : v.shape) {
+        if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
+    }
+    const bool empty = v.shape[0] == 0 || v.shape[1] == 0 || v.shape[2] == 0 || v.shape[3] == 0;
+    if (!empty) {
+        const std::string what = std::string(name) + "'s element count";
+        checked_mul(checked_mul(checked_mul(v.shape[0], v.shape[1], what.c_str()), v.shape[2], what.c_str()), v.shape[3],
+                    what.c_str());
+    }
+    if (!empty && v.data == nullptr) throw std::invalid_argument(std::string(name) + " has no data");
+    if (layout == Layout::nhwc && !empty && v.shape[3] > 1 && v.strides[3] != 1) {
+        throw std::invalid_argument(std::string(name) + " must have a contiguous channel axis (strides[3] == 1)");
+    }
+    if (layout == Layout::nchw && contiguous_spatial && !empty &&
+        ((v.shape[3] > 1 && v.strides[3] != 1) || (v.shape[2] > 1 && v.strides[2] != v.shape[3]))) {
+        throw std::invalid_argument(std::string(name) + " must have contiguous (H, W) planes");
+    }
+}
+
+}  // namespace pwcpu::runtime
