@@ -236,107 +236,19 @@ bool tensor_views(const py::array* const* arrays, TensorView* const* views, int 
 // Packed weights plus the options of a layer: everything a call needs, checked once. A call
 // validates its arrays here (TypeError / ValueError naming the argument), before any memory is
 // written; an `out` the kernels cannot write in place is an error, never a hidden temporary.
-class ConvPlan {
+// What every operator's plan shares: the checks of a call's arrays (x, residual, out), the output
+// allocation, and the views handed to the core. A plan keeps its weights (and bias, when given)
+// to refuse an out that overlaps them.
+class OperatorPlan {
 public:
-    ConvPlan(const py::array& weight, const py::object& bias, int64_t groups, int64_t stride_h, int64_t stride_w,
-             int64_t pad_h, int64_t pad_w, int activation, bool weights_private, int layout)
-        : weight_(float32_array(weight, "weight")), bias_(bias), groups_(groups),
-          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation), weights_private_(weights_private),
-          layout_(static_cast<pwcpu::Layout>(layout)) {
-        if (layout != static_cast<int>(pwcpu::Layout::nhwc) && layout != static_cast<int>(pwcpu::Layout::nchw)) {
-            throw py::value_error("invalid layout code");
-        }
-        if (weight_.ndim() != 2) throw py::value_error("weight must be 2-D (K, C // groups)");
-        if (groups < 1 || weight_.shape(0) % groups != 0) {
-            throw py::value_error("groups must be >= 1 and divide the output channels");
-        }
-        if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
-        if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
-            throw py::value_error("invalid activation code");
-        }
-        if (!float_aligned(weight_)) weight_ = numpy().attr("ascontiguousarray")(weight_);
-        if (!bias_.is_none()) {
-            py::array b = float32_array(bias_, "bias");
-            if (b.ndim() != 1 || b.shape(0) != weight_.shape(0)) throw py::value_error("bias must have K elements");
-            bias_contiguous_ = numpy().attr("ascontiguousarray")(b);
-        }
-        pack();
-    }
+    virtual ~OperatorPlan() = default;
 
-    int64_t in_channels() const { return weight_.shape(1) * groups_; }
-    int64_t out_channels() const { return weight_.shape(0); }
-    const pwcpu::PackedWeights& packed() const { return *packed_; }
+protected:
+    OperatorPlan(py::array weight, py::object bias, bool weights_private, pwcpu::Layout layout)
+        : weight_(std::move(weight)), bias_(std::move(bias)), weights_private_(weights_private), layout_(layout) {}
 
-    py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
-        const py::array x = float32_array(x_in, "x");
-        const bool nchw = layout_ == pwcpu::Layout::nchw;
-        if (x.ndim() != 4) {
-            throw py::value_error(std::string("x must have shape ") + (nchw ? "(N, C, H, W)" : "(N, H, W, C)") +
-                                  ", got shape " + text(x.attr("shape")));
-        }
-        check_channels(x, nchw ? 1 : 3, "");
-        const int h = nchw ? 2 : 1, w = h + 1;
-        const py::ssize_t ho = pwcpu::conv_output_size(x.shape(h), geometry_.pad_h, geometry_.stride_h);
-        const py::ssize_t wo = pwcpu::conv_output_size(x.shape(w), geometry_.pad_w, geometry_.stride_w);
-        const std::vector<py::ssize_t> shape = nchw ? std::vector<py::ssize_t>{x.shape(0), out_channels(), ho, wo}
-                                                    : std::vector<py::ssize_t>{x.shape(0), ho, wo, out_channels()};
-        return execute(x, residual, out, shape, false);
-    }
-
-    py::array pointwise(const py::object& x_in, const py::object& residual, const py::object& out) {
-        const py::array x = float32_array(x_in, "x");
-        if (layout_ != pwcpu::Layout::nhwc) throw py::value_error("pointwise() takes channels-last data");
-        if (x.ndim() < 1) throw py::value_error("x must have at least one axis (the channels), got a scalar");
-        check_channels(x, x.ndim() - 1, " (last axis)");
-        std::vector<py::ssize_t> shape = shape_of(x);
-        shape.back() = out_channels();
-        return execute(x, residual, out, shape, true);
-    }
-
-private:
-    void run(const TensorView& x, const TensorView& out, const TensorView* residual) {
-        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
-        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
-        py::gil_scoped_release release;
-        packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
-    }
-
-    // The NHWC view of an NCHW-shaped tensor's memory; false unless its channels are contiguous.
-    static bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
-        constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
-        v.data = reinterpret_cast<float*>(data);
-        for (int d = 0; d < 4; ++d) {
-            v.shape[d] = shape[kAxis[d]].cast<int64_t>();
-            v.strides[d] = strides[kAxis[d]].cast<int64_t>();
-        }
-        return v.strides[3] == 1 || v.shape[3] <= 1;
-    }
-
-    void pack() {
-        const py::object& bias = bias_contiguous_;
-        const float* b = bias.is_none() ? nullptr : static_cast<const float*>(py::array(bias).data());
-        const auto* w = static_cast<const float*>(weight_.data());
-        const int64_t rs = weight_.strides(0) / static_cast<py::ssize_t>(sizeof(float));
-        const int64_t cs = weight_.strides(1) / static_cast<py::ssize_t>(sizeof(float));
-        const int64_t k = weight_.shape(0), cg = weight_.shape(1);
-        std::shared_ptr<const pwcpu::PackedWeights> packed;
-        {
-            py::gil_scoped_release release;
-            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_, layout_);
-        }
-        packed_ = std::move(packed);  // with the GIL held: other threads read packed_ under it
-    }
-
-    void check_channels(const py::array& x, py::ssize_t axis, const char* where) const {
-        const int64_t c = x.shape(axis);
-        if (c == in_channels()) return;
-        std::string msg = "x has " + std::to_string(c) + " channels" + where + " but the weight expects C = " +
-                          std::to_string(in_channels());
-        if (groups_ > 1) {
-            msg += " (C // groups = " + std::to_string(weight_.shape(1)) + ", groups = " + std::to_string(groups_) + ")";
-        }
-        throw py::value_error(msg);
-    }
+    // Computes into views that execute() has checked; the GIL is held on entry.
+    virtual void run(const TensorView& x, const TensorView& out, const TensorView* residual) = 0;
 
     void check_out(const py::object& out, const std::vector<py::ssize_t>& shape) const {
         if (!py::isinstance<py::array>(out)) {
@@ -408,6 +320,113 @@ private:
         return out;
     }
 
+    py::array weight_;
+    py::object bias_;  // as given, for the overlap check
+    bool weights_private_;
+    pwcpu::Layout layout_;
+};
+
+class ConvPlan : public OperatorPlan {
+public:
+    ConvPlan(const py::array& weight, const py::object& bias, int64_t groups, int64_t stride_h, int64_t stride_w,
+             int64_t pad_h, int64_t pad_w, int activation, bool weights_private, int layout)
+        : OperatorPlan(float32_array(weight, "weight"), bias, weights_private, static_cast<pwcpu::Layout>(layout)),
+          groups_(groups), geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation) {
+        if (layout != static_cast<int>(pwcpu::Layout::nhwc) && layout != static_cast<int>(pwcpu::Layout::nchw)) {
+            throw py::value_error("invalid layout code");
+        }
+        if (weight_.ndim() != 2) throw py::value_error("weight must be 2-D (K, C // groups)");
+        if (groups < 1 || weight_.shape(0) % groups != 0) {
+            throw py::value_error("groups must be >= 1 and divide the output channels");
+        }
+        if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
+        if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
+            throw py::value_error("invalid activation code");
+        }
+        if (!float_aligned(weight_)) weight_ = numpy().attr("ascontiguousarray")(weight_);
+        if (!bias_.is_none()) {
+            py::array b = float32_array(bias_, "bias");
+            if (b.ndim() != 1 || b.shape(0) != weight_.shape(0)) throw py::value_error("bias must have K elements");
+            bias_contiguous_ = numpy().attr("ascontiguousarray")(b);
+        }
+        pack();
+    }
+
+    int64_t in_channels() const { return weight_.shape(1) * groups_; }
+    int64_t out_channels() const { return weight_.shape(0); }
+    const pwcpu::PackedWeights& packed() const { return *packed_; }
+
+    py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
+        const py::array x = float32_array(x_in, "x");
+        const bool nchw = layout_ == pwcpu::Layout::nchw;
+        if (x.ndim() != 4) {
+            throw py::value_error(std::string("x must have shape ") + (nchw ? "(N, C, H, W)" : "(N, H, W, C)") +
+                                  ", got shape " + text(x.attr("shape")));
+        }
+        check_channels(x, nchw ? 1 : 3, "");
+        const int h = nchw ? 2 : 1, w = h + 1;
+        const py::ssize_t ho = pwcpu::conv_output_size(x.shape(h), geometry_.pad_h, geometry_.stride_h);
+        const py::ssize_t wo = pwcpu::conv_output_size(x.shape(w), geometry_.pad_w, geometry_.stride_w);
+        const std::vector<py::ssize_t> shape = nchw ? std::vector<py::ssize_t>{x.shape(0), out_channels(), ho, wo}
+                                                    : std::vector<py::ssize_t>{x.shape(0), ho, wo, out_channels()};
+        return execute(x, residual, out, shape, false);
+    }
+
+    py::array pointwise(const py::object& x_in, const py::object& residual, const py::object& out) {
+        const py::array x = float32_array(x_in, "x");
+        if (layout_ != pwcpu::Layout::nhwc) throw py::value_error("pointwise() takes channels-last data");
+        if (x.ndim() < 1) throw py::value_error("x must have at least one axis (the channels), got a scalar");
+        check_channels(x, x.ndim() - 1, " (last axis)");
+        std::vector<py::ssize_t> shape = shape_of(x);
+        shape.back() = out_channels();
+        return execute(x, residual, out, shape, true);
+    }
+
+private:
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual) override {
+        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
+        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
+        py::gil_scoped_release release;
+        packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
+    }
+
+    // The NHWC view of an NCHW-shaped tensor's memory; false unless its channels are contiguous.
+    static bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
+        constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
+        v.data = reinterpret_cast<float*>(data);
+        for (int d = 0; d < 4; ++d) {
+            v.shape[d] = shape[kAxis[d]].cast<int64_t>();
+            v.strides[d] = strides[kAxis[d]].cast<int64_t>();
+        }
+        return v.strides[3] == 1 || v.shape[3] <= 1;
+    }
+
+    void pack() {
+        const py::object& bias = bias_contiguous_;
+        const float* b = bias.is_none() ? nullptr : static_cast<const float*>(py::array(bias).data());
+        const auto* w = static_cast<const float*>(weight_.data());
+        const int64_t rs = weight_.strides(0) / static_cast<py::ssize_t>(sizeof(float));
+        const int64_t cs = weight_.strides(1) / static_cast<py::ssize_t>(sizeof(float));
+        const int64_t k = weight_.shape(0), cg = weight_.shape(1);
+        std::shared_ptr<const pwcpu::PackedWeights> packed;
+        {
+            py::gil_scoped_release release;
+            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_, layout_);
+        }
+        packed_ = std::move(packed);  // with the GIL held: other threads read packed_ under it
+    }
+
+    void check_channels(const py::array& x, py::ssize_t axis, const char* where) const {
+        const int64_t c = x.shape(axis);
+        if (c == in_channels()) return;
+        std::string msg = "x has " + std::to_string(c) + " channels" + where + " but the weight expects C = " +
+                          std::to_string(in_channels());
+        if (groups_ > 1) {
+            msg += " (C // groups = " + std::to_string(weight_.shape(1)) + ", groups = " + std::to_string(groups_) + ")";
+        }
+        throw py::value_error(msg);
+    }
+
 public:
     // The PyTorch bridge's eager path, for tensors it has already checked (float32, CPU, 4-D, with
     // the shapes below): x is NCHW-shaped (N, C, H, W) with element strides, out a fresh
@@ -436,16 +455,76 @@ public:
     }
 
 private:
-    py::array weight_;
-    py::object bias_;                           // as given, for the overlap check
     py::object bias_contiguous_ = py::none();   // what is packed
     int64_t groups_;
     pwcpu::ConvGeometry geometry_;
     int activation_;
-    bool weights_private_;
-    pwcpu::Layout layout_;
     // Shared: a call keeps its packing alive while another thread re-packs (after an ISA switch).
     std::shared_ptr<const pwcpu::PackedWeights> packed_;
+};
+
+// A depthwise convolution: weight (C, kh, kw), NHWC data.
+class DepthwisePlan : public OperatorPlan {
+public:
+    DepthwisePlan(const py::array& weight, const py::object& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                  int64_t pad_w, int activation, bool weights_private)
+        : OperatorPlan(float32_array(weight, "weight"), bias, weights_private, pwcpu::Layout::nhwc),
+          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation) {
+        if (weight_.ndim() != 3) throw py::value_error("weight must be 3-D (C, kh, kw)");
+        if (weight_.shape(1) < 1 || weight_.shape(2) < 1) throw py::value_error("the kernel must be at least 1x1");
+        if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
+        if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
+            throw py::value_error("invalid activation code");
+        }
+        weight_contiguous_ = numpy().attr("ascontiguousarray")(weight_);
+        if (!bias_.is_none()) {
+            py::array b = float32_array(bias_, "bias");
+            if (b.ndim() != 1 || b.shape(0) != weight_.shape(0)) throw py::value_error("bias must have C elements");
+            bias_contiguous_ = numpy().attr("ascontiguousarray")(b);
+        }
+        pack();
+    }
+
+    int64_t channels() const { return weight_.shape(0); }
+    const pwcpu::DepthwiseWeights& packed() const { return *packed_; }
+
+    py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
+        const py::array x = float32_array(x_in, "x");
+        if (x.ndim() != 4) throw py::value_error("x must have shape (N, H, W, C), got shape " + text(x.attr("shape")));
+        if (x.shape(3) != channels()) {
+            throw py::value_error("x has " + std::to_string(x.shape(3)) + " channels but the weight has C = " +
+                                  std::to_string(channels()) + " filters");
+        }
+        const py::ssize_t ho = pwcpu::conv_output_size(x.shape(1), geometry_.pad_h, geometry_.stride_h, weight_.shape(1));
+        const py::ssize_t wo = pwcpu::conv_output_size(x.shape(2), geometry_.pad_w, geometry_.stride_w, weight_.shape(2));
+        return execute(x, residual, out, {x.shape(0), ho, wo, channels()}, false);
+    }
+
+private:
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual) override {
+        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
+        const std::shared_ptr<const pwcpu::DepthwiseWeights> packed = packed_;
+        py::gil_scoped_release release;
+        packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
+    }
+
+    void pack() {
+        const float* w = static_cast<const float*>(weight_contiguous_.data());
+        const float* b = bias_contiguous_.is_none() ? nullptr : static_cast<const float*>(py::array(bias_contiguous_).data());
+        const int64_t c = weight_.shape(0), kh = weight_.shape(1), kw = weight_.shape(2);
+        std::shared_ptr<const pwcpu::DepthwiseWeights> packed;
+        {
+            py::gil_scoped_release release;
+            packed = std::make_shared<const pwcpu::DepthwiseWeights>(w, c, kh, kw, b);
+        }
+        packed_ = std::move(packed);
+    }
+
+    py::array weight_contiguous_;
+    py::object bias_contiguous_ = py::none();
+    pwcpu::ConvGeometry geometry_;
+    int activation_;
+    std::shared_ptr<const pwcpu::DepthwiseWeights> packed_;
 };
 
 }  // namespace
@@ -467,6 +546,15 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("out_channels", &ConvPlan::out_channels)
         .def_property_readonly("in_channels", &ConvPlan::in_channels);
 
+    py::class_<DepthwisePlan>(m, "DepthwisePlan")
+        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int, bool>(),
+             py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
+             py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"))
+        .def("conv", &DepthwisePlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def_property_readonly("isa", [](const DepthwisePlan& p) { return p.packed().isa(); })
+        .def_property_readonly("kernel", [](const DepthwisePlan& p) { return p.packed().kernel_name(); })
+        .def_property_readonly("channels", &DepthwisePlan::channels);
+
     m.def("as_float32", [](const py::object& value, const std::string& name) { return float32_array(value, name); },
           py::arg("value"), py::arg("name"));
     m.def("get_num_threads", &pwcpu::get_num_threads);
@@ -485,6 +573,7 @@ PYBIND11_MODULE(_core, m) {
         d["supported_isas"] = info.supported_isas;
         d["kernel_main"] = info.kernel_main;
         d["kernel_narrow"] = info.kernel_narrow;
+        d["kernel_depthwise"] = info.kernel_depthwise;
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;
         d["l3_bytes"] = info.l3_bytes;

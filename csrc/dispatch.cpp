@@ -140,6 +140,7 @@ RuntimeInfo runtime_info() {
     }
     info.kernel_main = k.main.name;
     info.kernel_narrow = k.narrow.name;
+    info.kernel_depthwise = k.depthwise.name;
     for (const auto& isa : detail::known_isas()) {
         if (isa.cpu_has()) info.supported_isas.emplace_back(isa.name);
     }

@@ -177,14 +177,6 @@ Layout PackedWeights::layout() const { return impl_->layout; }
 const char* PackedWeights::isa() const { return impl_->isa->isa; }
 const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
 
-int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride) {
-    int64_t padded = 0;
-    if (__builtin_mul_overflow(pad, 2, &padded) || __builtin_add_overflow(padded, in, &padded)) {
-        throw std::length_error("conv1x1: the padded input extent is too large");
-    }
-    return padded > 0 ? (padded - 1) / stride + 1 : 0;
-}
-
 std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
     if (impl_->layout == Layout::nchw) {
         return {x.shape[0], out_channels(), conv_output_size(x.shape[2], geometry.pad_h, geometry.stride_h),

@@ -1,4 +1,5 @@
-// AVX2+FMA microkernels: 8 lanes; tails through vmaskmov, used only in the epilogue.
+// AVX2+FMA microkernels: 8 lanes; tails through vmaskmov, used only in the epilogue and the
+// depthwise kernel's channel tail.
 // Compiled with -mavx2 -mfma only; called only when the CPU reports both.
 #include <immintrin.h>
 
@@ -60,6 +61,7 @@ struct Vec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/f32_dwconv.inl"
 
 }  // namespace avx2
 
@@ -71,6 +73,7 @@ const IsaKernels& avx2_kernels() {
         "avx2",
         {avx2_main.data(), 6, 16, "f32_gemm_bias_act_6x16_avx2"},
         {avx2_narrow.data(), 12, 8, "f32_gemm_bias_act_12x8_avx2"},
+        {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},
         avx2::fma_peak_probe,
         avx2::kFmaChains * avx2::Vec::W,
     };

@@ -49,6 +49,7 @@ struct Vec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/f32_dwconv.inl"
 
 }  // namespace avx512
 
@@ -60,6 +61,7 @@ const IsaKernels& avx512_kernels() {
         "avx512",
         {avx512_main.data(), 14, 32, "f32_gemm_bias_act_14x32_avx512"},
         {avx512_narrow.data(), 14, 16, "f32_gemm_bias_act_14x16_avx512"},
+        {avx512::f32_dwconv_row, avx512::Vec::W, "f32_dwconv_bias_act_avx512"},
         avx512::fma_peak_probe,
         avx512::kFmaChains * avx512::Vec::W,
     };

@@ -51,6 +51,7 @@ struct Vec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/f32_dwconv.inl"
 
 }  // namespace scalar
 
@@ -62,6 +63,7 @@ const IsaKernels& scalar_kernels() {
         "scalar",
         {scalar_main.data(), 4, 8, "f32_gemm_bias_act_4x8_scalar"},
         {scalar_narrow.data(), 4, 4, "f32_gemm_bias_act_4x4_scalar"},
+        {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::fma_peak_probe,
         scalar::kFmaChains * scalar::Vec::W,
     };

@@ -54,15 +54,47 @@ struct GemmKernel {
     const char* name = "";
 };
 
+// The depthwise-convolution microkernel: a run of output pixels, every channel.
+//
+//   for p < pixels, c < channels:
+//     acc = bias[c] + sum_{t < taps} input[p * taps + t][c] * weight[t][c] + (residual ? residual[p][c] : 0)
+//     out[p][c] = act(acc)
+//
+// - input[p * taps + t] points at channel 0 of the input pixel under tap t of output pixel p
+//   (a row of zeros where the tap falls in the padding): stride and padding live in these pointers.
+// - w is packed per block of `channel_block` channels (the ISA's vector width): the block's biases,
+//   then its taps x channel_block weights; the channels are zero-padded to whole blocks.
+// - out[p], residual[p]: the output (and residual) row of pixel p. Only c < channels are touched.
+struct DwRowArgs {
+    size_t pixels;
+    size_t channels;
+    size_t taps;
+    const float* const* input;
+    const float* w;
+    float* const* out;
+    const float* const* residual;  // null: none
+    Activation act;
+};
+
+using DwRowFn = void (*)(const DwRowArgs&);
+
+struct DwKernel {
+    DwRowFn row = nullptr;
+    int channel_block = 0;
+    const char* name = "";
+};
+
 // kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
 using FmaProbeFn = float (*)(size_t iterations);
 
-// What one ISA's translation unit offers: a main kernel for wide output-channel counts, a
-// narrow one for layers (or groups) with few output channels, and its FMA peak probe.
+// What one ISA's translation unit offers: a main GEMM kernel for wide output-channel counts, a
+// narrow one for layers (or groups) with few output channels, the depthwise kernel, and its FMA
+// peak probe.
 struct IsaKernels {
     const char* isa;
     GemmKernel main;
     GemmKernel narrow;
+    DwKernel depthwise;
     FmaProbeFn fma_probe;
     int fma_per_iteration;
 };

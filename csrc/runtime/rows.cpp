@@ -29,3 +29,15 @@ void check_view(const TensorView& v, const char* name, Layout layout, bool conti
 }
 
 }  // namespace pwcpu::runtime
+
+namespace pwcpu {
+
+int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride, int64_t kernel) {
+    int64_t padded = 0;
+    if (__builtin_mul_overflow(pad, 2, &padded) || __builtin_add_overflow(padded, in, &padded)) {
+        throw std::length_error("convolution: the padded input extent is too large");
+    }
+    return padded >= kernel && kernel >= 1 ? (padded - kernel) / stride + 1 : 0;
+}
+
+}  // namespace pwcpu

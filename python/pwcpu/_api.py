@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["ACTIVATIONS", "PointwiseConv", "conv1x1", "pointwise"]
+__all__ = ["ACTIVATIONS", "DepthwiseConv", "PointwiseConv", "conv1x1", "depthwise_conv2d", "pointwise"]
 
 #: Names accepted by ``activation=``, mapped to the core's codes.
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish": 5, "sigmoid": 6}
@@ -107,6 +107,20 @@ def _bias_vector(bias, out_channels: int) -> Optional[np.ndarray]:
     return b
 
 
+def _depthwise_filters(weight) -> np.ndarray:
+    """``weight`` as (C, kh, kw) float32: accepts (C, kh, kw) and PyTorch's (C, 1, kh, kw)."""
+    w = _float32_array("weight", weight)
+    if w.ndim == 4:
+        if w.shape[1] != 1:
+            raise ValueError(f"weight must have one input channel per filter, (C, 1, kh, kw); got shape {w.shape}")
+        w = w[:, 0]
+    elif w.ndim != 3:
+        raise ValueError(f"weight must have shape (C, kh, kw) or (C, 1, kh, kw); got shape {w.shape}")
+    if w.shape[1] < 1 or w.shape[2] < 1:
+        raise ValueError(f"weight's kernel must be at least 1x1, got {w.shape[1]}x{w.shape[2]}")
+    return w
+
+
 # ---- the operations ------------------------------------------------------------------------
 
 
@@ -186,6 +200,46 @@ def pointwise(
     w = _weight_matrix(weight, 1)
     b = _bias_vector(bias, w.shape[0])
     return _core.ConvPlan(w, b, 1, 1, 1, 0, 0, code, False).pointwise(x, residual, out)
+
+
+def depthwise_conv2d(
+    x,
+    weight,
+    bias=None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    activation: Optional[str] = None,
+    residual=None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Depthwise convolution of an NHWC float32 tensor: one kh x kw filter per channel.
+
+    ``y[n, oh, ow, c] = activation(sum_ij x[n, oh*sh - ph + i, ow*sw - pw + j, c] * w[c, i, j]
+    + bias[c] + residual)``, with zero padding, as PyTorch's ``conv2d(..., groups=C)``.
+
+    Parameters
+    ----------
+    x : array_like, float32, shape (N, H, W, C)
+        Views with a contiguous channel axis are read in place; others are copied first.
+    weight : array_like, float32, shape (C, kh, kw) or (C, 1, kh, kw)
+        Any kernel size; 3x3 and 5x5 are MobileNet's and EfficientNet's.
+    bias : array_like, float32, shape (C,), optional
+    stride, padding : int or (int, int)
+        ``Ho = (H + 2*ph - kh) // sh + 1``.
+    activation, residual, out
+        As in :func:`conv1x1`.
+
+    Returns
+    -------
+    ndarray, float32, shape (N, Ho, Wo, C)
+    """
+    stride_hw = _pair("stride", stride, 1)
+    padding_hw = _pair("padding", padding, 0)
+    code = _activation_code(activation)
+    w = _depthwise_filters(weight)
+    b = _bias_vector(bias, w.shape[0])
+    return _core.DepthwisePlan(w, b, *stride_hw, *padding_hw, code, False).conv(x, residual, out)
 
 
 class PointwiseConv:
@@ -287,3 +341,82 @@ def _frozen_copy(a: np.ndarray) -> np.ndarray:
 def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, layout="NHWC") -> PointwiseConv:
     return PointwiseConv(weight, bias, stride=stride, padding=padding, groups=groups, activation=activation,
                          layout=layout)
+
+
+class DepthwiseConv:
+    """A depthwise convolution layer whose filters are packed once, at construction.
+
+    ``layer(x, residual=None, out=None)`` computes the same as
+    ``depthwise_conv2d(x, weight, bias, stride=..., padding=..., activation=...)``. Picklable.
+    """
+
+    def __init__(
+        self,
+        weight,
+        bias=None,
+        *,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        activation: Optional[str] = None,
+    ) -> None:
+        self._stride = _pair("stride", stride, 1)
+        self._padding = _pair("padding", padding, 0)
+        self._activation = activation
+        code = _activation_code(activation)
+        w = _frozen_copy(_depthwise_filters(weight))
+        b = _bias_vector(bias, w.shape[0])
+        b = None if b is None else _frozen_copy(b)
+        self._weight, self._bias = w, b
+        self._plan = _core.DepthwisePlan(w, b, *self._stride, *self._padding, code, True)
+
+    @property
+    def channels(self) -> int:
+        return self._plan.channels
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return self._weight.shape[1], self._weight.shape[2]
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._stride
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        return self._padding
+
+    @property
+    def activation(self) -> Optional[str]:
+        return self._activation
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The (C, kh, kw) filters, read-only."""
+        return self._weight
+
+    @property
+    def bias(self) -> Optional[np.ndarray]:
+        """The (C,) bias, read-only, or None."""
+        return self._bias
+
+    @property
+    def kernel(self) -> str:
+        """Name of the microkernel the packed filters are laid out for."""
+        return self._plan.kernel
+
+    def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return self._plan.conv(x, residual, out)
+
+    def __reduce__(self):
+        return (_rebuild_depthwise_conv, (self.weight, self.bias, self._stride, self._padding, self._activation))
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (
+            f"DepthwiseConv(channels={self.channels}, kernel_size=({kh}, {kw}), stride={self._stride}, "
+            f"padding={self._padding}, activation={self._activation!r}, bias={self.bias is not None})"
+        )
+
+
+def _rebuild_depthwise_conv(weight, bias, stride, padding, activation) -> DepthwiseConv:
+    return DepthwiseConv(weight, bias, stride=stride, padding=padding, activation=activation)

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "pointwise"]
+__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "depthwise_conv2d", "pointwise"]
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -60,6 +60,24 @@ def pointwise(x, weight, bias=None, *, activation=None, residual=None):
     x = np.asarray(x, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
     z = x @ w.reshape(w.shape[0], w.shape[1]).T
+    return _epilogue(z, bias, residual, activation)
+
+
+@np.errstate(all="ignore")
+def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
+    """NHWC depthwise convolution: ``weight`` (C, kh, kw) or (C, 1, kh, kw), zero padding."""
+    x = np.asarray(x, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    w = w.reshape(w.shape[0], w.shape[-2], w.shape[-1])
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    kh, kw = w.shape[1], w.shape[2]
+    padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    ho = max((padded.shape[1] - kh) // sh + 1, 0) if padded.shape[1] >= kh else 0
+    wo = max((padded.shape[2] - kw) // sw + 1, 0) if padded.shape[2] >= kw else 0
+    z = np.zeros((x.shape[0], ho, wo, x.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            z += padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :][:, :ho, :wo] * w[:, i, j]
     return _epilogue(z, bias, residual, activation)
 
 

@@ -52,8 +52,9 @@ enum class BufferKind { packed_weights, output };
 void* allocate_buffer(size_t bytes, BufferKind kind, const char* what);
 void free_buffer(void* p, size_t bytes, BufferKind kind);
 
-// Output extent of a 1x1 convolution along one axis: (in + 2 pad - 1) / stride + 1, 0 if empty.
-int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride);
+// Output extent of a convolution along one axis: (in + 2 pad - kernel) / stride + 1, 0 when the
+// padded input is shorter than the kernel.
+int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride, int64_t kernel = 1);
 
 struct ConvGeometry {
     int64_t stride_h = 1, stride_w = 1;
@@ -109,6 +110,39 @@ struct ConvOptions {
 void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
              const TensorView* residual, const ConvOptions& options);
 
+// Depthwise convolution, NHWC: one kh x kw filter per channel,
+//   out[n, oh, ow, c] = act(bias[c] + sum_{i, j} x[n, oh sh - ph + i, ow sw - pw + j, c] w[c, i, j] + residual)
+// with zero padding. Weights (and bias) are packed for the kernel of the ISA active at construction.
+class DepthwiseWeights {
+public:
+    // weight: C filters of kh x kw values, contiguous (PyTorch's (C, 1, kh, kw) memory); bias: C
+    // values or nullptr.
+    DepthwiseWeights(const float* weight, int64_t channels, int64_t kernel_h, int64_t kernel_w, const float* bias);
+    ~DepthwiseWeights();
+    DepthwiseWeights(const DepthwiseWeights&) = delete;
+    DepthwiseWeights& operator=(const DepthwiseWeights&) = delete;
+
+    int64_t channels() const;
+    int64_t kernel_h() const;
+    int64_t kernel_w() const;
+    const char* isa() const;
+    const char* kernel_name() const;
+
+    // (N, Ho, Wo, C) for x (N, H, W, C): Ho = (H + 2 pad_h - kh) / stride_h + 1.
+    std::array<int64_t, 4> output_shape(const TensorView& x, const ConvGeometry& geometry) const;
+
+    // out = act(depthwise(x) + bias + residual); residual may be null or alias out exactly.
+    // Throws std::invalid_argument for mismatched shapes or a non-contiguous channel axis.
+    // Thread-safe: concurrent runs are fine.
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual,
+             const ConvGeometry& geometry, Activation activation) const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
 // Threads used by a call from the calling thread: the override for this thread, else
 // set_num_threads, never more than OpenMP's setting for this thread (OMP_NUM_THREADS,
 // threadpoolctl, else the number of cores), which is also the default. pwcpu never changes
@@ -131,7 +165,7 @@ struct RuntimeInfo {
     std::string isa_reason;      // why it was chosen
     std::vector<std::string> cpu_features;
     std::vector<std::string> supported_isas;  // compiled in and supported by this CPU
-    std::string kernel_main, kernel_narrow;
+    std::string kernel_main, kernel_narrow, kernel_depthwise;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
 };

@@ -1,0 +1,160 @@
+// The depthwise-convolution driver: weight packing, the tap pointers that carry stride and
+// padding, and the split of output rows among threads. Threads, buffers and view checks come from
+// runtime/, shared with the GEMM driver.
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "dispatch.hpp"
+#include "pwcpu/pwcpu.hpp"
+#include "runtime/memory.hpp"
+#include "runtime/rows.hpp"
+#include "runtime/threads.hpp"
+
+namespace pwcpu {
+
+using runtime::AlignedBuffer;
+using runtime::checked_floats;
+using runtime::checked_mul;
+
+struct DepthwiseWeights::Impl {
+    const kernels::IsaKernels* isa = nullptr;
+    kernels::DwKernel kernel;
+    int64_t c = 0, kh = 0, kw = 0;
+    AlignedBuffer packed;  // per block of channel_block channels: biases, then kh * kw rows of weights
+
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
+             Activation act) const;
+};
+
+DepthwiseWeights::DepthwiseWeights(const float* weight, int64_t channels, int64_t kernel_h, int64_t kernel_w,
+                                   const float* bias)
+    : impl_(std::make_unique<Impl>()) {
+    if (channels < 0 || kernel_h < 1 || kernel_w < 1) {
+        throw std::invalid_argument("DepthwiseWeights: channels must be >= 0 and the kernel at least 1x1");
+    }
+    Impl& w = *impl_;
+    w.isa = &detail::active_kernels();
+    w.kernel = w.isa->depthwise;
+    w.c = channels;
+    w.kh = kernel_h;
+    w.kw = kernel_w;
+    const char* what = "depthwise weight (C x kh x kw), packed";
+    const int64_t taps = checked_mul(kernel_h, kernel_w, what);
+    const int64_t block = w.kernel.channel_block;
+    const int64_t blocks = runtime::ceil_div(channels, block);
+    int64_t taps_and_bias = 0;
+    if (__builtin_add_overflow(taps, 1, &taps_and_bias)) throw std::length_error(std::string(what) + " is too large to describe");
+    const int64_t block_floats = checked_mul(block, taps_and_bias, what);
+    const size_t count = checked_floats(checked_mul(std::max<int64_t>(blocks, 1), block_floats, what), what);
+    w.packed = runtime::allocate_floats(count, what);
+    std::memset(w.packed.get(), 0, count * sizeof(float));  // padding channels stay zero
+    for (int64_t ch = 0; ch < channels; ++ch) {
+        float* dst = w.packed.get() + (ch / block) * block_floats + ch % block;
+        dst[0] = bias != nullptr ? bias[ch] : 0.0f;
+        for (int64_t t = 0; t < taps; ++t) dst[(1 + t) * block] = weight[ch * taps + t];
+    }
+}
+
+DepthwiseWeights::~DepthwiseWeights() = default;
+
+int64_t DepthwiseWeights::channels() const { return impl_->c; }
+int64_t DepthwiseWeights::kernel_h() const { return impl_->kh; }
+int64_t DepthwiseWeights::kernel_w() const { return impl_->kw; }
+const char* DepthwiseWeights::isa() const { return impl_->isa->isa; }
+const char* DepthwiseWeights::kernel_name() const { return impl_->kernel.name; }
+
+std::array<int64_t, 4> DepthwiseWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
+    return {x.shape[0], conv_output_size(x.shape[1], geometry.pad_h, geometry.stride_h, impl_->kh),
+            conv_output_size(x.shape[2], geometry.pad_w, geometry.stride_w, impl_->kw), impl_->c};
+}
+
+void DepthwiseWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
+                           const ConvGeometry& geometry, Activation activation) const {
+    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
+        throw std::invalid_argument("depthwise_conv2d: strides must be >= 1 and paddings >= 0");
+    }
+    runtime::check_view(x, "x", Layout::nhwc, false);
+    runtime::check_view(out, "out", Layout::nhwc, true);
+    if (x.shape[3] != channels()) throw std::invalid_argument("depthwise_conv2d: x has the wrong number of channels");
+    const std::array<int64_t, 4> shape = output_shape(x, geometry);
+    for (int d = 0; d < 4; ++d) {
+        if (out.shape[d] != shape[d]) throw std::invalid_argument("depthwise_conv2d: out has the wrong shape");
+        if (residual != nullptr && residual->shape[d] != shape[d]) {
+            throw std::invalid_argument("depthwise_conv2d: residual must have the output's shape");
+        }
+    }
+    if (residual != nullptr) runtime::check_view(*residual, "residual", Layout::nhwc, true);
+    impl_->run(x, out, residual, geometry, activation);
+}
+
+void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, const TensorView* residual,
+                                 const ConvGeometry& geo, Activation act) const {
+    const int64_t ho = out.shape[1], wo = out.shape[2];
+    const int64_t rows = out.shape[0] * ho;
+    if (rows == 0 || wo == 0 || c == 0) return;
+    const int64_t taps = kh * kw;
+
+    // Taps that fall in the padding read a row of zeros.
+    AlignedBuffer zeros;
+    if (geo.pad_h > 0 || geo.pad_w > 0) {
+        zeros = runtime::allocate_floats(static_cast<size_t>(c), "the padding's row of zeros");
+        std::memset(zeros.get(), 0, static_cast<size_t>(c) * sizeof(float));
+    }
+
+    runtime::CallGuard guard;
+    // Threads take whole output rows (an output row's pixels share input rows).
+    const double flops = 2.0 * static_cast<double>(rows * wo) * static_cast<double>(c) * static_cast<double>(taps);
+    const std::vector<runtime::WorkRange> ranges =
+        runtime::partition(rows, 1, rows, 1, c, taps, runtime::call_threads(flops));
+
+    // Pixels per kernel call: a bounded array of tap pointers, refilled along the row.
+    constexpr int64_t kPointers = 1024;
+    const int64_t run_pixels = std::clamp<int64_t>(kPointers / taps, 1, wo);
+
+    const auto work = [&](const runtime::WorkRange& range) {
+        std::vector<const float*> input(static_cast<size_t>(run_pixels * taps));
+        std::vector<float*> out_rows(static_cast<size_t>(run_pixels));
+        std::vector<const float*> res_rows(static_cast<size_t>(run_pixels));
+        kernels::DwRowArgs args{};
+        args.channels = static_cast<size_t>(c);
+        args.taps = static_cast<size_t>(taps);
+        args.input = input.data();
+        args.w = packed.get();
+        args.out = out_rows.data();
+        args.residual = residual != nullptr ? res_rows.data() : nullptr;
+        args.act = act;
+        for (int64_t row = range.m_begin; row < range.m_end; ++row) {
+            const int64_t n = row / ho, oh = row % ho;
+            const float* x_image = x.data + n * x.strides[0];
+            float* out_line = out.data + n * out.strides[0] + oh * out.strides[1];
+            const float* res_line = residual != nullptr ? residual->data + n * residual->strides[0] + oh * residual->strides[1] : nullptr;
+            for (int64_t ow0 = 0; ow0 < wo; ow0 += run_pixels) {
+                const int64_t count = std::min(run_pixels, wo - ow0);
+                for (int64_t p = 0; p < count; ++p) {
+                    const int64_t ow = ow0 + p;
+                    out_rows[p] = out_line + ow * out.strides[2];
+                    if (res_line != nullptr) res_rows[p] = res_line + ow * residual->strides[2];
+                    const float** taps_of_pixel = input.data() + p * taps;
+                    for (int64_t i = 0; i < kh; ++i) {
+                        const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+                        const bool row_inside = ih >= 0 && ih < x.shape[1];
+                        for (int64_t j = 0; j < kw; ++j) {
+                            const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
+                            const bool inside = row_inside && iw >= 0 && iw < x.shape[2];
+                            taps_of_pixel[i * kw + j] = inside ? x_image + ih * x.strides[1] + iw * x.strides[2] : zeros.get();
+                        }
+                    }
+                }
+                args.pixels = static_cast<size_t>(count);
+                kernel.row(args);
+            }
+        }
+    };
+    runtime::run_ranges(ranges, false, work);
+}
+
+}  // namespace pwcpu
