@@ -111,47 +111,55 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
     const std::vector<runtime::WorkRange> ranges =
         runtime::partition(rows, 1, rows, 1, c, taps, runtime::call_threads(flops));
 
-    // Pixels per kernel call: a bounded array of tap pointers, refilled along the row.
-    constexpr int64_t kPointers = 1024;
-    const int64_t run_pixels = std::clamp<int64_t>(kPointers / taps, 1, wo);
+    // Interior output columns, whose taps all fall inside the input row: [first_inside, end_inside).
+    const int64_t first_inside = std::min(wo, runtime::ceil_div(geo.pad_w, geo.stride_w));
+    const int64_t last_start = x.shape[2] + geo.pad_w - kw;  // the last input column a window may start at, + pw
+    const int64_t end_inside = last_start < 0 ? 0 : std::clamp(last_start / geo.stride_w + 1, first_inside, wo);
 
     const auto work = [&](const runtime::WorkRange& range) {
-        std::vector<const float*> input(static_cast<size_t>(run_pixels * taps));
-        std::vector<float*> out_rows(static_cast<size_t>(run_pixels));
-        std::vector<const float*> res_rows(static_cast<size_t>(run_pixels));
+        std::vector<const float*> taps_of(static_cast<size_t>(taps));
         kernels::DwRowArgs args{};
         args.channels = static_cast<size_t>(c);
         args.taps = static_cast<size_t>(taps);
-        args.input = input.data();
+        args.input = taps_of.data();
+        args.input_step = geo.stride_w * x.strides[2];
         args.w = packed.get();
-        args.out = out_rows.data();
-        args.residual = residual != nullptr ? res_rows.data() : nullptr;
+        args.out_step = out.strides[2];
+        args.residual_step = residual != nullptr ? residual->strides[2] : 0;
         args.act = act;
-        for (int64_t row = range.m_begin; row < range.m_end; ++row) {
-            const int64_t n = row / ho, oh = row % ho;
+        // Output pixels [ow0, ow0 + count) of row (n, oh): one run when every tap of every pixel lies
+        // inside the input, else pixel by pixel with the padding's taps on the row of zeros.
+        const auto compute = [&](int64_t n, int64_t oh, int64_t ow0, int64_t count, bool inside) {
             const float* x_image = x.data + n * x.strides[0];
-            float* out_line = out.data + n * out.strides[0] + oh * out.strides[1];
-            const float* res_line = residual != nullptr ? residual->data + n * residual->strides[0] + oh * residual->strides[1] : nullptr;
-            for (int64_t ow0 = 0; ow0 < wo; ow0 += run_pixels) {
-                const int64_t count = std::min(run_pixels, wo - ow0);
-                for (int64_t p = 0; p < count; ++p) {
-                    const int64_t ow = ow0 + p;
-                    out_rows[p] = out_line + ow * out.strides[2];
-                    if (res_line != nullptr) res_rows[p] = res_line + ow * residual->strides[2];
-                    const float** taps_of_pixel = input.data() + p * taps;
-                    for (int64_t i = 0; i < kh; ++i) {
-                        const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
-                        const bool row_inside = ih >= 0 && ih < x.shape[1];
-                        for (int64_t j = 0; j < kw; ++j) {
-                            const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
-                            const bool inside = row_inside && iw >= 0 && iw < x.shape[2];
-                            taps_of_pixel[i * kw + j] = inside ? x_image + ih * x.strides[1] + iw * x.strides[2] : zeros.get();
-                        }
+            for (int64_t p = 0; p < count; p += inside ? count : 1) {
+                const int64_t ow = ow0 + p;
+                for (int64_t i = 0; i < kh; ++i) {
+                    const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+                    for (int64_t j = 0; j < kw; ++j) {
+                        const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
+                        const bool tap_inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
+                        taps_of[i * kw + j] = tap_inside ? x_image + ih * x.strides[1] + iw * x.strides[2] : zeros.get();
                     }
                 }
-                args.pixels = static_cast<size_t>(count);
+                args.pixels = static_cast<size_t>(inside ? count : 1);
+                args.out = out.data + n * out.strides[0] + oh * out.strides[1] + ow * out.strides[2];
+                args.residual = residual != nullptr
+                                    ? residual->data + n * residual->strides[0] + oh * residual->strides[1] + ow * residual->strides[2]
+                                    : nullptr;
                 kernel.row(args);
             }
+        };
+        for (int64_t row = range.m_begin; row < range.m_end; ++row) {
+            const int64_t n = row / ho, oh = row % ho;
+            const int64_t ih0 = oh * geo.stride_h - geo.pad_h;
+            const bool rows_inside = ih0 >= 0 && ih0 + kh <= x.shape[1];
+            if (!rows_inside) {
+                compute(n, oh, 0, wo, false);
+                continue;
+            }
+            compute(n, oh, 0, first_inside, false);
+            if (end_inside > first_inside) compute(n, oh, first_inside, end_inside - first_inside, true);
+            compute(n, oh, end_inside, wo - end_inside, false);
         }
     };
     runtime::run_ranges(ranges, false, work);

@@ -37,6 +37,16 @@ def pointwise_bound(x, weight, bias=None, *, activation=None, residual=None):
     return _finish(z, magnitude, np.shape(weight)[1], activation)
 
 
+def depthwise_bound(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
+    """(expected, tolerance) for depthwise_conv2d: a sum of kh * kw products per output."""
+    w = np.asarray(weight)
+    geometry = dict(stride=stride, padding=padding)
+    z = reference.depthwise_conv2d(x, w, bias, residual=residual, **geometry)
+    magnitude = reference.depthwise_conv2d(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
+                                           residual=None if residual is None else np.abs(residual), **geometry)
+    return _finish(z, magnitude, w.shape[-1] * w.shape[-2], activation)
+
+
 @np.errstate(all="ignore")  # infinite inputs give infinite bounds, quietly
 def _finish(z, magnitude, cg, activation):
     expected = reference.ACTIVATION_FUNCTIONS[activation](z)

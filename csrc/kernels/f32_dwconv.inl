@@ -9,14 +9,14 @@ template <int B>
 PWCPU_INLINE void dw_blocks(const DwRowArgs& p, size_t pixel, size_t c, size_t lanes) {
     constexpr int W = Vec::W;
     const size_t taps = p.taps;
-    const float* const* in = p.input + pixel * taps;
+    const ptrdiff_t shift = static_cast<ptrdiff_t>(pixel) * p.input_step + static_cast<ptrdiff_t>(c);
     const float* w = p.w + (c / W) * (1 + taps) * W;  // this block's W biases, then taps x W weights
     const size_t block_stride = (1 + taps) * W;
     R acc[1][B];  // one pixel's row of vectors, as the epilogue takes tiles
 #pragma GCC unroll 4
     for (int b = 0; b < B; ++b) acc[0][b] = Vec::load(w + b * block_stride);
     for (size_t t = 0; t < taps; ++t) {
-        const float* x = in[t] + c;
+        const float* x = p.input[t] + shift;
         const float* wt = w + (1 + t) * W;
 #pragma GCC unroll 4
         for (int b = 0; b < B; ++b) {
@@ -24,8 +24,8 @@ PWCPU_INLINE void dw_blocks(const DwRowArgs& p, size_t pixel, size_t c, size_t l
             acc[0][b] = Vec::fma(xv, Vec::load(wt + b * block_stride), acc[0][b]);
         }
     }
-    float* out = p.out[pixel] + c;
-    const float* res = p.residual != nullptr ? p.residual[pixel] + c : nullptr;
+    float* out = p.out + static_cast<ptrdiff_t>(pixel) * p.out_step + static_cast<ptrdiff_t>(c);
+    const float* res = p.residual != nullptr ? p.residual + static_cast<ptrdiff_t>(pixel) * p.residual_step + static_cast<ptrdiff_t>(c) : nullptr;
     if (res != nullptr) {
 #pragma GCC unroll 4
         for (int b = 0; b < B; ++b) acc[0][b] = Vec::add(acc[0][b], Vec::load_n(res + b * W, lanes));

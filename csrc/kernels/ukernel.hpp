@@ -54,25 +54,30 @@ struct GemmKernel {
     const char* name = "";
 };
 
-// The depthwise-convolution microkernel: a run of output pixels, every channel.
+// The depthwise-convolution microkernel: a run of equally spaced output pixels, every channel.
 //
 //   for p < pixels, c < channels:
-//     acc = bias[c] + sum_{t < taps} input[p * taps + t][c] * weight[t][c] + (residual ? residual[p][c] : 0)
-//     out[p][c] = act(acc)
+//     acc = bias[c] + sum_{t < taps} (input[t] + p * input_step)[c] * weight[t][c]
+//           + (residual ? (residual + p * residual_step)[c] : 0)
+//     (out + p * out_step)[c] = act(acc)
 //
-// - input[p * taps + t] points at channel 0 of the input pixel under tap t of output pixel p
-//   (a row of zeros where the tap falls in the padding): stride and padding live in these pointers.
+// - input[t] points at channel 0 of the input pixel under tap t of the run's first pixel (a row
+//   of zeros where the tap falls in the padding, in a run of one pixel): stride and padding live
+//   in these pointers and the step.
 // - w is packed per block of `channel_block` channels (the ISA's vector width): the block's biases,
 //   then its taps x channel_block weights; the channels are zero-padded to whole blocks.
-// - out[p], residual[p]: the output (and residual) row of pixel p. Only c < channels are touched.
+// - Steps are in elements. Only c < channels are touched.
 struct DwRowArgs {
     size_t pixels;
     size_t channels;
     size_t taps;
     const float* const* input;
+    ptrdiff_t input_step;
     const float* w;
-    float* const* out;
-    const float* const* residual;  // null: none
+    float* out;
+    ptrdiff_t out_step;
+    const float* residual;  // null: none
+    ptrdiff_t residual_step;
     Activation act;
 };
 
