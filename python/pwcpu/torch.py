@@ -7,9 +7,11 @@
 - ``PwcpuConv2d`` and ``PwcpuLinear``: inference modules holding their weights packed (a folded
   BatchNorm and an activation included). Eager calls go straight to the kernels; under
   ``torch.compile`` and ``torch.export`` they call the operators.
+- ``PwcpuDepthwiseConv2d``: the same for depthwise convolutions (``groups == C``, any kernel size);
+  under ``torch.compile`` and ``torch.export`` it runs PyTorch's ``conv2d`` on the same weights.
 - ``convert(model)``: an inference copy of a model in which every eligible 1x1 ``nn.Conv2d`` and
   ``nn.Linear`` (with a BatchNorm2d and an activation directly following it in a ``Sequential``)
-  runs on pwcpu.
+  runs on pwcpu, and, where the model can be traced, its depthwise convolutions too.
 
 Converted modules are frozen, as ``torch.jit.freeze`` freezes: their weights are packed once and
 are reached only through copies (``module.weight`` returns one), so no write through ``.data``,
@@ -33,10 +35,11 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._api import PointwiseConv
+from ._api import DepthwiseConv, PointwiseConv
 from ._block import fold_batchnorm
 
-__all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuLinear", "PwcpuSequential",
+__all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDepthwiseConv2d", "PwcpuLinear",
+           "PwcpuSequential",
            "conv1x1", "convert", "pointwise"]
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
@@ -231,11 +234,15 @@ class _FrozenLayer(_FrozenModule):
     def _state_names(self) -> Tuple[str, ...]:
         return ("weight", "bias")
 
-    def _set_state(self, values: Dict[str, Optional[np.ndarray]]) -> None:
-        w, b = values["weight"], values.get("bias")
+    def _pack(self, w: np.ndarray, b: Optional[np.ndarray]):
+        """The NumPy-level layer for these weights and the module's options."""
         w = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
         stride, padding, groups, activation = self._options
-        layer = PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation)
+        return PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation)
+
+    def _set_state(self, values: Dict[str, Optional[np.ndarray]]) -> None:
+        w, b = values["weight"], values.get("bias")
+        layer = self._pack(w, b)
         object.__setattr__(self, "_packed", layer)
         # Private tensors of the same values, for the operators' path under torch.compile and
         # torch.export (never saved: ``weight`` and ``bias`` are).
@@ -262,14 +269,14 @@ class _FrozenLayer(_FrozenModule):
             state["_output_geometry"] = {}  # the fast lane opens again after the first (packing) call
         return state
 
-    def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
+    def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         raise NotImplementedError
 
     @property
     def weight(self) -> Tensor:
         """A copy of the weights the layer computes with (writing to it changes nothing)."""
         w = self._traced_weight
-        return w.clone().reshape(self._weight_shape(*w.shape))
+        return w.clone().reshape(self._weight_shape(tuple(w.shape)))
 
     @weight.setter
     def weight(self, value) -> None:
@@ -301,8 +308,8 @@ class PwcpuConv2d(_FrozenLayer):
         object.__setattr__(self, "_output_geometry", {})
         self._init_layer(weight, bias, (_pair(stride), _pair(padding), int(groups), activation))
 
-    def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
-        return (k, cg, 1, 1)
+    def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        return shape + (1, 1)
 
     @property
     def stride(self) -> Tuple[int, int]:
@@ -347,7 +354,7 @@ class PwcpuConv2d(_FrozenLayer):
         if residual is not None and (not _plain_operand(residual, 4) or residual.shape != (
                 x.shape[0], self._traced_weight.shape[0]) + _output_hw(x, self.stride, self.padding)):
             # What the graph added to the convolution may broadcast or promote: PyTorch computes it.
-            weight = self._traced_weight.reshape(self._weight_shape(*self._traced_weight.shape))
+            weight = self._traced_weight.reshape(self._weight_shape(tuple(self._traced_weight.shape)))
             y = F.conv2d(x, weight, self._traced_bias, self.stride, self.padding, 1, self.groups) + residual
             return _TORCH_ACTIVATIONS[self.activation](y)
         out = _run_conv(self._layer, x, residual)
@@ -368,8 +375,8 @@ class PwcpuLinear(_FrozenLayer):
         super().__init__()
         self._init_layer(weight, bias, ((1, 1), (0, 0), 1, activation))
 
-    def _weight_shape(self, k: int, cg: int) -> Tuple[int, ...]:
-        return (k, cg)
+    def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        return shape
 
     @property
     def in_features(self) -> int:
@@ -397,6 +404,56 @@ class PwcpuLinear(_FrozenLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation!r}"
+
+
+class PwcpuDepthwiseConv2d(_FrozenLayer):
+    """An inference depthwise ``nn.Conv2d`` (``groups == in_channels == out_channels``, BatchNorm
+    folded in, activation fused) run by pwcpu on channels_last memory. Under ``torch.compile`` or
+    ``torch.export``, and for autograd, the same weights run through PyTorch's ``conv2d``."""
+
+    def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), activation: Optional[str] = None) -> None:
+        super().__init__()
+        self._init_layer(weight, bias, (_pair(stride), _pair(padding), 1, activation))
+
+    def _pack(self, w: np.ndarray, b: Optional[np.ndarray]) -> DepthwiseConv:
+        stride, padding, _, activation = self._options
+        return DepthwiseConv(w, b, stride=stride, padding=padding, activation=activation)
+
+    def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        return (shape[0], 1) + shape[1:]
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._options[0]
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        return self._options[1]
+
+    @classmethod
+    def from_module(cls, conv: nn.Conv2d, activation: Optional[str] = None) -> "PwcpuDepthwiseConv2d":
+        bias = None if conv.bias is None else conv.bias
+        return cls(conv.weight, bias, conv.stride, conv.padding, activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _eager(x) or (x.requires_grad and torch.is_grad_enabled()):
+            weight = self._traced_weight.reshape(self._weight_shape(tuple(self._traced_weight.shape)))
+            y = F.conv2d(x, weight, self._traced_bias, self.stride, self.padding, 1, weight.shape[0])
+            return _TORCH_ACTIVATIONS[self.activation](y)
+        if not _plain_operand(x, 4):
+            _check_operands("PwcpuDepthwiseConv2d", x, self._traced_weight, None, None, 4, "(N, C, H, W)")
+        layer = self._layer
+        kh, kw = layer.kernel_size
+        ho = max((x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1, 0)
+        wo = max((x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1, 0)
+        out = torch.empty((x.shape[0], ho, wo, layer.channels), dtype=torch.float32)
+        layer(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy())
+        return out.permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        c, kh, kw = self._traced_weight.shape
+        return (f"{c}, kernel_size=({kh}, {kw}), stride={self.stride}, padding={self.padding}, "
+                f"activation={self.activation!r}")
 
 
 def _batchnorm_state(bn: nn.BatchNorm2d) -> Tuple[np.ndarray, ...]:
@@ -528,6 +585,8 @@ def _ineligible_reason(module: nn.Module) -> Optional[str]:
             return f"padding_mode={module.padding_mode!r}"
         if isinstance(module.padding, str):
             return f"padding={module.padding!r}"
+        if tuple(module.dilation) != (1, 1):
+            return f"dilation={tuple(module.dilation)}"
     elif type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} has its own forward"
     if _has_hooks(module):
@@ -543,6 +602,11 @@ def _is_pointwise(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return tuple(module.kernel_size) == (1, 1)
     return isinstance(module, nn.Linear)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+            and tuple(module.kernel_size) != (1, 1))
 
 
 def _foldable_batchnorm(module: nn.Module) -> bool:
@@ -623,7 +687,7 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
 
     for node in list(graph.nodes):
         layer = single_use_module(node)
-        if layer is None or not _is_pointwise(layer):
+        if layer is None or not (_is_pointwise(layer) or _is_depthwise(layer)):
             continue
         reason = _ineligible_reason(layer)
         if reason is not None:
@@ -631,7 +695,7 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
             continue
         chain, residual = [node], None
         user = _sole_user(node)
-        if user is not None and user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 \
+        if _is_pointwise(layer) and user is not None and user.op == "call_function" and user.target in _ADDS and len(user.args) == 2 \
                 and not user.kwargs and all(isinstance(a, fx.Node) for a in user.args):
             residual = user.args[1] if user.args[0] is node else user.args[0]
             chain.append(user)
@@ -639,8 +703,12 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
         activation = _node_activation(user, modules) if user is not None else None
         if activation is not None:
             chain.append(user)
-        converted = PwcpuConv2d.from_modules(layer, None, activation) if isinstance(layer, nn.Conv2d) \
-            else PwcpuLinear.from_module(layer, activation)
+        if _is_depthwise(layer):
+            converted = PwcpuDepthwiseConv2d.from_module(layer, activation)
+        elif isinstance(layer, nn.Conv2d):
+            converted = PwcpuConv2d.from_modules(layer, None, activation)
+        else:
+            converted = PwcpuLinear.from_module(layer, activation)
         _set_submodule(graph_module, node.target, converted)
         with graph.inserting_after(chain[-1]):
             fused = graph.call_module(node.target, (node.args[0],) + ((residual,) if residual is not None else ()))
@@ -662,7 +730,9 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True)
     BatchNorm2d that follows a convolution is folded into it, and each eligible 1x1 ``nn.Conv2d``
     (a ``PwcpuConv2d``) or ``nn.Linear`` (a ``PwcpuLinear``) absorbs a residual addition and an
     activation (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, exact GELU; modules or functions) that
-    follow it in the graph. The result is a ``torch.fx.GraphModule``: it computes what the model's
+    follow it in the graph; each depthwise ``nn.Conv2d`` (``groups == in_channels ==
+    out_channels``, zero padding, no dilation) becomes a ``PwcpuDepthwiseConv2d`` with its
+    following activation fused. The result is a ``torch.fx.GraphModule``: it computes what the model's
     ``forward`` did, but has none of its other methods and attributes. A model that cannot be
     traced, or any model with ``trace=False`` (which keeps the model's class), is converted module
     by module: a 1x1 convolution directly followed by ``BatchNorm2d`` and/or an activation in a

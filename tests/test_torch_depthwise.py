@@ -1,0 +1,100 @@
+"""Depthwise convolutions through the PyTorch bridge (skipped when torch is not installed)."""
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+import pwcpu
+
+torch = pytest.importorskip("torch")
+pt = pytest.importorskip("pwcpu.torch")
+nn = torch.nn
+
+
+class SeparableBlock(nn.Module):
+    """MobileNet's pattern: depthwise 3x3 + BN + ReLU6, pointwise 1x1 + BN, and a 5x5 depthwise."""
+
+    def __init__(self, c=24, k=40, stride=2):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act = nn.ReLU6()
+        self.pw = nn.Conv2d(c, k, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(k)
+        self.dw5 = nn.Conv2d(k, k, 5, 1, 2, groups=k)
+
+    def forward(self, x):
+        return torch.nn.functional.silu(self.dw5(self.bn2(self.pw(self.act(self.bn1(self.dw(x)))))))
+
+
+def randomized(model):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_convert_runs_depthwise_layers_on_pwcpu_torch(channels_last):
+    model = randomized(SeparableBlock())
+    converted = pt.convert(model, channels_last=channels_last)
+    kinds = {name: type(m).__name__ for name, m in converted.named_children()}
+    assert kinds["dw"] == "PwcpuDepthwiseConv2d" and kinds["dw5"] == "PwcpuDepthwiseConv2d"
+    assert "dw: pwcpu (fused relu6)" in converted.pwcpu_report
+    assert "dw5: pwcpu (fused silu)" in converted.pwcpu_report
+    x = torch.randn(2, 24, 15, 17)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_dilated_depthwise_is_left_to_pytorch_torch():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)).eval()
+    with pytest.warns(pt.PwcpuConversionWarning, match="dilation"):
+        converted = pt.convert(model)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+def test_module_state_pickle_and_autograd_torch():
+    conv = nn.Conv2d(6, 6, (3, 5), (1, 2), (1, 2), groups=6)
+    layer = pt.PwcpuDepthwiseConv2d.from_module(conv, "relu")
+    assert layer.weight.shape == (6, 1, 3, 5)
+    layer.weight.zero_()  # a copy: the layer is unchanged
+    x = torch.randn(2, 6, 7, 11)
+    expected = torch.relu(conv(x)).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected)
+    clone = pickle.loads(pickle.dumps(layer))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    other = pt.PwcpuDepthwiseConv2d(torch.zeros(6, 1, 3, 5), torch.zeros(6), (1, 2), (1, 2), "relu")
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer))
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(x), expected)
+        torch.testing.assert_close(other(x), expected)
+    # With gradients wanted, PyTorch computes (same weights), so backward works.
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    y.sum().backward()
+    assert xg.grad is not None and y.grad_fn is not None
+    torch.testing.assert_close(y.detach(), expected)
+
+
+def test_operator_checks_apply_torch():
+    layer = pt.PwcpuDepthwiseConv2d(torch.ones(4, 1, 3, 3), None, 1, 1)
+    with torch.inference_mode():
+        with pytest.raises(TypeError, match="float32"):
+            layer(torch.ones(1, 4, 5, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="channels"):
+            layer(torch.ones(1, 3, 5, 5))
+    assert pwcpu.DepthwiseConv(np.ones((4, 3, 3), np.float32)).channels == 4
