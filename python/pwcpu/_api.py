@@ -242,7 +242,47 @@ def depthwise_conv2d(
     return _core.DepthwisePlan(w, b, *stride_hw, *padding_hw, code, False).conv(x, residual, out)
 
 
-class PointwiseConv:
+class _PackedLayer:
+    """What the prepacked layers share: options, private weights and the call."""
+
+    _stride: Tuple[int, int]
+    _padding: Tuple[int, int]
+    _activation: Optional[str]
+    _weight: np.ndarray
+    _bias: Optional[np.ndarray]
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._stride
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        return self._padding
+
+    @property
+    def activation(self) -> Optional[str]:
+        return self._activation
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The weights, read-only: (K, C // groups) for PointwiseConv, (C, kh, kw) for DepthwiseConv."""
+        return self._weight
+
+    @property
+    def bias(self) -> Optional[np.ndarray]:
+        """The bias, one per output channel, read-only, or None."""
+        return self._bias
+
+    @property
+    def kernel(self) -> str:
+        """Name of the microkernel the packed weights are laid out for."""
+        return self._plan.kernel
+
+    def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return self._plan.conv(x, residual, out)
+
+
+class PointwiseConv(_PackedLayer):
     """A 1x1 convolution layer whose weights are packed once, at construction.
 
     ``layer(x, residual=None, out=None)`` computes the same as
@@ -283,42 +323,12 @@ class PointwiseConv:
         return self._plan.out_channels
 
     @property
-    def stride(self) -> Tuple[int, int]:
-        return self._stride
-
-    @property
-    def padding(self) -> Tuple[int, int]:
-        return self._padding
-
-    @property
     def groups(self) -> int:
         return self._groups
 
     @property
-    def activation(self) -> Optional[str]:
-        return self._activation
-
-    @property
     def layout(self) -> str:
         return self._layout
-
-    @property
-    def weight(self) -> np.ndarray:
-        """The (K, C // groups) weights, read-only."""
-        return self._weight
-
-    @property
-    def bias(self) -> Optional[np.ndarray]:
-        """The (K,) bias, read-only, or None."""
-        return self._bias
-
-    @property
-    def kernel(self) -> str:
-        """Name of the microkernel the packed weights are laid out for."""
-        return self._plan.kernel
-
-    def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None) -> np.ndarray:
-        return self._plan.conv(x, residual, out)
 
     def __reduce__(self):
         options = (self._stride, self._padding, self._groups, self._activation, self._layout)
@@ -343,7 +353,7 @@ def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, l
                          layout=layout)
 
 
-class DepthwiseConv:
+class DepthwiseConv(_PackedLayer):
     """A depthwise convolution layer whose filters are packed once, at construction.
 
     ``layer(x, residual=None, out=None)`` computes the same as
@@ -376,36 +386,6 @@ class DepthwiseConv:
     @property
     def kernel_size(self) -> Tuple[int, int]:
         return self._weight.shape[1], self._weight.shape[2]
-
-    @property
-    def stride(self) -> Tuple[int, int]:
-        return self._stride
-
-    @property
-    def padding(self) -> Tuple[int, int]:
-        return self._padding
-
-    @property
-    def activation(self) -> Optional[str]:
-        return self._activation
-
-    @property
-    def weight(self) -> np.ndarray:
-        """The (C, kh, kw) filters, read-only."""
-        return self._weight
-
-    @property
-    def bias(self) -> Optional[np.ndarray]:
-        """The (C,) bias, read-only, or None."""
-        return self._bias
-
-    @property
-    def kernel(self) -> str:
-        """Name of the microkernel the packed filters are laid out for."""
-        return self._plan.kernel
-
-    def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None) -> np.ndarray:
-        return self._plan.conv(x, residual, out)
 
     def __reduce__(self):
         return (_rebuild_depthwise_conv, (self.weight, self.bias, self._stride, self._padding, self._activation))

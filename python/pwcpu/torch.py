@@ -298,7 +298,19 @@ class _FrozenLayer(_FrozenModule):
         return self._options[3]
 
 
-class PwcpuConv2d(_FrozenLayer):
+class _ConvolutionLayer(_FrozenLayer):
+    """A frozen layer with a convolution's geometry."""
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._options[0]
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        return self._options[1]
+
+
+class PwcpuConv2d(_ConvolutionLayer):
     """An inference 1x1 convolution (BatchNorm folded in, activation fused) run by pwcpu."""
 
     def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), groups: int = 1,
@@ -310,14 +322,6 @@ class PwcpuConv2d(_FrozenLayer):
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         return shape + (1, 1)
-
-    @property
-    def stride(self) -> Tuple[int, int]:
-        return self._options[0]
-
-    @property
-    def padding(self) -> Tuple[int, int]:
-        return self._options[1]
 
     @property
     def groups(self) -> int:
@@ -406,7 +410,7 @@ class PwcpuLinear(_FrozenLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation!r}"
 
 
-class PwcpuDepthwiseConv2d(_FrozenLayer):
+class PwcpuDepthwiseConv2d(_ConvolutionLayer):
     """An inference depthwise ``nn.Conv2d`` (``groups == in_channels == out_channels``, BatchNorm
     folded in, activation fused) run by pwcpu on channels_last memory. Under ``torch.compile`` or
     ``torch.export``, and for autograd, the same weights run through PyTorch's ``conv2d``."""
@@ -421,14 +425,6 @@ class PwcpuDepthwiseConv2d(_FrozenLayer):
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         return (shape[0], 1) + shape[1:]
-
-    @property
-    def stride(self) -> Tuple[int, int]:
-        return self._options[0]
-
-    @property
-    def padding(self) -> Tuple[int, int]:
-        return self._options[1]
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, activation: Optional[str] = None) -> "PwcpuDepthwiseConv2d":
