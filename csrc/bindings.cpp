@@ -527,6 +527,98 @@ private:
     std::shared_ptr<const pwcpu::DepthwiseWeights> packed_;
 };
 
+// A fused inverted residual block; its weights are private (the Python class keeps frozen copies).
+class BlockPlan : public OperatorPlan {
+public:
+    BlockPlan(const py::object& expand_weight, const py::object& expand_bias, const py::array& depthwise_weight,
+              const py::object& depthwise_bias, const py::array& project_weight, const py::object& project_bias,
+              int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int expand_activation,
+              int depthwise_activation, int project_activation, bool residual)
+        : OperatorPlan(float32_array(project_weight, "project_weight"), py::none(), true, pwcpu::Layout::nhwc) {
+        const auto contiguous = [](const py::object& a, const char* name) -> py::object {
+            return a.is_none() ? py::object(py::none()) : numpy().attr("ascontiguousarray")(float32_array(a, name));
+        };
+        expand_w_ = contiguous(expand_weight, "expand_weight");
+        expand_b_ = contiguous(expand_bias, "expand_bias");
+        dw_w_ = contiguous(depthwise_weight, "depthwise_weight");
+        dw_b_ = contiguous(depthwise_bias, "depthwise_bias");
+        project_w_ = contiguous(project_weight, "project_weight");
+        project_b_ = contiguous(project_bias, "project_bias");
+        const py::array dw = dw_w_, pw = project_w_;
+        if (dw.ndim() != 3 || pw.ndim() != 2) throw py::value_error("depthwise weight must be (E, kh, kw), project weight (K, E)");
+        for (int a : {expand_activation, depthwise_activation, project_activation}) {
+            if (a < 0 || a > static_cast<int>(pwcpu::Activation::sigmoid)) throw py::value_error("invalid activation code");
+        }
+        w_.hidden_channels = dw.shape(0);
+        w_.kernel_h = dw.shape(1);
+        w_.kernel_w = dw.shape(2);
+        w_.out_channels = pw.shape(0);
+        if (pw.shape(1) != w_.hidden_channels) throw py::value_error("project weight must have E columns");
+        if (!expand_w_.is_none()) {
+            const py::array ew = expand_w_;
+            if (ew.ndim() != 2 || ew.shape(0) != w_.hidden_channels) throw py::value_error("expand weight must be (E, C)");
+            w_.in_channels = ew.shape(1);
+        } else {
+            w_.in_channels = w_.hidden_channels;
+        }
+        w_.depthwise_geometry = {stride_h, stride_w, pad_h, pad_w};
+        w_.expand_activation = static_cast<pwcpu::Activation>(expand_activation);
+        w_.depthwise_activation = static_cast<pwcpu::Activation>(depthwise_activation);
+        w_.project_activation = static_cast<pwcpu::Activation>(project_activation);
+        w_.residual = residual;
+        pack();
+    }
+
+    int64_t in_channels() const { return w_.in_channels; }
+    int64_t out_channels() const { return w_.out_channels; }
+    const pwcpu::InvertedResidual& block() const { return *block_; }
+
+    py::array conv(const py::object& x_in, const py::object& out) {
+        const py::array x = float32_array(x_in, "x");
+        if (x.ndim() != 4) throw py::value_error("x must have shape (N, H, W, C), got shape " + text(x.attr("shape")));
+        if (x.shape(3) != in_channels()) {
+            throw py::value_error("x has " + std::to_string(x.shape(3)) + " channels but the block expects C = " +
+                                  std::to_string(in_channels()));
+        }
+        TensorView probe;
+        for (int d = 0; d < 4; ++d) probe.shape[d] = x.shape(d);
+        const std::array<int64_t, 4> shape = block_->output_shape(probe);
+        return execute(x, py::none(), out, {shape[0], shape[1], shape[2], shape[3]}, false);
+    }
+
+private:
+    void run(const TensorView& x, const TensorView& out, const TensorView*) override {
+        if (block_->isa() != std::string(pwcpu::active_isa())) pack();
+        const std::shared_ptr<const pwcpu::InvertedResidual> block = block_;
+        py::gil_scoped_release release;
+        block->run(x, out);
+    }
+
+    static const float* data_of(const py::object& a) {
+        return a.is_none() ? nullptr : static_cast<const float*>(py::array(a).data());
+    }
+
+    void pack() {
+        pwcpu::InvertedResidualWeights w = w_;
+        w.expand_weight = data_of(expand_w_);
+        w.expand_bias = data_of(expand_b_);
+        w.depthwise_weight = data_of(dw_w_);
+        w.depthwise_bias = data_of(dw_b_);
+        w.project_weight = data_of(project_w_);
+        w.project_bias = data_of(project_b_);
+        std::shared_ptr<const pwcpu::InvertedResidual> block;
+        {
+            py::gil_scoped_release release;
+            block = std::make_shared<const pwcpu::InvertedResidual>(w);
+        }
+        block_ = std::move(block);
+    }
+
+    py::object expand_w_, expand_b_, dw_w_, dw_b_, project_w_, project_b_;
+    pwcpu::InvertedResidualWeights w_;
+    std::shared_ptr<const pwcpu::InvertedResidual> block_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -554,6 +646,14 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("isa", [](const DepthwisePlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const DepthwisePlan& p) { return p.packed().kernel_name(); })
         .def_property_readonly("channels", &DepthwisePlan::channels);
+
+    py::class_<BlockPlan>(m, "BlockPlan")
+        .def(py::init<const py::object&, const py::object&, const py::array&, const py::object&, const py::array&,
+                      const py::object&, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>())
+        .def("conv", &BlockPlan::conv, py::arg("x"), py::arg("out"))
+        .def_property_readonly("isa", [](const BlockPlan& p) { return p.block().isa(); })
+        .def_property_readonly("in_channels", &BlockPlan::in_channels)
+        .def_property_readonly("out_channels", &BlockPlan::out_channels);
 
     m.def("as_float32", [](const py::object& value, const std::string& name) { return float32_array(value, name); },
           py::arg("value"), py::arg("name"));

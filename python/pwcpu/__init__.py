@@ -5,7 +5,7 @@ The core is C++ SIMD/OpenMP microkernels (AVX-512, AVX2 and a portable path, cho
 """
 
 from . import _core, reference
-from ._api import ACTIVATIONS, DepthwiseConv, PointwiseConv, conv1x1, depthwise_conv2d, pointwise
+from ._api import ACTIVATIONS, DepthwiseConv, InvertedResidual, PointwiseConv, conv1x1, depthwise_conv2d, pointwise
 from ._block import PointwiseConvBlock, fold_batchnorm
 from ._runtime import get_num_threads, num_threads, runtime_info, set_num_threads, show_runtime
 
@@ -16,6 +16,7 @@ _core.active_isa()  # an unknown or unsupported PWCPU_ISA is an error at import,
 __all__ = [
     "ACTIVATIONS",
     "DepthwiseConv",
+    "InvertedResidual",
     "PointwiseConv",
     "PointwiseConvBlock",
     "__version__",

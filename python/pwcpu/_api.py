@@ -18,7 +18,8 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["ACTIVATIONS", "DepthwiseConv", "PointwiseConv", "conv1x1", "depthwise_conv2d", "pointwise"]
+__all__ = ["ACTIVATIONS", "DepthwiseConv", "InvertedResidual", "PointwiseConv", "conv1x1", "depthwise_conv2d",
+           "pointwise"]
 
 #: Names accepted by ``activation=``, mapped to the core's codes.
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish": 5, "sigmoid": 6}
@@ -84,15 +85,15 @@ def _layout_code(layout) -> int:
     return _LAYOUTS[layout]
 
 
-def _weight_matrix(weight, groups: int) -> np.ndarray:
+def _weight_matrix(weight, groups: int, name: str = "weight") -> np.ndarray:
     """``weight`` as a (K, C // groups) float32 view: accepts (K, Cg) and PyTorch's (K, Cg, 1, 1)."""
-    w = _float32_array("weight", weight)
+    w = _float32_array(name, weight)
     if w.ndim == 4:
         if w.shape[2:] != (1, 1):
-            raise ValueError(f"weight must have a 1x1 kernel, (K, C // groups, 1, 1); got shape {w.shape}")
+            raise ValueError(f"{name} must have a 1x1 kernel, (K, C // groups, 1, 1); got shape {w.shape}")
         w = w[:, :, 0, 0]
     elif w.ndim != 2:
-        raise ValueError(f"weight must have shape (K, C // groups) or (K, C // groups, 1, 1); got shape {w.shape}")
+        raise ValueError(f"{name} must have shape (K, C // groups) or (K, C // groups, 1, 1); got shape {w.shape}")
     if w.shape[0] % groups != 0:
         raise ValueError(f"groups={groups} must divide the output channels K={w.shape[0]}")
     return w
@@ -107,17 +108,17 @@ def _bias_vector(bias, out_channels: int) -> Optional[np.ndarray]:
     return b
 
 
-def _depthwise_filters(weight) -> np.ndarray:
+def _depthwise_filters(weight, name: str = "weight") -> np.ndarray:
     """``weight`` as (C, kh, kw) float32: accepts (C, kh, kw) and PyTorch's (C, 1, kh, kw)."""
-    w = _float32_array("weight", weight)
+    w = _float32_array(name, weight)
     if w.ndim == 4:
         if w.shape[1] != 1:
-            raise ValueError(f"weight must have one input channel per filter, (C, 1, kh, kw); got shape {w.shape}")
+            raise ValueError(f"{name} must have one input channel per filter, (C, 1, kh, kw); got shape {w.shape}")
         w = w[:, 0]
     elif w.ndim != 3:
-        raise ValueError(f"weight must have shape (C, kh, kw) or (C, 1, kh, kw); got shape {w.shape}")
+        raise ValueError(f"{name} must have shape (C, kh, kw) or (C, 1, kh, kw); got shape {w.shape}")
     if w.shape[1] < 1 or w.shape[2] < 1:
-        raise ValueError(f"weight's kernel must be at least 1x1, got {w.shape[1]}x{w.shape[2]}")
+        raise ValueError(f"{name}'s kernel must be at least 1x1, got {w.shape[1]}x{w.shape[2]}")
     return w
 
 
@@ -400,3 +401,109 @@ class DepthwiseConv(_PackedLayer):
 
 def _rebuild_depthwise_conv(weight, bias, stride, padding, activation) -> DepthwiseConv:
     return DepthwiseConv(weight, bias, stride=stride, padding=padding, activation=activation)
+
+
+class InvertedResidual:
+    """MobileNetV2's inverted residual block, fused into one call.
+
+    ``y = project(depthwise(expand(x)))`` (+ ``x`` when ``residual``), each stage a convolution
+    with its bias and activation: 1x1 expand (C -> E) + ``activation``, depthwise kh x kw (stride,
+    padding) + ``activation``, 1x1 project (E -> K) + ``project_activation``. Computed in bands of
+    output rows: the expanded (E-channel) tensor is never written to memory whole, and each thread
+    keeps its band's rows in cache. Weights are taken with BatchNorm already folded in
+    (:func:`fold_batchnorm`); ``expand_weight=None`` makes the block MobileNetV2's first one
+    (depthwise straight on x). ``residual=None`` adds the input whenever the shapes allow it
+    (stride 1, "same" padding, K == C), as MobileNetV2 does.
+    """
+
+    def __init__(
+        self,
+        expand_weight,
+        expand_bias,
+        depthwise_weight,
+        depthwise_bias,
+        project_weight,
+        project_bias=None,
+        *,
+        stride: IntPair = 1,
+        padding: Optional[IntPair] = None,
+        activation: Optional[str] = "relu6",
+        project_activation: Optional[str] = None,
+        residual: Optional[bool] = None,
+    ) -> None:
+        dw = _frozen_copy(_depthwise_filters(depthwise_weight, "depthwise_weight"))
+        hidden, kh, kw = dw.shape
+        ew = None
+        if expand_weight is not None:
+            ew = _frozen_copy(_weight_matrix(expand_weight, 1, "expand_weight"))
+            if ew.shape[0] != hidden:
+                raise ValueError(f"expand_weight has {ew.shape[0]} output channels but depthwise_weight has {hidden} filters")
+        elif expand_bias is not None:
+            raise ValueError("expand_bias given without expand_weight")
+        pw = _frozen_copy(_weight_matrix(project_weight, 1, "project_weight"))
+        if pw.shape[1] != hidden:
+            raise ValueError(f"project_weight takes {pw.shape[1]} channels but depthwise_weight has {hidden} filters")
+        in_channels = hidden if ew is None else ew.shape[1]
+        biases = []
+        for name, b, n in (("expand_bias", expand_bias, hidden), ("depthwise_bias", depthwise_bias, hidden),
+                           ("project_bias", project_bias, pw.shape[0])):
+            if b is not None:
+                b = _float32_array(name, b)
+                if b.shape != (n,):
+                    raise ValueError(f"{name} must have shape ({n},), got {b.shape}")
+                b = _frozen_copy(b)
+            biases.append(b)
+        self._stride = _pair("stride", stride, 1)
+        self._padding = (kh // 2, kw // 2) if padding is None else _pair("padding", padding, 0)
+        codes = (_activation_code(activation), _activation_code(project_activation))
+        same = self._stride == (1, 1) and self._padding == ((kh - 1) // 2, (kw - 1) // 2) and kh % 2 == 1 \
+            and kw % 2 == 1 and pw.shape[0] == in_channels
+        if residual is None:
+            residual = same
+        elif not isinstance(residual, (bool, np.bool_)):
+            raise TypeError(f"residual must be None or a bool, got {type(residual).__name__}")
+        elif residual and not same:
+            raise ValueError("residual=True needs stride 1, 'same' padding (odd kernel, padding k // 2) and "
+                             "out_channels == in_channels")
+        self._activation, self._project_activation, self._residual = activation, project_activation, bool(residual)
+        self._weights = (ew, biases[0], dw, biases[1], pw, biases[2])
+        self._plan = _core.BlockPlan(ew, biases[0], dw, biases[1], pw, biases[2], *self._stride, *self._padding,
+                                     codes[0], codes[0], codes[1], self._residual)
+
+    @property
+    def in_channels(self) -> int:
+        return self._plan.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self._plan.out_channels
+
+    @property
+    def stride(self) -> Tuple[int, int]:
+        return self._stride
+
+    @property
+    def padding(self) -> Tuple[int, int]:
+        return self._padding
+
+    @property
+    def residual(self) -> bool:
+        return self._residual
+
+    def __call__(self, x, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return self._plan.conv(x, out)
+
+    def __reduce__(self):
+        options = dict(stride=self._stride, padding=self._padding, activation=self._activation,
+                       project_activation=self._project_activation, residual=self._residual)
+        return (_rebuild_inverted_residual, (self._weights, options))
+
+    def __repr__(self) -> str:
+        hidden, kh, kw = self._weights[2].shape
+        return (f"InvertedResidual(in_channels={self.in_channels}, hidden_channels={hidden}, "
+                f"out_channels={self.out_channels}, kernel_size=({kh}, {kw}), stride={self._stride}, "
+                f"activation={self._activation!r}, residual={self._residual})")
+
+
+def _rebuild_inverted_residual(weights, options) -> InvertedResidual:
+    return InvertedResidual(*weights, **options)

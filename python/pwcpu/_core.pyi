@@ -56,6 +56,34 @@ class DepthwisePlan:
     @property
     def channels(self) -> int: ...
 
+class BlockPlan:
+    """A fused inverted residual block's packed weights; validates and runs calls."""
+
+    def __init__(
+        self,
+        expand_weight: Optional[npt.NDArray[np.float32]],
+        expand_bias: Optional[npt.NDArray[np.float32]],
+        depthwise_weight: npt.NDArray[np.float32],
+        depthwise_bias: Optional[npt.NDArray[np.float32]],
+        project_weight: npt.NDArray[np.float32],
+        project_bias: Optional[npt.NDArray[np.float32]],
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        expand_activation: int,
+        depthwise_activation: int,
+        project_activation: int,
+        residual: bool,
+    ) -> None: ...
+    def conv(self, x: Any, out: Optional[np.ndarray]) -> npt.NDArray[np.float32]: ...
+    @property
+    def isa(self) -> str: ...
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def out_channels(self) -> int: ...
+
 def as_float32(value: Any, name: str) -> npt.NDArray[np.float32]: ...
 def get_num_threads() -> int: ...
 def set_num_threads(n: int) -> None: ...

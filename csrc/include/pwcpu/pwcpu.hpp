@@ -143,6 +143,45 @@ private:
     std::unique_ptr<Impl> impl_;
 };
 
+// MobileNetV2's inverted residual block, fused: 1x1 expand (C -> E) + act, depthwise kh x kw + act,
+// 1x1 project (E -> K) + act, plus the input when `residual` (stride 1, K == C). Computed in bands
+// of output rows, each thread keeping the expanded rows of its band (and the rows the next band
+// shares with it) in a buffer sized to stay in L2: the expanded tensor never goes to memory whole.
+struct InvertedResidualWeights {
+    const float* expand_weight = nullptr;   // E x C, contiguous; null: no expansion (E == C)
+    const float* expand_bias = nullptr;     // E values or null
+    const float* depthwise_weight = nullptr;  // E x kh x kw, contiguous
+    const float* depthwise_bias = nullptr;
+    const float* project_weight = nullptr;  // K x E, contiguous
+    const float* project_bias = nullptr;
+    int64_t in_channels = 0, hidden_channels = 0, out_channels = 0, kernel_h = 3, kernel_w = 3;
+    Activation expand_activation = Activation::relu6, depthwise_activation = Activation::relu6,
+               project_activation = Activation::none;
+    ConvGeometry depthwise_geometry;  // stride and padding of the depthwise convolution
+    bool residual = false;
+};
+
+class InvertedResidual {
+public:
+    explicit InvertedResidual(const InvertedResidualWeights& weights);
+    ~InvertedResidual();
+    InvertedResidual(const InvertedResidual&) = delete;
+    InvertedResidual& operator=(const InvertedResidual&) = delete;
+
+    int64_t in_channels() const;
+    int64_t out_channels() const;
+    const char* isa() const;
+    // (N, Ho, Wo, K) for x (N, H, W, C), Ho as the depthwise convolution's.
+    std::array<int64_t, 4> output_shape(const TensorView& x) const;
+    // out = the block applied to x. out must not overlap x. Thread-safe.
+    void run(const TensorView& x, const TensorView& out) const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
 // Threads used by a call from the calling thread: the override for this thread, else
 // set_num_threads, never more than OpenMP's setting for this thread (OMP_NUM_THREADS,
 // threadpoolctl, else the number of cores), which is also the default. pwcpu never changes
