@@ -98,3 +98,41 @@ def test_operator_checks_apply_torch():
         with pytest.raises(ValueError, match="channels"):
             layer(torch.ones(1, 3, 5, 5))
     assert pwcpu.DepthwiseConv(np.ones((4, 3, 3), np.float32)).channels == 4
+
+
+class InvertedResidualBlock(nn.Module):
+    """torchvision's MobileNetV2 block, written out: expand, depthwise, project (+ input)."""
+
+    def __init__(self, c=16, e=64, k=16, stride=1):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(e, e, 3, stride, 1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(e, k, 1, bias=False), nn.BatchNorm2d(k))
+        self.use_residual = stride == 1 and c == k
+
+    def forward(self, x):
+        y = self.project(self.dw(self.expand(x)))
+        return x + y if self.use_residual else y
+
+
+@pytest.mark.parametrize("stride,k", [(1, 16), (2, 24)])
+def test_convert_fuses_inverted_residual_blocks_torch(stride, k):
+    model = randomized(nn.Sequential(InvertedResidualBlock(16, 64, k, stride), nn.ReLU()))
+    converted = pt.convert(model)
+    fused = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
+    assert len(fused) == 1 and fused[0].residual == (stride == 1)
+    assert any("one fused pwcpu InvertedResidual" in line for line in converted.pwcpu_report)
+    x = torch.randn(2, 16, 13, 11).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+    # Like the converted 1x1 layers, the block computes no gradients: a clear error.
+    with pytest.raises(RuntimeError, match="inference module"):
+        converted(x.clone().requires_grad_())
+    # New weights in a part reach the fused call (the ReLU after the block is fused into project).
+    block = fused[0]
+    assert block.project.activation == "relu"
+    block.project.weight = torch.zeros_like(block.project.weight)
+    with torch.inference_mode():
+        y = block(x)
+        expected = torch.relu(block.project.bias.reshape(1, -1, 1, 1) + (x if stride == 1 else 0)).expand_as(y)
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

@@ -35,11 +35,11 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._api import DepthwiseConv, PointwiseConv
+from ._api import DepthwiseConv, InvertedResidual, PointwiseConv
 from ._block import fold_batchnorm
 
-__all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDepthwiseConv2d", "PwcpuLinear",
-           "PwcpuSequential",
+__all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDepthwiseConv2d",
+           "PwcpuInvertedResidual", "PwcpuLinear", "PwcpuSequential",
            "conv1x1", "convert", "pointwise"]
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
@@ -452,6 +452,52 @@ class PwcpuDepthwiseConv2d(_ConvolutionLayer):
                 f"activation={self.activation!r}")
 
 
+class PwcpuInvertedResidual(nn.Module):
+    """An expand -> depthwise -> project chain of converted layers (MobileNetV2's inverted residual
+    block, the input added when ``residual``) run as one fused ``pwcpu.InvertedResidual`` call.
+    The three layers stay its children (their weights are its state, and new weights reach the
+    fused call); under ``torch.compile`` and ``torch.export`` they compute one by one, and like
+    them the block computes no gradients."""
+
+    def __init__(self, expand: PwcpuConv2d, depthwise: PwcpuDepthwiseConv2d, project: PwcpuConv2d,
+                 residual: bool) -> None:
+        super().__init__()
+        self.expand, self.depthwise, self.project = expand, depthwise, project
+        self.residual = residual
+        self._fused: Optional[InvertedResidual] = None
+        self._fused_for: Tuple[int, ...] = ()
+
+    def _block(self) -> InvertedResidual:
+        generations = (self.expand._generation, self.depthwise._generation, self.project._generation)
+        if self._fused is None or self._fused_for != generations:
+            e, d, p = self.expand, self.depthwise, self.project
+            arrays = [None if t is None else t.numpy() for t in
+                      (e._traced_weight, e._traced_bias, d._traced_weight, d._traced_bias, p._traced_weight,
+                       p._traced_bias)]
+            self._fused = InvertedResidual(*arrays, stride=d.stride, padding=d.padding, activation=e.activation,
+                                           project_activation=p.activation, residual=self.residual)
+            self._fused_for = generations
+        return self._fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _eager(x) or (x.requires_grad and torch.is_grad_enabled()) or not _plain_operand(x, 4):
+            y = self.project(self.depthwise(self.expand(x)), x if self.residual else None)
+            return y
+        block = self._block()
+        kh, kw = self.depthwise._traced_weight.shape[1:]
+        (sh, sw), (ph, pw) = self.depthwise.stride, self.depthwise.padding
+        ho = max((x.shape[2] + 2 * ph - kh) // sh + 1, 0)
+        wo = max((x.shape[3] + 2 * pw - kw) // sw + 1, 0)
+        out = torch.empty((x.shape[0], ho, wo, block.out_channels), dtype=torch.float32)
+        block(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy())
+        return out.permute(0, 3, 1, 2)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_fused"] = None  # built again where it is needed
+        return state
+
+
 def _batchnorm_state(bn: nn.BatchNorm2d) -> Tuple[np.ndarray, ...]:
     """(gamma, beta, mean, var) of an inference BatchNorm2d; affine=False means gamma 1, beta 0."""
     k = bn.num_features
@@ -713,10 +759,58 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
             graph.erase_node(erased)
         parts = (["residual add"] if residual is not None else []) + ([activation] if activation else [])
         report.append(f"{node.target}: pwcpu" + (f" (fused {', '.join(parts)})" if parts else ""))
+    _fuse_inverted_residuals(graph_module, report)
     graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
     return graph_module
+
+
+def _fuse_inverted_residuals(graph_module: fx.GraphModule, report: List[str]) -> None:
+    """Chains expand (1x1) -> depthwise -> project (1x1, + the chain's input) of converted layers,
+    each the previous one's only use, with the block's shapes and one activation for the first two,
+    become one PwcpuInvertedResidual."""
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+
+    def layer(node: Optional[fx.Node], kind: type) -> Optional[nn.Module]:
+        if node is None or node.op != "call_module" or node.kwargs:
+            return None
+        module = modules.get(node.target)
+        return module if type(module) is kind else None
+
+    for node in list(graph.nodes):
+        expand = layer(node, PwcpuConv2d)
+        if expand is None or len(node.args) != 1 or expand.groups != 1 or expand.stride != (1, 1) \
+                or expand.padding != (0, 0):
+            continue
+        dw_node = _sole_user(node)
+        depthwise = layer(dw_node, PwcpuDepthwiseConv2d)
+        if depthwise is None or dw_node.args != (node,) or depthwise.activation != expand.activation:
+            continue
+        project_node = _sole_user(dw_node)
+        project = layer(project_node, PwcpuConv2d)
+        if project is None or project.groups != 1 or project.stride != (1, 1) or project.padding != (0, 0) \
+                or project_node.args[0] is not dw_node:
+            continue
+        x = node.args[0]
+        residual = len(project_node.args) == 2
+        if residual and project_node.args[1] is not x:
+            continue
+        kh, kw = depthwise._traced_weight.shape[1:]
+        same = depthwise.stride == (1, 1) and depthwise.padding == ((kh - 1) // 2, (kw - 1) // 2) and kh % 2 == 1 \
+            and kw % 2 == 1 and project._traced_weight.shape[0] == expand._traced_weight.shape[1]
+        if residual and not same:
+            continue
+        fused = PwcpuInvertedResidual(expand, depthwise, project, residual)
+        graph_module.add_submodule(node.target + "_block", fused)
+        with graph.inserting_after(project_node):
+            call = graph.call_module(node.target + "_block", (x,))
+        project_node.replace_all_uses_with(call)
+        for erased in (project_node, dw_node, node):
+            graph.erase_node(erased)
+        report.append(f"{node.target}, {dw_node.target}, {project_node.target}: one fused pwcpu InvertedResidual"
+                      + (" (+ input)" if residual else ""))
 
 
 def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True) -> nn.Module:
