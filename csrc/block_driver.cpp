@@ -17,7 +17,7 @@
 namespace pwcpu {
 
 struct InvertedResidual::Impl {
-    std::unique_ptr<PackedWeights> expand;  // null: the depthwise layer reads x's rows (copied)
+    std::unique_ptr<PackedWeights> expand;  // null: no expansion, the depthwise layer reads x
     std::unique_ptr<DepthwiseWeights> depthwise;
     std::unique_ptr<PackedWeights> project;
     InvertedResidualWeights options;  // shapes, activations, geometry (weight pointers not kept)
@@ -114,6 +114,19 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
     const ConvGeometry& g = o.depthwise_geometry;
     const int64_t sh = g.stride_h;
 
+    if (expand == nullptr) {
+        // Without an expansion there is no wide tensor to keep in cache: the depthwise layer reads x
+        // in place and the two layers run one after the other (copying x's rows into bands costs more).
+        const int64_t count = runtime::checked_mul(runtime::checked_mul(batch * ho, wo, "the block's depthwise output"), e,
+                                                   "the block's depthwise output");
+        runtime::AlignedBuffer filtered = runtime::allocate_floats(
+            runtime::checked_floats(count, "the block's depthwise output"), "the block's depthwise output");
+        const TensorView mid{filtered.get(), {batch, ho, wo, e}, {ho * wo * e, wo * e, e, 1}};
+        depthwise->run(x, mid, nullptr, g, o.depthwise_activation);
+        project->run(mid, out, o.residual ? &x : nullptr, ConvGeometry{}, o.project_activation);
+        return;
+    }
+
     // Band height: the expanded rows of a band, (band - 1) * stride + kh, and its depthwise output
     // fill half of L2 at most.
     const int64_t expanded_row = runtime::checked_mul(w, e, "InvertedResidual's expanded row");
@@ -151,7 +164,7 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
                                  static_cast<size_t>(kept * expanded_row) * sizeof(float));
                 }
                 // Rows [need_lo + kept, need_hi): zeros outside the image (the depthwise padding),
-                // the expansion (or a copy of x) inside.
+                // the expansion inside.
                 const int64_t first = need_lo + kept;
                 const int64_t inside_lo = std::clamp<int64_t>(first, 0, h), inside_hi = std::clamp<int64_t>(need_hi, 0, h);
                 float* base = expanded.get() + kept * expanded_row;
@@ -164,16 +177,7 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
                 if (inside_hi > inside_lo) {
                     const TensorView dst = buffer_view(base + (inside_lo - first) * expanded_row, inside_hi - inside_lo, w, e);
                     const TensorView src = rows_of(x, n, inside_lo, inside_hi - inside_lo);
-                    if (expand != nullptr) {
-                        expand->run(src, dst, nullptr, ConvGeometry{}, o.expand_activation);
-                    } else {
-                        for (int64_t r = 0; r < inside_hi - inside_lo; ++r) {
-                            for (int64_t c = 0; c < w; ++c) {
-                                std::memcpy(dst.data + r * dst.strides[1] + c * e, src.data + r * src.strides[1] + c * src.strides[2],
-                                            static_cast<size_t>(e) * sizeof(float));
-                            }
-                        }
-                    }
+                    expand->run(src, dst, nullptr, ConvGeometry{}, o.expand_activation);
                 }
                 zero_rows(std::max(first, inside_hi), need_hi);
                 have_lo = need_lo;

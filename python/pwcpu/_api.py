@@ -412,7 +412,8 @@ class InvertedResidual:
     output rows: the expanded (E-channel) tensor is never written to memory whole, and each thread
     keeps its band's rows in cache. Weights are taken with BatchNorm already folded in
     (:func:`fold_batchnorm`); ``expand_weight=None`` makes the block MobileNetV2's first one
-    (depthwise straight on x). ``residual=None`` adds the input whenever the shapes allow it
+    (depthwise straight on x, then project: with no wide tensor to keep in cache, the two run one
+    after the other). ``residual=None`` adds the input whenever the shapes allow it
     (stride 1, "same" padding, K == C), as MobileNetV2 does.
     """
 
