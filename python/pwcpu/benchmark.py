@@ -374,6 +374,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pause", type=float, default=0.1,
                         help="seconds to let thread pools go idle between implementations (threads > 1); "
                              "OpenBLAS's threads spin for about 60 ms after each call")
+    parser.add_argument("--depthwise", action="store_true",
+                        help="instead of 1x1 layers: MobileNetV2's and EfficientNet-B0's depthwise layers, "
+                             "against --peers among torch.conv2d, onnxruntime and tflite")
     parser.add_argument("--models", action="store_true",
                         help="instead of single layers: whole PyTorch models (ours, and torchvision's when installed) "
                              "converted with pwcpu.torch.convert, against PyTorch and ONNX Runtime (needs torch)")
@@ -499,6 +502,128 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
     return results
 
 
+# Depthwise layers of MobileNetV2 and EfficientNet-B0 at 224x224: (network, H = W, C, kernel, stride).
+DEPTHWISE_LAYERS = [
+    ("mobilenetv2", 112, 32, 3, 1), ("mobilenetv2", 112, 96, 3, 2), ("mobilenetv2", 56, 144, 3, 1),
+    ("mobilenetv2", 56, 144, 3, 2), ("mobilenetv2", 28, 192, 3, 1), ("mobilenetv2", 28, 192, 3, 2),
+    ("mobilenetv2", 14, 384, 3, 1), ("mobilenetv2", 14, 576, 3, 1), ("mobilenetv2", 14, 576, 3, 2),
+    ("mobilenetv2", 7, 960, 3, 1),
+    ("efficientnet_b0", 56, 144, 5, 2), ("efficientnet_b0", 28, 240, 5, 1), ("efficientnet_b0", 28, 240, 3, 2),
+    ("efficientnet_b0", 14, 480, 3, 1), ("efficientnet_b0", 14, 480, 5, 1), ("efficientnet_b0", 14, 672, 5, 1),
+    ("efficientnet_b0", 14, 672, 5, 2), ("efficientnet_b0", 7, 1152, 5, 1), ("efficientnet_b0", 7, 1152, 3, 1),
+]
+
+
+def _depthwise_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int, threads: int,
+                       peers: Sequence[str]) -> Dict[str, Runner]:
+    """pwcpu's DepthwiseConv and each available peer on NHWC x, weight (C, k, k), bias, zero padding."""
+    from . import DepthwiseConv
+
+    layer = DepthwiseConv(w, b, stride=stride, padding=pad)
+    out = layer(x)
+    runners: Dict[str, Runner] = {"pwcpu": lambda: layer(x, out=out)}
+    c, k = w.shape[0], w.shape[1]
+    if "torch.conv2d" in peers:
+        import torch
+        import torch.nn.functional as F
+
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+        wt = torch.from_numpy(w)[:, None].contiguous(memory_format=torch.channels_last)
+        bt = torch.from_numpy(b)
+
+        def torch_run():
+            with torch.inference_mode():
+                return F.conv2d(xt, wt, bt, stride, pad, 1, c).permute(0, 2, 3, 1)
+        runners["torch.conv2d"] = torch_run
+    if "onnxruntime" in peers:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        ho = (x.shape[1] + 2 * pad - k) // stride + 1
+        node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], strides=[stride] * 2,
+                                pads=[pad] * 4, group=c)
+        graph = helper.make_graph(
+            [node], "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, x.shape[1], x.shape[2]])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, ho, ho])],
+            initializer=[numpy_helper.from_array(w[:, None], "w"), numpy_helper.from_array(b, "b")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = min(model.ir_version, 9)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        runners["onnxruntime"] = lambda: session.run(None, {"x": x_nchw})[0].transpose(0, 2, 3, 1)
+    if "tflite" in peers:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import tensorflow as tf
+
+        filters = tf.constant(np.ascontiguousarray(w.transpose(1, 2, 0))[:, :, :, None])  # (k, k, C, 1)
+        bias = tf.constant(b)
+
+        @tf.function(input_signature=[tf.TensorSpec(x.shape, tf.float32)])
+        def depthwise(v):
+            return tf.nn.depthwise_conv2d(v, filters, [1, stride, stride, 1],
+                                          padding=[[0, 0], [pad, pad], [pad, pad], [0, 0]]) + bias
+
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([depthwise.get_concrete_function()], depthwise)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=threads)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        output_index = interpreter.get_output_details()[0]["index"]
+
+        def tflite_run():
+            interpreter.invoke()
+            return interpreter.get_tensor(output_index)
+        runners["tflite"] = tflite_run
+    return runners
+
+
+def bench_depthwise(threads_list: Sequence[int], peers: Sequence[str], min_seconds: float, rounds: int,
+                    pause: float) -> List[Dict]:
+    """MobileNetV2's and EfficientNet-B0's depthwise layers (bias, no activation: what every peer
+    fuses alike): pwcpu's DepthwiseConv against PyTorch's conv2d(groups=C) on channels_last, ONNX
+    Runtime's grouped Conv and TFLite's DEPTHWISE_CONV_2D (XNNPACK); each checked against the float64
+    reference, then timed alternating in rounds."""
+    from . import reference
+
+    peers = [p for p in peers if p in ("torch.conv2d", "onnxruntime", "tflite")]
+    rng = np.random.default_rng(0)
+    results = []
+    for threads in threads_list:
+        print(f"\n{threads} thread(s): depthwise layers, microseconds per call (pwcpu's speedup over each peer)")
+        speedups = []
+        with fixed_threads(threads):
+            for network, hw, c, k, stride in DEPTHWISE_LAYERS:
+                x = rng.standard_normal((1, hw, hw, c)).astype(np.float32)
+                w = (rng.standard_normal((c, k, k)) / k).astype(np.float32)
+                b = rng.standard_normal(c).astype(np.float32)
+                pad = k // 2
+                runners = _depthwise_runners(x, w, b, stride, pad, threads, peers)
+                expected = reference.depthwise_conv2d(x, w, b, stride=stride, padding=pad)
+                for name, run in runners.items():
+                    np.testing.assert_allclose(np.asarray(run()), expected, rtol=1e-4, atol=1e-4, err_msg=name)
+                seconds = time_runners(runners, min_seconds, rounds, pause if threads > 1 else 0.0)
+                label = f"{network} {hw}x{hw}x{c} {k}x{k}/{stride}"
+                others = {n: t for n, t in seconds.items() if n != "pwcpu"}
+                best = min(others.values()) if others else None
+                if best is not None:
+                    speedups.append(best / seconds["pwcpu"])
+                results.append({"layer": label, "threads": threads, "us": {n: t * 1e6 for n, t in seconds.items()},
+                                "ratio_to_fastest_peer": None if best is None else best / seconds["pwcpu"]})
+                line = "   ".join(f"{n} {t * 1e6:8.1f}" + (f" ({t / seconds['pwcpu']:.2f}x)" if n != "pwcpu" else "")
+                                  for n, t in seconds.items())
+                print(f"{label:<36} {line}", flush=True)
+        if speedups:
+            geomean = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
+            print(f"{threads} thread(s): pwcpu over the fastest peer: geometric mean {geomean:.2f}x, "
+                  f"lowest {min(speedups):.2f}x, {sum(v >= 1 for v in speedups)} of {len(speedups)} layers at or above")
+    return results
+
+
 def bench_overhead(threads_list: Sequence[int], min_seconds: float, rounds: int) -> List[Dict]:
     """The PyTorch bridge's cost per call: a converted layer called eagerly on a channels_last
     tensor against PointwiseConv called from NumPy on the same memory, and PyTorch's own conv."""
@@ -573,6 +698,17 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"runtime": info, "epilogue": results}, f, indent=1)
+        return 0
+    if args.depthwise:
+        print(f"pwcpu {info['version']}: ISA {info['isa']}, kernel {info['kernel_depthwise']}; {info.get('cpu_model', '')}")
+        requested = list(PEERS) if args.peers == "all" else [] if args.peers == "none" else args.peers.split(",")
+        peers, missing = available_peers([p for p in requested if p in PEERS])
+        for name, note in missing.items():
+            print(f"skipped {name}: {note}")
+        results = bench_depthwise(threads_list, peers, args.seconds, args.rounds, args.pause)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runtime": info, "depthwise": results}, f, indent=1)
         return 0
     if args.models or args.overhead:
         print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
