@@ -41,3 +41,11 @@ def test_torch_overhead_run(tmp_path):
     data, _ = bench(tmp_path, "--overhead")
     assert {r["layer"] for r in data["overhead"]} >= {"64->16 1x1", "576->96 14x14"}
     assert all(r["us"]["converted"] > 0 for r in data["overhead"])
+
+
+def test_depthwise_run_checks_and_times_every_layer(tmp_path):
+    data, stdout = bench(tmp_path, "--depthwise", "--peers", "none")
+    layers = data["depthwise"]
+    assert len(layers) == 19 and all(r["us"]["pwcpu"] > 0 for r in layers)
+    assert data["runtime"]["kernel_depthwise"] in stdout
+    assert "efficientnet_b0 7x7x1152 5x5/1" in stdout
