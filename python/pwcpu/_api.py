@@ -243,14 +243,12 @@ def depthwise_conv2d(
     return _core.DepthwisePlan(w, b, *stride_hw, *padding_hw, code, False).conv(x, residual, out)
 
 
-class _PackedLayer:
-    """What the prepacked layers share: options, private weights and the call."""
+class _LayerOptions:
+    """The options every layer reports: stride, padding and activation."""
 
     _stride: Tuple[int, int]
     _padding: Tuple[int, int]
     _activation: Optional[str]
-    _weight: np.ndarray
-    _bias: Optional[np.ndarray]
 
     @property
     def stride(self) -> Tuple[int, int]:
@@ -263,6 +261,13 @@ class _PackedLayer:
     @property
     def activation(self) -> Optional[str]:
         return self._activation
+
+
+class _PackedLayer(_LayerOptions):
+    """What the prepacked convolutions share: private weights and the call."""
+
+    _weight: np.ndarray
+    _bias: Optional[np.ndarray]
 
     @property
     def weight(self) -> np.ndarray:
@@ -403,7 +408,7 @@ def _rebuild_depthwise_conv(weight, bias, stride, padding, activation) -> Depthw
     return DepthwiseConv(weight, bias, stride=stride, padding=padding, activation=activation)
 
 
-class InvertedResidual:
+class InvertedResidual(_LayerOptions):
     """MobileNetV2's inverted residual block, fused into one call.
 
     ``y = project(depthwise(expand(x)))`` (+ ``x`` when ``residual``), each stage a convolution
@@ -478,14 +483,6 @@ class InvertedResidual:
     @property
     def out_channels(self) -> int:
         return self._plan.out_channels
-
-    @property
-    def stride(self) -> Tuple[int, int]:
-        return self._stride
-
-    @property
-    def padding(self) -> Tuple[int, int]:
-        return self._padding
 
     @property
     def residual(self) -> bool:
