@@ -187,3 +187,11 @@ def test_errors(rng, call, error, match):
     x, w = data(rng, (1, 5, 5, 8)), data(rng, (8, 3, 3))
     with pytest.raises(error, match=match):
         call(x, w)
+
+
+def test_absurd_sizes_are_errors_not_crashes():
+    one = np.ones(1, np.float32)
+    with pytest.raises((MemoryError, ValueError)):
+        pwcpu.DepthwiseConv(np.broadcast_to(one.reshape(1, 1, 1), (2**40, 3, 3)))
+    with pytest.raises((MemoryError, ValueError)):
+        pwcpu.depthwise_conv2d(np.broadcast_to(one, (1, 2**40, 2**20, 4)), np.ones((4, 3, 3), np.float32))

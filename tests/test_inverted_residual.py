@@ -132,3 +132,14 @@ def test_errors(rng):
     x = data(rng, 1, 5, 5, 16)
     with pytest.raises(ValueError, match="out must have shape"):
         block(x, out=np.zeros((1, 5, 5, 16), np.float32))
+
+
+def test_absurd_sizes_are_errors_not_crashes():
+    one = np.ones((1, 1), np.float32)
+    with pytest.raises((MemoryError, ValueError)):
+        pwcpu.InvertedResidual(np.broadcast_to(one, (2**33, 4)), None, np.broadcast_to(one[..., None], (2**33, 3, 3)),
+                               None, np.broadcast_to(one, (4, 2**33)))
+    block = pwcpu.InvertedResidual(np.ones((8, 4), np.float32), None, np.ones((8, 3, 3), np.float32), None,
+                                   np.ones((4, 8), np.float32))
+    with pytest.raises((MemoryError, ValueError)):
+        block(np.broadcast_to(np.ones(1, np.float32), (1, 3, 2**60, 4)))
