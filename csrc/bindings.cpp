@@ -588,7 +588,7 @@ public:
 
 private:
     void run(const TensorView& x, const TensorView& out, const TensorView*) override {
-        if (block_->isa() != std::string(pwcpu::active_isa())) pack();
+        if (block_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
         const std::shared_ptr<const pwcpu::InvertedResidual> block = block_;
         py::gil_scoped_release release;
         block->run(x, out);

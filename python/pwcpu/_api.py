@@ -99,12 +99,12 @@ def _weight_matrix(weight, groups: int, name: str = "weight") -> np.ndarray:
     return w
 
 
-def _bias_vector(bias, out_channels: int) -> Optional[np.ndarray]:
+def _bias_vector(bias, out_channels: int, name: str = "bias") -> Optional[np.ndarray]:
     if bias is None:
         return None
-    b = _float32_array("bias", bias)
+    b = _float32_array(name, bias)
     if b.shape != (out_channels,):
-        raise ValueError(f"bias must have shape ({out_channels},) to match weight, got {b.shape}")
+        raise ValueError(f"{name} must have shape ({out_channels},) to match weight, got {b.shape}")
     return b
 
 
@@ -450,15 +450,10 @@ class InvertedResidual(_LayerOptions):
         if pw.shape[1] != hidden:
             raise ValueError(f"project_weight takes {pw.shape[1]} channels but depthwise_weight has {hidden} filters")
         in_channels = hidden if ew is None else ew.shape[1]
-        biases = []
-        for name, b, n in (("expand_bias", expand_bias, hidden), ("depthwise_bias", depthwise_bias, hidden),
-                           ("project_bias", project_bias, pw.shape[0])):
-            if b is not None:
-                b = _float32_array(name, b)
-                if b.shape != (n,):
-                    raise ValueError(f"{name} must have shape ({n},), got {b.shape}")
-                b = _frozen_copy(b)
-            biases.append(b)
+        biases = [_bias_vector(b, n, name) for name, b, n in (
+            ("expand_bias", expand_bias, hidden), ("depthwise_bias", depthwise_bias, hidden),
+            ("project_bias", project_bias, pw.shape[0]))]
+        biases = [None if b is None else _frozen_copy(b) for b in biases]
         self._stride = _pair("stride", stride, 1)
         self._padding = (kh // 2, kw // 2) if padding is None else _pair("padding", padding, 0)
         codes = (_activation_code(activation), _activation_code(project_activation))

@@ -96,9 +96,10 @@ def _check_operands(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], 
         raise ValueError(f"{op}: x must have shape {x_form}, got {tuple(x.shape)}")
 
 
-def _output_hw(x: Tensor, stride: Sequence[int], padding: Sequence[int]) -> Tuple[int, int]:
-    h, w = x.shape[2], x.shape[3]
-    return (h + 2 * padding[0] - 1) // stride[0] + 1, (w + 2 * padding[1] - 1) // stride[1] + 1
+def _output_hw(x: Tensor, stride: Sequence[int], padding: Sequence[int],
+               kernel: Sequence[int] = (1, 1)) -> Tuple[int, int]:
+    """(Ho, Wo) of a convolution of NCHW-shaped x with zero padding."""
+    return tuple(max((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1, 0) for d in (0, 1))
 
 
 def _run_conv(layer: PointwiseConv, x: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -439,9 +440,7 @@ class PwcpuDepthwiseConv2d(_ConvolutionLayer):
         if not _plain_operand(x, 4):
             _check_operands("PwcpuDepthwiseConv2d", x, self._traced_weight, None, None, 4, "(N, C, H, W)")
         layer = self._layer
-        kh, kw = layer.kernel_size
-        ho = max((x.shape[2] + 2 * self.padding[0] - kh) // self.stride[0] + 1, 0)
-        wo = max((x.shape[3] + 2 * self.padding[1] - kw) // self.stride[1] + 1, 0)
+        ho, wo = _output_hw(x, self.stride, self.padding, layer.kernel_size)
         out = torch.empty((x.shape[0], ho, wo, layer.channels), dtype=torch.float32)
         layer(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy())
         return out.permute(0, 3, 1, 2)
@@ -484,10 +483,8 @@ class PwcpuInvertedResidual(nn.Module):
             y = self.project(self.depthwise(self.expand(x)), x if self.residual else None)
             return y
         block = self._block()
-        kh, kw = self.depthwise._traced_weight.shape[1:]
-        (sh, sw), (ph, pw) = self.depthwise.stride, self.depthwise.padding
-        ho = max((x.shape[2] + 2 * ph - kh) // sh + 1, 0)
-        wo = max((x.shape[3] + 2 * pw - kw) // sw + 1, 0)
+        dw = self.depthwise
+        ho, wo = _output_hw(x, dw.stride, dw.padding, tuple(dw._traced_weight.shape[1:]))
         out = torch.empty((x.shape[0], ho, wo, block.out_channels), dtype=torch.float32)
         block(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy())
         return out.permute(0, 3, 1, 2)
