@@ -56,7 +56,8 @@ def check(block, x, w, stride, padding, activation="relu6", project_activation=N
 
 
 # MobileNetV2's block kinds (smaller images): expand + stride 2; expand + residual; no expansion;
-# a 5x5 kernel (EfficientNet) with stride 2; a wide projection without residual.
+# a 5x5 kernel (EfficientNet) with stride 2; a wide projection without residual. The last two have
+# weights larger than their activations and run their stages in turn; the others run in bands.
 CASES = [
     (2, 13, 15, 16, 96, 24, 3, 2, True),
     (1, 14, 14, 24, 144, 24, 3, 1, True),

@@ -413,9 +413,11 @@ class InvertedResidual(_LayerOptions):
 
     ``y = project(depthwise(expand(x)))`` (+ ``x`` when ``residual``), each stage a convolution
     with its bias and activation: 1x1 expand (C -> E) + ``activation``, depthwise kh x kw (stride,
-    padding) + ``activation``, 1x1 project (E -> K) + ``project_activation``. Computed in bands of
-    output rows: the expanded (E-channel) tensor is never written to memory whole, and each thread
-    keeps its band's rows in cache. Weights are taken with BatchNorm already folded in
+    padding) + ``activation``, 1x1 project (E -> K) + ``project_activation``. On large maps it is
+    computed in bands of output rows: the expanded (E-channel) tensor is never written to memory
+    whole, and each thread keeps its band's rows in cache. Where the 1x1 weights outweigh the
+    activations (small maps, wide layers) the stages run in turn on whole tensors instead, as
+    re-reading the weights for every band would cost more than it saves. Weights are taken with BatchNorm already folded in
     (:func:`fold_batchnorm`); ``expand_weight=None`` makes the block MobileNetV2's first one
     (depthwise straight on x, then project: with no wide tensor to keep in cache, the two run one
     after the other). ``residual=None`` adds the input whenever the shapes allow it
