@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import pwcpu
+from pwcpu import reference
 from helpers import check_conv, randn
 
 CHANNELS = [1, 2, 3, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 255, 257, 1000]
@@ -196,6 +197,26 @@ def test_nan_and_inf_propagate(isa, rng):
         y = pwcpu.conv1x1(x, weight, activation=activation)
         assert np.all(np.isnan(y[0, 1, 1])), activation
         assert not np.isnan(y[0, 0]).any(), activation
+
+
+def test_activations_over_the_whole_float_range(isa):
+    """Each nonlinear activation on values from the smallest to the largest float32, through an
+    identity weight (so z = x exactly), within the stated bound of the reference, and the limits
+    PyTorch gives at the extremes: silu(-inf) is NaN, sigmoid(-inf) 0, gelu(+inf) inf."""
+    magnitudes = np.geomspace(1e-30, 3e38, 2000)
+    z = np.concatenate([-magnitudes, [0.0], magnitudes, np.linspace(-100, 100, 4001)]).astype(np.float32)
+    for activation in sorted(set(ACTIVATION_NAMES) - {None, "relu", "relu6"}):
+        y = pwcpu.pointwise(z[:, None], np.ones((1, 1), np.float32), activation=activation)[:, 0]
+        with np.errstate(all="ignore"):
+            want = reference.ACTIVATION_FUNCTIONS[activation](z.astype(np.float64))
+        error = np.abs(y - want)
+        assert (error <= 4e-7 * (np.abs(z) + 1.0)).all(), (activation, z[error.argmax()], y[error.argmax()])
+    limits = pwcpu.pointwise(np.array([[-np.inf], [np.inf]], np.float32), np.ones((1, 1), np.float32),
+                             activation="silu")[:, 0]
+    assert np.isnan(limits[0]) and limits[1] == np.inf
+    edges = np.array([[-np.inf], [np.inf]], np.float32)
+    np.testing.assert_array_equal(pwcpu.pointwise(edges, np.ones((1, 1), np.float32), activation="sigmoid")[:, 0], [0, 1])
+    np.testing.assert_array_equal(pwcpu.pointwise(edges, np.ones((1, 1), np.float32), activation="gelu")[1:, 0], [np.inf])
 
 
 class TestPointwiseConv:

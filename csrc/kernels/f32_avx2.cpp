@@ -48,11 +48,7 @@ struct Vec {
     static R max(R a, R b) { return _mm256_max_ps(a, b); }
     static R min(R a, R b) { return _mm256_min_ps(a, b); }
     static R abs(R a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
-    static R round(R a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-    static R pow2(R n) {
-        const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-        return _mm256_castsi256_ps(bits);
-    }
+    static R low_bits_to_exponent(R a) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(a), 23)); }
     static R dup4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
     template <int J>
     static R lane(R v) { return _mm256_permute_ps(v, J * 0x55); }

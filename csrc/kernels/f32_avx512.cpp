@@ -34,11 +34,7 @@ struct Vec {
     static R max(R a, R b) { return _mm512_max_ps(a, b); }
     static R min(R a, R b) { return _mm512_min_ps(a, b); }
     static R abs(R a) { return _mm512_abs_ps(a); }
-    static R round(R a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-    static R pow2(R n) {
-        const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-        return _mm512_castsi512_ps(bits);
-    }
+    static R low_bits_to_exponent(R a) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(a), 23)); }
     static R dup4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
     template <int J>
     static R lane(R v) { return _mm512_permute_ps(v, J * 0x55); }

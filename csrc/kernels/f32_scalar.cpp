@@ -1,6 +1,8 @@
 // Portable microkernels: plain C++ over small fixed-size arrays, which the compiler may
 // auto-vectorise for the baseline target. Runs on every CPU; every test can force it.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 
 #include <array>
 #include <utility>
@@ -39,9 +41,15 @@ struct Vec {
     static R max(R a, R b) { return map([&](int i) { return a.lane[i] > b.lane[i] ? a.lane[i] : b.lane[i]; }); }
     static R min(R a, R b) { return map([&](int i) { return a.lane[i] < b.lane[i] ? a.lane[i] : b.lane[i]; }); }
     static R abs(R a) { return map([&](int i) { return std::fabs(a.lane[i]); }); }
-    static R round(R a) { return map([&](int i) { return std::nearbyint(a.lane[i]); }); }
-    static R pow2(R n) {
-        return map([&](int i) { return std::isnan(n.lane[i]) ? n.lane[i] : std::ldexp(1.0f, static_cast<int>(n.lane[i])); });
+    static R low_bits_to_exponent(R a) {
+        return map([&](int i) {
+            uint32_t bits;
+            std::memcpy(&bits, &a.lane[i], sizeof bits);
+            bits <<= 23;
+            float shifted;
+            std::memcpy(&shifted, &bits, sizeof bits);
+            return shifted;
+        });
     }
     static R dup4(const float* p) { return load(p); }
     template <int J>
