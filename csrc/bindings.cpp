@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <type_traits>
 #include <vector>
 
 #include "pwcpu/pwcpu.hpp"
@@ -463,15 +464,20 @@ private:
     std::shared_ptr<const pwcpu::PackedWeights> packed_;
 };
 
-// A depthwise convolution: weight (C, kh, kw), NHWC data.
-class DepthwisePlan : public OperatorPlan {
+// A convolution over kh x kw windows, NHWC data: depthwise (weight (C, kh, kw)) or dense (weight
+// (K, C, kh, kw)), packed by the core's DepthwiseWeights or DenseConvWeights.
+template <class Weights>
+class WindowPlan : public OperatorPlan {
+    static constexpr bool kDense = std::is_same_v<Weights, pwcpu::DenseConvWeights>;
+    static constexpr int kDims = kDense ? 4 : 3;
+
 public:
-    DepthwisePlan(const py::array& weight, const py::object& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
-                  int64_t pad_w, int activation, bool weights_private)
+    WindowPlan(const py::array& weight, const py::object& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+               int64_t pad_w, int activation, bool weights_private)
         : OperatorPlan(float32_array(weight, "weight"), bias, weights_private, pwcpu::Layout::nhwc),
           geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation) {
-        if (weight_.ndim() != 3) throw py::value_error("weight must be 3-D (C, kh, kw)");
-        if (weight_.shape(1) < 1 || weight_.shape(2) < 1) throw py::value_error("the kernel must be at least 1x1");
+        if (weight_.ndim() != kDims) throw py::value_error(kDense ? "weight must be 4-D (K, C, kh, kw)" : "weight must be 3-D (C, kh, kw)");
+        if (weight_.shape(kDims - 2) < 1 || weight_.shape(kDims - 1) < 1) throw py::value_error("the kernel must be at least 1x1");
         if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
         if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
             throw py::value_error("invalid activation code");
@@ -479,31 +485,33 @@ public:
         weight_contiguous_ = numpy().attr("ascontiguousarray")(weight_);
         if (!bias_.is_none()) {
             py::array b = float32_array(bias_, "bias");
-            if (b.ndim() != 1 || b.shape(0) != weight_.shape(0)) throw py::value_error("bias must have C elements");
+            if (b.ndim() != 1 || b.shape(0) != weight_.shape(0)) throw py::value_error("bias must have one value per filter");
             bias_contiguous_ = numpy().attr("ascontiguousarray")(b);
         }
         pack();
     }
 
-    int64_t channels() const { return weight_.shape(0); }
-    const pwcpu::DepthwiseWeights& packed() const { return *packed_; }
+    int64_t out_channels() const { return weight_.shape(0); }
+    int64_t in_channels() const { return weight_.shape(kDense ? 1 : 0); }
+    const Weights& packed() const { return *packed_; }
 
     py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
         const py::array x = float32_array(x_in, "x");
         if (x.ndim() != 4) throw py::value_error("x must have shape (N, H, W, C), got shape " + text(x.attr("shape")));
-        if (x.shape(3) != channels()) {
-            throw py::value_error("x has " + std::to_string(x.shape(3)) + " channels but the weight has C = " +
-                                  std::to_string(channels()) + " filters");
+        if (x.shape(3) != in_channels()) {
+            throw py::value_error("x has " + std::to_string(x.shape(3)) + " channels but the weight " +
+                                  (kDense ? "takes C = " : "has C = ") + std::to_string(in_channels()) +
+                                  (kDense ? "" : " filters"));
         }
-        const py::ssize_t ho = pwcpu::conv_output_size(x.shape(1), geometry_.pad_h, geometry_.stride_h, weight_.shape(1));
-        const py::ssize_t wo = pwcpu::conv_output_size(x.shape(2), geometry_.pad_w, geometry_.stride_w, weight_.shape(2));
-        return execute(x, residual, out, {x.shape(0), ho, wo, channels()}, false);
+        const py::ssize_t ho = pwcpu::conv_output_size(x.shape(1), geometry_.pad_h, geometry_.stride_h, weight_.shape(kDims - 2));
+        const py::ssize_t wo = pwcpu::conv_output_size(x.shape(2), geometry_.pad_w, geometry_.stride_w, weight_.shape(kDims - 1));
+        return execute(x, residual, out, {x.shape(0), ho, wo, out_channels()}, false);
     }
 
 private:
     void run(const TensorView& x, const TensorView& out, const TensorView* residual) override {
         if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
-        const std::shared_ptr<const pwcpu::DepthwiseWeights> packed = packed_;
+        const std::shared_ptr<const Weights> packed = packed_;
         py::gil_scoped_release release;
         packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
     }
@@ -511,11 +519,15 @@ private:
     void pack() {
         const float* w = static_cast<const float*>(weight_contiguous_.data());
         const float* b = bias_contiguous_.is_none() ? nullptr : static_cast<const float*>(py::array(bias_contiguous_).data());
-        const int64_t c = weight_.shape(0), kh = weight_.shape(1), kw = weight_.shape(2);
-        std::shared_ptr<const pwcpu::DepthwiseWeights> packed;
+        const int64_t kh = weight_.shape(kDims - 2), kw = weight_.shape(kDims - 1);
+        std::shared_ptr<const Weights> packed;
         {
             py::gil_scoped_release release;
-            packed = std::make_shared<const pwcpu::DepthwiseWeights>(w, c, kh, kw, b);
+            if constexpr (kDense) {
+                packed = std::make_shared<const Weights>(w, out_channels(), in_channels(), kh, kw, b);
+            } else {
+                packed = std::make_shared<const Weights>(w, out_channels(), kh, kw, b);
+            }
         }
         packed_ = std::move(packed);
     }
@@ -524,8 +536,11 @@ private:
     py::object bias_contiguous_ = py::none();
     pwcpu::ConvGeometry geometry_;
     int activation_;
-    std::shared_ptr<const pwcpu::DepthwiseWeights> packed_;
+    std::shared_ptr<const Weights> packed_;
 };
+
+using DepthwisePlan = WindowPlan<pwcpu::DepthwiseWeights>;
+using DenseConvPlan = WindowPlan<pwcpu::DenseConvWeights>;
 
 // A fused inverted residual block; its weights are private (the Python class keeps frozen copies).
 class BlockPlan : public OperatorPlan {
@@ -645,7 +660,17 @@ PYBIND11_MODULE(_core, m) {
         .def("conv", &DepthwisePlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def_property_readonly("isa", [](const DepthwisePlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const DepthwisePlan& p) { return p.packed().kernel_name(); })
-        .def_property_readonly("channels", &DepthwisePlan::channels);
+        .def_property_readonly("channels", &DepthwisePlan::out_channels);
+
+    py::class_<DenseConvPlan>(m, "DenseConvPlan")
+        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int, bool>(),
+             py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
+             py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"))
+        .def("conv", &DenseConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def_property_readonly("isa", [](const DenseConvPlan& p) { return p.packed().isa(); })
+        .def_property_readonly("kernel", [](const DenseConvPlan& p) { return p.packed().kernel_name(); })
+        .def_property_readonly("out_channels", &DenseConvPlan::out_channels)
+        .def_property_readonly("in_channels", &DenseConvPlan::in_channels);
 
     py::class_<BlockPlan>(m, "BlockPlan")
         .def(py::init<const py::object&, const py::object&, const py::array&, const py::object&, const py::array&,

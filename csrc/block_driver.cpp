@@ -83,20 +83,6 @@ void InvertedResidual::run(const TensorView& x, const TensorView& out) const {
 
 namespace {
 
-// Rows [first, first + count) of image n of an NHWC view, as a one-image view.
-TensorView rows_of(const TensorView& v, int64_t n, int64_t first, int64_t count) {
-    TensorView r = v;
-    r.data = v.data + n * v.strides[0] + first * v.strides[1];
-    r.shape[0] = 1;
-    r.shape[1] = count;
-    return r;
-}
-
-// A contiguous (rows, width, channels) buffer as a one-image view.
-TensorView buffer_view(float* data, int64_t rows, int64_t width, int64_t channels) {
-    return TensorView{data, {1, rows, width, channels}, {rows * width * channels, width * channels, channels, 1}};
-}
-
 // The calling thread's count for the duration of a scope: the layers called inside a worker run on
 // that worker alone.
 struct ThreadsForThisThread {
@@ -196,20 +182,20 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
                 };
                 zero_rows(first, std::min(need_hi, std::max(first, inside_lo)));
                 if (inside_hi > inside_lo) {
-                    const TensorView dst = buffer_view(base + (inside_lo - first) * expanded_row, inside_hi - inside_lo, w, e);
-                    const TensorView src = rows_of(x, n, inside_lo, inside_hi - inside_lo);
+                    const TensorView dst = runtime::buffer_view(base + (inside_lo - first) * expanded_row, inside_hi - inside_lo, w, e);
+                    const TensorView src = runtime::rows_of(x, n, inside_lo, inside_hi - inside_lo);
                     expand->run(src, dst, nullptr, ConvGeometry{}, o.expand_activation);
                 }
                 zero_rows(std::max(first, inside_hi), need_hi);
                 have_lo = need_lo;
                 have_hi = need_hi;
 
-                const TensorView dw_in = buffer_view(expanded.get(), need_hi - need_lo, w, e);
-                const TensorView dw_out = buffer_view(filtered.get(), rows_out, wo, e);
+                const TensorView dw_in = runtime::buffer_view(expanded.get(), need_hi - need_lo, w, e);
+                const TensorView dw_out = runtime::buffer_view(filtered.get(), rows_out, wo, e);
                 depthwise->run(dw_in, dw_out, nullptr, ConvGeometry{sh, g.stride_w, 0, g.pad_w}, o.depthwise_activation);
                 TensorView identity;
-                if (o.residual) identity = rows_of(x, n, oh0, rows_out);  // stride 1, "same": x's rows align with out's
-                project->run(dw_out, rows_of(out, n, oh0, rows_out), o.residual ? &identity : nullptr, ConvGeometry{},
+                if (o.residual) identity = runtime::rows_of(x, n, oh0, rows_out);  // stride 1, "same": x's rows align with out's
+                project->run(dw_out, runtime::rows_of(out, n, oh0, rows_out), o.residual ? &identity : nullptr, ConvGeometry{},
                              o.project_activation);
             }
             row = image_end;

@@ -95,4 +95,18 @@ private:
 // (H, W) plane must be; x is gathered, so any strides do. Throws std::invalid_argument naming `name`.
 void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial);
 
+// Rows [first, first + count) of image n of an NHWC view, as a one-image view.
+inline TensorView rows_of(const TensorView& v, int64_t n, int64_t first, int64_t count) {
+    TensorView r = v;
+    r.data = v.data + n * v.strides[0] + first * v.strides[1];
+    r.shape[0] = 1;
+    r.shape[1] = count;
+    return r;
+}
+
+// A contiguous (rows, width, channels) buffer as a one-image view.
+inline TensorView buffer_view(float* data, int64_t rows, int64_t width, int64_t channels) {
+    return TensorView{data, {1, rows, width, channels}, {rows * width * channels, width * channels, channels, 1}};
+}
+
 }  // namespace pwcpu::runtime

@@ -5,7 +5,17 @@ The core is C++ SIMD/OpenMP microkernels (AVX-512, AVX2 and a portable path, cho
 """
 
 from . import _core, reference
-from ._api import ACTIVATIONS, DepthwiseConv, InvertedResidual, PointwiseConv, conv1x1, depthwise_conv2d, pointwise
+from ._api import (
+    ACTIVATIONS,
+    DenseConv,
+    DepthwiseConv,
+    InvertedResidual,
+    PointwiseConv,
+    conv1x1,
+    conv2d,
+    depthwise_conv2d,
+    pointwise,
+)
 from ._block import PointwiseConvBlock, fold_batchnorm
 from ._runtime import get_num_threads, num_threads, runtime_info, set_num_threads, show_runtime
 
@@ -15,12 +25,14 @@ _core.active_isa()  # an unknown or unsupported PWCPU_ISA is an error at import,
 
 __all__ = [
     "ACTIVATIONS",
+    "DenseConv",
     "DepthwiseConv",
     "InvertedResidual",
     "PointwiseConv",
     "PointwiseConvBlock",
     "__version__",
     "conv1x1",
+    "conv2d",
     "depthwise_conv2d",
     "fold_batchnorm",
     "get_num_threads",

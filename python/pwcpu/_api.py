@@ -122,6 +122,16 @@ def _depthwise_filters(weight, name: str = "weight") -> np.ndarray:
     return w
 
 
+def _dense_filters(weight, name: str = "weight") -> np.ndarray:
+    """``weight`` as (K, C, kh, kw) float32, PyTorch's layout for a dense convolution."""
+    w = _float32_array(name, weight)
+    if w.ndim != 4:
+        raise ValueError(f"{name} must have shape (K, C, kh, kw); got shape {w.shape}")
+    if w.shape[2] < 1 or w.shape[3] < 1:
+        raise ValueError(f"{name}'s kernel must be at least 1x1, got {w.shape[2]}x{w.shape[3]}")
+    return w
+
+
 # ---- the operations ------------------------------------------------------------------------
 
 
@@ -243,6 +253,47 @@ def depthwise_conv2d(
     return _core.DepthwisePlan(w, b, *stride_hw, *padding_hw, code, False).conv(x, residual, out)
 
 
+def conv2d(
+    x,
+    weight,
+    bias=None,
+    *,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    activation: Optional[str] = None,
+    residual=None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Dense convolution of an NHWC float32 tensor, as a network's stem or ResNet's 3x3 layers.
+
+    ``y[n, oh, ow, k] = activation(sum_ijc x[n, oh*sh - ph + i, ow*sw - pw + j, c] * w[k, c, i, j]
+    + bias[k] + residual)``, with zero padding, as PyTorch's ``conv2d`` (groups 1, dilation 1).
+    Computed by the 1x1 kernels over im2col rows (each output pixel's kh x kw x C window), built
+    a band of output rows at a time.
+
+    Parameters
+    ----------
+    x : array_like, float32, shape (N, H, W, C)
+        Views with a contiguous channel axis are read in place; others are copied first.
+    weight : array_like, float32, shape (K, C, kh, kw)
+    bias : array_like, float32, shape (K,), optional
+    stride, padding : int or (int, int)
+        ``Ho = (H + 2*ph - kh) // sh + 1``.
+    activation, residual, out
+        As in :func:`conv1x1`.
+
+    Returns
+    -------
+    ndarray, float32, shape (N, Ho, Wo, K)
+    """
+    stride_hw = _pair("stride", stride, 1)
+    padding_hw = _pair("padding", padding, 0)
+    code = _activation_code(activation)
+    w = _dense_filters(weight)
+    b = _bias_vector(bias, w.shape[0])
+    return _core.DenseConvPlan(w, b, *stride_hw, *padding_hw, code, False).conv(x, residual, out)
+
+
 class _LayerOptions:
     """The options every layer reports: stride, padding and activation."""
 
@@ -271,7 +322,8 @@ class _PackedLayer(_LayerOptions):
 
     @property
     def weight(self) -> np.ndarray:
-        """The weights, read-only: (K, C // groups) for PointwiseConv, (C, kh, kw) for DepthwiseConv."""
+        """The weights, read-only: (K, C // groups) for PointwiseConv, (C, kh, kw) for DepthwiseConv,
+        (K, C, kh, kw) for DenseConv."""
         return self._weight
 
     @property
@@ -406,6 +458,60 @@ class DepthwiseConv(_PackedLayer):
 
 def _rebuild_depthwise_conv(weight, bias, stride, padding, activation) -> DepthwiseConv:
     return DepthwiseConv(weight, bias, stride=stride, padding=padding, activation=activation)
+
+
+class DenseConv(_PackedLayer):
+    """A dense convolution layer whose weights are packed once, at construction.
+
+    ``layer(x, residual=None, out=None)`` computes the same as
+    ``conv2d(x, weight, bias, stride=..., padding=..., activation=...)``. Picklable.
+    """
+
+    def __init__(
+        self,
+        weight,
+        bias=None,
+        *,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        activation: Optional[str] = None,
+    ) -> None:
+        self._stride = _pair("stride", stride, 1)
+        self._padding = _pair("padding", padding, 0)
+        self._activation = activation
+        code = _activation_code(activation)
+        w = _frozen_copy(_dense_filters(weight))
+        b = _bias_vector(bias, w.shape[0])
+        b = None if b is None else _frozen_copy(b)
+        self._weight, self._bias = w, b
+        self._plan = _core.DenseConvPlan(w, b, *self._stride, *self._padding, code, True)
+
+    @property
+    def in_channels(self) -> int:
+        return self._plan.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self._plan.out_channels
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return self._weight.shape[2], self._weight.shape[3]
+
+    def __reduce__(self):
+        return (_rebuild_dense_conv, (self.weight, self.bias, self._stride, self._padding, self._activation))
+
+    def __repr__(self) -> str:
+        kh, kw = self.kernel_size
+        return (
+            f"DenseConv(in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size=({kh}, {kw}), "
+            f"stride={self._stride}, padding={self._padding}, activation={self._activation!r}, "
+            f"bias={self.bias is not None})"
+        )
+
+
+def _rebuild_dense_conv(weight, bias, stride, padding, activation) -> DenseConv:
+    return DenseConv(weight, bias, stride=stride, padding=padding, activation=activation)
 
 
 class InvertedResidual(_LayerOptions):

@@ -56,6 +56,30 @@ class DepthwisePlan:
     @property
     def channels(self) -> int: ...
 
+class DenseConvPlan:
+    """Packed dense-convolution weights (K, C, kh, kw) plus a layer's options; validates and runs calls."""
+
+    def __init__(
+        self,
+        weight: npt.NDArray[np.float32],
+        bias: Optional[npt.NDArray[np.float32]],
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        activation: int,
+        weights_private: bool,
+    ) -> None: ...
+    def conv(self, x: Any, residual: Any, out: Optional[np.ndarray]) -> npt.NDArray[np.float32]: ...
+    @property
+    def isa(self) -> str: ...
+    @property
+    def kernel(self) -> str: ...
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def out_channels(self) -> int: ...
+
 class BlockPlan:
     """A fused inverted residual block's packed weights; validates and runs calls."""
 

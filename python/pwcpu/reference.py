@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "depthwise_conv2d", "pointwise"]
+__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "pointwise"]
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -64,20 +64,30 @@ def pointwise(x, weight, bias=None, *, activation=None, residual=None):
 
 
 @np.errstate(all="ignore")
-def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
-    """NHWC depthwise convolution: ``weight`` (C, kh, kw) or (C, 1, kh, kw), zero padding."""
+def _windows(x, kernel, stride, padding):
+    """Yield ((i, j), the input values tap (i, j) of every output window reads), NHWC, zero padding."""
     x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(weight, dtype=np.float64)
-    w = w.reshape(w.shape[0], w.shape[-2], w.shape[-1])
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    kh, kw = w.shape[1], w.shape[2]
+    (sh, sw), (ph, pw), (kh, kw) = _pair(stride), _pair(padding), kernel
     padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     ho = max((padded.shape[1] - kh) // sh + 1, 0) if padded.shape[1] >= kh else 0
     wo = max((padded.shape[2] - kw) // sw + 1, 0) if padded.shape[2] >= kw else 0
-    z = np.zeros((x.shape[0], ho, wo, x.shape[3]))
     for i in range(kh):
         for j in range(kw):
-            z += padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :][:, :ho, :wo] * w[:, i, j]
+            yield (i, j), padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :][:, :ho, :wo]
+
+
+def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
+    """NHWC depthwise convolution: ``weight`` (C, kh, kw) or (C, 1, kh, kw), zero padding."""
+    w = np.asarray(weight, dtype=np.float64)
+    w = w.reshape(w.shape[0], w.shape[-2], w.shape[-1])
+    z = sum(tap * w[:, i, j] for (i, j), tap in _windows(x, w.shape[1:], stride, padding))
+    return _epilogue(z, bias, residual, activation)
+
+
+def conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
+    """NHWC dense convolution: ``weight`` (K, C, kh, kw) as PyTorch's, zero padding."""
+    w = np.asarray(weight, dtype=np.float64)
+    z = sum(tap @ w[:, :, i, j].T for (i, j), tap in _windows(x, w.shape[2:], stride, padding))
     return _epilogue(z, bias, residual, activation)
 
 

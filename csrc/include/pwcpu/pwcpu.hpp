@@ -143,10 +143,45 @@ private:
     std::unique_ptr<Impl> impl_;
 };
 
+// Dense convolution, NHWC (a network's stem, ResNet's 3x3 layers):
+//   out[n, oh, ow, k] = act(bias[k] + sum_{i, j, c} x[n, oh sh - ph + i, ow sw - pw + j, c] w[k, c, i, j] + residual)
+// with zero padding, computed as the GEMM's 1x1 convolution over im2col rows (each output pixel's
+// kh x kw x C window in one row), built a band of output rows at a time.
+class DenseConvWeights {
+public:
+    // weight: K x C x kh x kw, contiguous (PyTorch's layout); bias: K values or nullptr.
+    DenseConvWeights(const float* weight, int64_t out_channels, int64_t in_channels, int64_t kernel_h, int64_t kernel_w,
+                     const float* bias);
+    ~DenseConvWeights();
+    DenseConvWeights(const DenseConvWeights&) = delete;
+    DenseConvWeights& operator=(const DenseConvWeights&) = delete;
+
+    int64_t out_channels() const;
+    int64_t in_channels() const;
+    int64_t kernel_h() const;
+    int64_t kernel_w() const;
+    const char* isa() const;
+    const char* kernel_name() const;
+
+    // (N, Ho, Wo, K) for x (N, H, W, C): Ho = (H + 2 pad_h - kh) / stride_h + 1.
+    std::array<int64_t, 4> output_shape(const TensorView& x, const ConvGeometry& geometry) const;
+
+    // out = act(conv(x) + bias + residual); residual may be null or alias out exactly. Throws
+    // std::invalid_argument for mismatched shapes or a non-contiguous channel axis. Thread-safe.
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual,
+             const ConvGeometry& geometry, Activation activation) const;
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
 // MobileNetV2's inverted residual block, fused: 1x1 expand (C -> E) + act, depthwise kh x kw + act,
 // 1x1 project (E -> K) + act, plus the input when `residual` (stride 1, K == C). Computed in bands
 // of output rows, each thread keeping the expanded rows of its band (and the rows the next band
 // shares with it) in a buffer sized to stay in L2: the expanded tensor never goes to memory whole.
+// Where the 1x1 weights outweigh the activations, the stages run in turn on whole tensors instead.
 struct InvertedResidualWeights {
     const float* expand_weight = nullptr;   // E x C, contiguous; null: no expansion (E == C)
     const float* expand_bias = nullptr;     // E values or null

@@ -1,0 +1,134 @@
+// The dense-convolution driver: im2col rows (each output pixel's kh x kw x C input window, zeros
+// in the padding) built a band at a time and handed to the GEMM driver as a 1x1 convolution.
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "dispatch.hpp"
+#include "pwcpu/pwcpu.hpp"
+#include "runtime/memory.hpp"
+#include "runtime/rows.hpp"
+#include "runtime/threads.hpp"
+
+namespace pwcpu {
+
+using runtime::checked_floats;
+using runtime::checked_mul;
+
+struct DenseConvWeights::Impl {
+    int64_t k = 0, c = 0, kh = 0, kw = 0;
+    std::unique_ptr<PackedWeights> gemm;  // K x (kh kw C), the window's taps outermost
+
+    void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
+             Activation act) const;
+};
+
+DenseConvWeights::DenseConvWeights(const float* weight, int64_t out_channels, int64_t in_channels, int64_t kernel_h,
+                                   int64_t kernel_w, const float* bias)
+    : impl_(std::make_unique<Impl>()) {
+    if (out_channels < 0 || in_channels < 0 || kernel_h < 1 || kernel_w < 1) {
+        throw std::invalid_argument("DenseConvWeights: channels must be >= 0 and the kernel at least 1x1");
+    }
+    Impl& w = *impl_;
+    w.k = out_channels;
+    w.c = in_channels;
+    w.kh = kernel_h;
+    w.kw = kernel_w;
+    const char* what = "dense convolution weight (K x C x kh x kw)";
+    const int64_t taps = checked_mul(kernel_h, kernel_w, what);
+    const int64_t patch = checked_mul(taps, in_channels, what);
+    // Reordered so that a row of the GEMM's weights matches an im2col row: tap (i, j), then channel.
+    std::vector<float> rows(checked_floats(checked_mul(out_channels, patch, what), what));
+    for (int64_t o = 0; o < out_channels; ++o) {
+        for (int64_t ch = 0; ch < in_channels; ++ch) {
+            for (int64_t t = 0; t < taps; ++t) rows[o * patch + t * in_channels + ch] = weight[(o * in_channels + ch) * taps + t];
+        }
+    }
+    w.gemm = std::make_unique<PackedWeights>(rows.data(), out_channels, patch, patch, 1, bias, 1);
+}
+
+DenseConvWeights::~DenseConvWeights() = default;
+
+int64_t DenseConvWeights::out_channels() const { return impl_->k; }
+int64_t DenseConvWeights::in_channels() const { return impl_->c; }
+int64_t DenseConvWeights::kernel_h() const { return impl_->kh; }
+int64_t DenseConvWeights::kernel_w() const { return impl_->kw; }
+const char* DenseConvWeights::isa() const { return impl_->gemm->isa(); }
+const char* DenseConvWeights::kernel_name() const { return impl_->gemm->kernel_name(); }
+
+std::array<int64_t, 4> DenseConvWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
+    return {x.shape[0], conv_output_size(x.shape[1], geometry.pad_h, geometry.stride_h, impl_->kh),
+            conv_output_size(x.shape[2], geometry.pad_w, geometry.stride_w, impl_->kw), impl_->k};
+}
+
+void DenseConvWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
+                           const ConvGeometry& geometry, Activation activation) const {
+    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
+        throw std::invalid_argument("conv2d: strides must be >= 1 and paddings >= 0");
+    }
+    runtime::check_view(x, "x", Layout::nhwc, false);
+    runtime::check_view(out, "out", Layout::nhwc, true);
+    if (x.shape[3] != in_channels()) throw std::invalid_argument("conv2d: x has the wrong number of channels");
+    const std::array<int64_t, 4> shape = output_shape(x, geometry);
+    for (int d = 0; d < 4; ++d) {
+        if (out.shape[d] != shape[d]) throw std::invalid_argument("conv2d: out has the wrong shape");
+        if (residual != nullptr && residual->shape[d] != shape[d]) {
+            throw std::invalid_argument("conv2d: residual must have the output's shape");
+        }
+    }
+    if (residual != nullptr) runtime::check_view(*residual, "residual", Layout::nhwc, true);
+    impl_->run(x, out, residual, geometry, activation);
+}
+
+void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, const TensorView* residual,
+                                 const ConvGeometry& geo, Activation act) const {
+    const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2];
+    if (batch * ho * wo == 0 || k == 0) return;
+    const int64_t h = x.shape[1], w = x.shape[2], patch = kh * kw * c;
+    const int64_t row_floats = checked_mul(wo, patch, "conv2d's im2col row");
+
+    // Band height: its im2col rows fill half of L2, and more where the weights are larger, so that
+    // reading them again for every band costs at most half as much as the band's own rows.
+    const int64_t budget = std::max(detail::cache_sizes().l2 / 2 / static_cast<int64_t>(sizeof(float)),
+                                    2 * checked_mul(k, patch, "conv2d's weights"));
+    const int64_t band = std::clamp<int64_t>(budget / std::max<int64_t>(row_floats, 1), 1, ho);
+    runtime::AlignedBuffer columns = runtime::allocate_floats(
+        checked_floats(checked_mul(band, row_floats, "conv2d's im2col band"), "conv2d's im2col band"),
+        "conv2d's im2col rows");
+
+    for (int64_t n = 0; n < batch; ++n) {
+        const float* image = x.data + n * x.strides[0];
+        for (int64_t oh0 = 0; oh0 < ho; oh0 += band) {
+            const int64_t rows = std::min(band, ho - oh0);
+            const int fill_threads =
+                runtime::region_threads(rows * row_floats > (1 << 15) ? get_num_threads() : 1);
+#pragma omp parallel for schedule(static) num_threads(fill_threads) if (fill_threads > 1)
+            for (int64_t r = 0; r < rows; ++r) {
+                const int64_t oh = oh0 + r;
+                float* dst = columns.get() + r * row_floats;
+                for (int64_t ow = 0; ow < wo; ++ow) {
+                    for (int64_t i = 0; i < kh; ++i) {
+                        const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+                        for (int64_t j = 0; j < kw; ++j, dst += c) {
+                            const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
+                            if (ih < 0 || ih >= h || iw < 0 || iw >= w) {
+                                std::fill(dst, dst + c, 0.0f);
+                            } else {
+                                const float* src = image + ih * x.strides[1] + iw * x.strides[2];
+                                std::copy(src, src + c, dst);
+                            }
+                        }
+                    }
+                }
+            }
+            TensorView res_rows;
+            if (residual != nullptr) res_rows = runtime::rows_of(*residual, n, oh0, rows);
+            gemm->run(runtime::buffer_view(columns.get(), rows, wo, patch), runtime::rows_of(out, n, oh0, rows),
+                      residual != nullptr ? &res_rows : nullptr, ConvGeometry{}, act);
+        }
+    }
+}
+
+}  // namespace pwcpu
