@@ -17,6 +17,20 @@ namespace pwcpu {
 using runtime::checked_floats;
 using runtime::checked_mul;
 
+namespace {
+
+// Plain loops rather than memcpy/memset: im2col copies runs of a few floats (a stem's 3 channels)
+// where a library call costs more than the copy.
+inline void copy_floats(float* __restrict dst, const float* __restrict src, int64_t count) {
+    for (int64_t q = 0; q < count; ++q) dst[q] = src[q];
+}
+
+inline void fill_zeros(float* dst, int64_t count) {
+    for (int64_t q = 0; q < count; ++q) dst[q] = 0.0f;
+}
+
+}  // namespace
+
 struct DenseConvWeights::Impl {
     int64_t k = 0, c = 0, kh = 0, kw = 0;
     std::unique_ptr<PackedWeights> gemm;  // K x (kh kw C), the window's taps outermost
@@ -88,6 +102,7 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
     if (batch * ho * wo == 0 || k == 0) return;
     const int64_t h = x.shape[1], w = x.shape[2], patch = kh * kw * c;
     const int64_t row_floats = checked_mul(wo, patch, "conv2d's im2col row");
+    const bool pixels_adjacent = x.strides[2] == c;  // a window's row of kw pixels is one run of kw * C floats
 
     // Band height: its im2col rows fill half of L2, and more where the weights are larger, so that
     // reading them again for every band costs at most half as much as the band's own rows.
@@ -109,15 +124,22 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
                 const int64_t oh = oh0 + r;
                 float* dst = columns.get() + r * row_floats;
                 for (int64_t ow = 0; ow < wo; ++ow) {
-                    for (int64_t i = 0; i < kh; ++i) {
+                    const int64_t iw0 = ow * geo.stride_w - geo.pad_w;
+                    for (int64_t i = 0; i < kh; ++i, dst += kw * c) {
                         const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
-                        for (int64_t j = 0; j < kw; ++j, dst += c) {
-                            const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
-                            if (ih < 0 || ih >= h || iw < 0 || iw >= w) {
-                                std::fill(dst, dst + c, 0.0f);
-                            } else {
-                                const float* src = image + ih * x.strides[1] + iw * x.strides[2];
-                                std::copy(src, src + c, dst);
+                        const float* row = image + ih * x.strides[1];
+                        if (ih < 0 || ih >= h) {
+                            fill_zeros(dst, kw * c);
+                        } else if (pixels_adjacent && iw0 >= 0 && iw0 + kw <= w) {
+                            copy_floats(dst, row + iw0 * c, kw * c);  // the window's row in one piece
+                        } else {
+                            for (int64_t j = 0; j < kw; ++j) {
+                                const int64_t iw = iw0 + j;
+                                if (iw < 0 || iw >= w) {
+                                    fill_zeros(dst + j * c, c);
+                                } else {
+                                    copy_floats(dst + j * c, row + iw * x.strides[2], c);
+                                }
                             }
                         }
                     }
