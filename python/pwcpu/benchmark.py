@@ -462,6 +462,7 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
             converted_cl = pwcpu_torch.convert(model)
         layers = sum(isinstance(m, (pwcpu_torch.PwcpuConv2d, pwcpu_torch.PwcpuLinear)) for m in converted.modules())
         depthwise = sum(isinstance(m, pwcpu_torch.PwcpuDepthwiseConv2d) for m in converted.modules())
+        dense = sum(isinstance(m, pwcpu_torch.PwcpuDenseConv2d) for m in converted.modules())
         x = torch.randn(1, 3, 224, 224).contiguous(memory_format=torch.channels_last)
 
         def runner(m, x=x):
@@ -487,12 +488,14 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
                 seconds = time_runners(timed, min_seconds, rounds, pause if threads > 1 else 0.0)
             base = seconds["pytorch"]
             results.append({"model": name, "threads": threads, "pwcpu_layers": layers, "pwcpu_depthwise_layers": depthwise,
+                            "pwcpu_dense_layers": dense,
                             "ms": {k: v * 1e3 for k, v in seconds.items()},
                             "speedup": base / seconds["converted"],
                             "speedup_channels_last_model": base / seconds["converted (channels_last model)"]})
             line = "   ".join(f"{k} {v * 1e3:.2f} ms" + (f" ({base / v:.2f}x)" if k != "pytorch" else "")
                              for k, v in seconds.items())
-            print(f"{name:<34} {layers:>3} 1x1 + {depthwise:>2} depthwise layers, {threads}T: {line}", flush=True)
+            print(f"{name:<34} {layers:>3} 1x1 + {depthwise:>2} depthwise + {dense:>2} dense layers, {threads}T: {line}",
+                  flush=True)
     for threads in threads_list:
         speedups = [min(r["speedup"], r["speedup_channels_last_model"]) for r in results if r["threads"] == threads]
         if speedups:
