@@ -703,6 +703,7 @@ PYBIND11_MODULE(_core, m) {
         d["l2_bytes"] = info.l2_bytes;
         d["l3_bytes"] = info.l3_bytes;
         d["stream_store_min_bytes"] = info.stream_store_min_bytes;
+        d["streamed_output_calls"] = info.streamed_output_calls;
         d["single_threaded_after_fork"] = pwcpu::single_threaded_after_fork();
         return d;
     });

@@ -1,4 +1,5 @@
 #include "dispatch.hpp"
+#include "runtime/memory.hpp"
 
 #include <unistd.h>
 
@@ -165,6 +166,7 @@ RuntimeInfo runtime_info() {
     info.l2_bytes = caches.l2;
     info.l3_bytes = caches.l3;
     info.stream_store_min_bytes = detail::stream_store_min_bytes();
+    info.streamed_output_calls = runtime::streamed_output_calls().load(std::memory_order_relaxed);
     return info;
 }
 

@@ -182,8 +182,12 @@ def test_denormals_are_flushed_and_state_restored(isa, rng):
 
     tiny = np.float32(1e-39)  # a float32 denormal
     x = np.full((1, 3, 3, 8), tiny, np.float32)
-    weight = np.full((4, 8), tiny, np.float32)
-    y = pwcpu.conv1x1(x, weight)
+    # Against a large weight a denormal input would give a normal product (1e-29): all zeros
+    # show the inputs were read as zero (DAZ), not merely tiny results flushed (FTZ).
+    y = pwcpu.conv1x1(x, np.full((4, 8), 1e10, np.float32))
+    assert np.all(y == 0)
+    # And tiny products of normal numbers are flushed to zero on the way out.
+    y = pwcpu.conv1x1(np.full((1, 3, 3, 8), 1e-20, np.float32), np.full((4, 8), 1e-19, np.float32))
     assert np.all(y == 0)
     # The caller's floating-point state is restored: denormals still work in NumPy afterwards.
     assert np.float32(1e-38) / np.float32(100) != 0
@@ -287,7 +291,11 @@ def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
     out_shape = (1, h, w, k) if layout == "NHWC" else (1, k, h, w)
     x, weight, bias = randn(rng, *shape), randn(rng, k, c), randn(rng, k)
     layer = pwcpu.PointwiseConv(weight, bias, layout=layout, activation="relu")
+    streamed = pwcpu.runtime_info()["streamed_output_calls"]
+    layer(x[:, :, :1] if layout == "NHWC" else x[..., :1])  # a small output stays in the caches
+    assert pwcpu.runtime_info()["streamed_output_calls"] == streamed
     own = layer(x)
+    assert pwcpu.runtime_info()["streamed_output_calls"] == streamed + 1
     assert own.ctypes.data % 64 == 0
     check_conv(own, x, weight, bias, layout=layout, activation="relu")
     numpy_out = np.empty(out_shape, np.float32)

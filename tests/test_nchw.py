@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import pwcpu
+from pwcpu import reference
 from helpers import check_conv, randn
 
 
@@ -80,7 +81,14 @@ def test_layer_and_block(isa, rng):
     assert clone.layout == "NCHW"
     np.testing.assert_array_equal(clone(x), y)
     block = pwcpu.PointwiseConvBlock(6, 12, activation=None, layout="NCHW")
-    np.testing.assert_allclose(block(x), np.moveaxis(block.layer(x), 1, 1), rtol=0, atol=0)
+    state = {"conv.weight": weight[:, :, None, None], "bn.weight": rng.uniform(0.5, 1.5, 12),
+             "bn.bias": randn(rng, 12), "bn.running_mean": randn(rng, 12), "bn.running_var": rng.uniform(0.5, 1.5, 12)}
+    block.load_state_dict(state)
+    # The block is the convolution followed by BatchNorm, computed here in float64 from its parameters.
+    scale = state["bn.weight"] / np.sqrt(state["bn.running_var"] + block.eps)
+    expected = (reference.conv1x1(x, weight, layout="NCHW") - state["bn.running_mean"][:, None, None]) \
+        * scale[:, None, None] + state["bn.bias"][:, None, None]
+    np.testing.assert_allclose(block(x), expected, rtol=1e-5, atol=1e-5)
     nhwc_block = pwcpu.PointwiseConvBlock(6, 12, activation=None)
     nhwc_block.load_state_dict(block.state_dict())
     np.testing.assert_allclose(np.moveaxis(nhwc_block(x.transpose(0, 2, 3, 1)), -1, 1), block(x),

@@ -18,11 +18,16 @@ def run_python(code, **env):
 
 
 def test_num_threads_context():
+    # OpenMP's own count (the cap): OMP_NUM_THREADS, else the CPUs this process may run on.
+    openmp = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0] or len(os.sched_getaffinity(0)))
     pwcpu.set_num_threads(2)
-    assert pwcpu.get_num_threads() <= 2
+    assert pwcpu.get_num_threads() == min(2, openmp)
     with pwcpu.num_threads(1):
         assert pwcpu.get_num_threads() == 1
-    assert pwcpu.get_num_threads() == min(2, pwcpu.get_num_threads())
+        with pwcpu.num_threads(3):  # nested: the inner count, capped like any other
+            assert pwcpu.get_num_threads() == min(3, openmp)
+        assert pwcpu.get_num_threads() == 1
+    assert pwcpu.get_num_threads() == min(2, openmp)  # restored exactly, not merely bounded
 
 
 def test_omp_num_threads_is_honoured():

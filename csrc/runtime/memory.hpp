@@ -72,8 +72,16 @@ inline void fence_streaming_stores() {
 // +12 % / +6 %, 8x56x56x24->144 (14 MiB) +51 % / 0 %, 16x56x56x24->144 (28 MiB) +69 % / +62 %;
 // smaller outputs stay cached and lose: 2x112x112x16->96 (9 MiB) +6 % / -12 %,
 // 4x56x56x24->144 (7 MiB) -16 % / -20 %.
+// Calls that chose streaming stores, counted so that tests can see the choice being made.
+inline std::atomic<int64_t>& streamed_output_calls() {
+    static std::atomic<int64_t> calls{0};
+    return calls;
+}
+
 inline bool streams_output(int64_t floats) {
-    return floats * static_cast<int64_t>(sizeof(float)) >= detail::stream_store_min_bytes();
+    const bool stream = floats * static_cast<int64_t>(sizeof(float)) >= detail::stream_store_min_bytes();
+    if (stream) streamed_output_calls().fetch_add(1, std::memory_order_relaxed);
+    return stream;
 }
 
 }  // namespace pwcpu::runtime

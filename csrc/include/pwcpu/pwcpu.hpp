@@ -242,6 +242,7 @@ struct RuntimeInfo {
     std::string kernel_main, kernel_narrow, kernel_depthwise;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
+    int64_t streamed_output_calls = 0;   // calls so far that wrote their output that way
 };
 RuntimeInfo runtime_info();
 const char* active_isa();  // cheap: the name of the ISA whose kernels new packings use
