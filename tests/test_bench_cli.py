@@ -1,5 +1,6 @@
 """Smoke tests of ``python -m pwcpu bench``: it runs, and its JSON records the machine."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -49,3 +50,13 @@ def test_depthwise_run_checks_and_times_every_layer(tmp_path):
     assert len(layers) == 19 and all(r["us"]["pwcpu"] > 0 for r in layers)
     assert data["runtime"]["kernel_depthwise"] in stdout
     assert "efficientnet_b0 7x7x1152 5x5/1" in stdout
+
+
+def test_dense_run_checks_and_times_every_layer(tmp_path):
+    peers = "torch.conv2d" if importlib.util.find_spec("torch") else "none"
+    data, stdout = bench(tmp_path, "--dense", "--peers", peers)
+    layers = data["dense"]
+    assert len(layers) == 9 and all(r["us"]["pwcpu"] > 0 for r in layers)
+    assert "resnet50 stem 224x224x3->64 7x7/2" in stdout and "resnet50 7x7x512->512 3x3/1" in stdout
+    if peers != "none":
+        assert all(r["us"]["torch.conv2d"] > 0 for r in layers)

@@ -377,6 +377,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depthwise", action="store_true",
                         help="instead of 1x1 layers: MobileNetV2's and EfficientNet-B0's depthwise layers, "
                              "against --peers among torch.conv2d, onnxruntime and tflite")
+    parser.add_argument("--dense", action="store_true",
+                        help="instead of 1x1 layers: dense convolutions (MobileNetV2's and ResNet-50's stems, "
+                             "ResNet-50's 3x3 layers), against --peers among torch.conv2d, onnxruntime and tflite")
     parser.add_argument("--models", action="store_true",
                         help="instead of single layers: whole PyTorch models (ours, and torchvision's when installed) "
                              "converted with pwcpu.torch.convert, against PyTorch and ONNX Runtime (needs torch)")
@@ -517,26 +520,40 @@ DEPTHWISE_LAYERS = [
 ]
 
 
-def _depthwise_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int, threads: int,
-                       peers: Sequence[str]) -> Dict[str, Runner]:
-    """pwcpu's DepthwiseConv and each available peer on NHWC x, weight (C, k, k), bias, zero padding."""
-    from . import DepthwiseConv
+# Dense layers: the stems of MobileNetV2 / EfficientNet and ResNet-50, and ResNet-50's 3x3 layers
+# (torchvision's v1.5: stride 2 in the 3x3): (network, H = W, C, K, kernel, stride).
+DENSE_LAYERS = [
+    ("mobilenetv2 stem", 224, 3, 32, 3, 2), ("resnet50 stem", 224, 3, 64, 7, 2),
+    ("resnet50", 56, 64, 64, 3, 1), ("resnet50", 56, 128, 128, 3, 2), ("resnet50", 28, 128, 128, 3, 1),
+    ("resnet50", 28, 256, 256, 3, 2), ("resnet50", 14, 256, 256, 3, 1), ("resnet50", 14, 512, 512, 3, 2),
+    ("resnet50", 7, 512, 512, 3, 1),
+]
 
-    layer = DepthwiseConv(w, b, stride=stride, padding=pad)
+
+def _window_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int, threads: int,
+                    peers: Sequence[str]) -> Dict[str, Runner]:
+    """pwcpu and each available peer on NHWC x with zero padding: a dense convolution for weight
+    (K, C, k, k), a depthwise one for (C, k, k)."""
+    from . import DenseConv, DepthwiseConv
+
+    dense = w.ndim == 4
+    c, k_out, k = x.shape[3], w.shape[0], w.shape[-1]
+    groups = 1 if dense else c
+    w_oihw = w if dense else w[:, None]  # PyTorch's and ONNX's (K, C / groups, k, k)
+    layer = (DenseConv if dense else DepthwiseConv)(w, b, stride=stride, padding=pad)
     out = layer(x)
     runners: Dict[str, Runner] = {"pwcpu": lambda: layer(x, out=out)}
-    c, k = w.shape[0], w.shape[1]
     if "torch.conv2d" in peers:
         import torch
         import torch.nn.functional as F
 
         xt = torch.from_numpy(x).permute(0, 3, 1, 2)
-        wt = torch.from_numpy(w)[:, None].contiguous(memory_format=torch.channels_last)
+        wt = torch.from_numpy(w_oihw).contiguous(memory_format=torch.channels_last)
         bt = torch.from_numpy(b)
 
         def torch_run():
             with torch.inference_mode():
-                return F.conv2d(xt, wt, bt, stride, pad, 1, c).permute(0, 2, 3, 1)
+                return F.conv2d(xt, wt, bt, stride, pad, 1, groups).permute(0, 2, 3, 1)
         runners["torch.conv2d"] = torch_run
     if "onnxruntime" in peers:
         import onnx
@@ -545,11 +562,11 @@ def _depthwise_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int,
 
         ho = (x.shape[1] + 2 * pad - k) // stride + 1
         node = helper.make_node("Conv", ["x", "w", "b"], ["y"], kernel_shape=[k, k], strides=[stride] * 2,
-                                pads=[pad] * 4, group=c)
+                                pads=[pad] * 4, group=groups)
         graph = helper.make_graph(
-            [node], "depthwise", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, x.shape[1], x.shape[2]])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, ho, ho])],
-            initializer=[numpy_helper.from_array(w[:, None], "w"), numpy_helper.from_array(b, "b")])
+            [node], "convolution", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, x.shape[1], x.shape[2]])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, k_out, ho, ho])],
+            initializer=[numpy_helper.from_array(np.ascontiguousarray(w_oihw), "w"), numpy_helper.from_array(b, "b")])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         model.ir_version = min(model.ir_version, 9)
         options = ort.SessionOptions()
@@ -562,15 +579,19 @@ def _depthwise_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int,
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         import tensorflow as tf
 
-        filters = tf.constant(np.ascontiguousarray(w.transpose(1, 2, 0))[:, :, :, None])  # (k, k, C, 1)
+        filters = tf.constant(np.ascontiguousarray(w_oihw.transpose(2, 3, 1, 0)))  # (k, k, C / groups, K)
+        if not dense:
+            filters = tf.transpose(filters, [0, 1, 3, 2])  # depthwise: (k, k, C, 1)
         bias = tf.constant(b)
+        paddings = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
 
         @tf.function(input_signature=[tf.TensorSpec(x.shape, tf.float32)])
-        def depthwise(v):
-            return tf.nn.depthwise_conv2d(v, filters, [1, stride, stride, 1],
-                                          padding=[[0, 0], [pad, pad], [pad, pad], [0, 0]]) + bias
+        def convolution(v):
+            if dense:
+                return tf.nn.conv2d(v, filters, [1, stride, stride, 1], padding=paddings) + bias
+            return tf.nn.depthwise_conv2d(v, filters, [1, stride, stride, 1], padding=paddings) + bias
 
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([depthwise.get_concrete_function()], depthwise)
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([convolution.get_concrete_function()], convolution)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=threads)
@@ -585,32 +606,35 @@ def _depthwise_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int,
     return runners
 
 
-def bench_depthwise(threads_list: Sequence[int], peers: Sequence[str], min_seconds: float, rounds: int,
-                    pause: float) -> List[Dict]:
-    """MobileNetV2's and EfficientNet-B0's depthwise layers (bias, no activation: what every peer
-    fuses alike): pwcpu's DepthwiseConv against PyTorch's conv2d(groups=C) on channels_last, ONNX
-    Runtime's grouped Conv and TFLite's DEPTHWISE_CONV_2D (XNNPACK); each checked against the float64
+def bench_windows(dense: bool, threads_list: Sequence[int], peers: Sequence[str], min_seconds: float, rounds: int,
+                  pause: float) -> List[Dict]:
+    """Depthwise layers (MobileNetV2's and EfficientNet-B0's) or dense ones (stems, ResNet-50's 3x3),
+    bias and no activation (what every peer fuses alike): pwcpu against PyTorch's conv2d on
+    channels_last, ONNX Runtime's Conv and TFLite (XNNPACK); each checked against the float64
     reference, then timed alternating in rounds."""
     from . import reference
 
     peers = [p for p in peers if p in ("torch.conv2d", "onnxruntime", "tflite")]
     rng = np.random.default_rng(0)
+    kind = "dense" if dense else "depthwise"
+    layers = DENSE_LAYERS if dense else [(net, hw, c, c, k, s) for net, hw, c, k, s in DEPTHWISE_LAYERS]
     results = []
     for threads in threads_list:
-        print(f"\n{threads} thread(s): depthwise layers, microseconds per call (pwcpu's speedup over each peer)")
+        print(f"\n{threads} thread(s): {kind} layers, microseconds per call (pwcpu's speedup over each peer)")
         speedups = []
         with fixed_threads(threads):
-            for network, hw, c, k, stride in DEPTHWISE_LAYERS:
+            for network, hw, c, k_out, k, stride in layers:
                 x = rng.standard_normal((1, hw, hw, c)).astype(np.float32)
-                w = (rng.standard_normal((c, k, k)) / k).astype(np.float32)
-                b = rng.standard_normal(c).astype(np.float32)
+                shape = (k_out, c, k, k) if dense else (c, k, k)
+                w = (rng.standard_normal(shape) / (k * math.sqrt(c if dense else 1))).astype(np.float32)
+                b = rng.standard_normal(k_out).astype(np.float32)
                 pad = k // 2
-                runners = _depthwise_runners(x, w, b, stride, pad, threads, peers)
-                expected = reference.depthwise_conv2d(x, w, b, stride=stride, padding=pad)
+                runners = _window_runners(x, w, b, stride, pad, threads, peers)
+                expected = (reference.conv2d if dense else reference.depthwise_conv2d)(x, w, b, stride=stride, padding=pad)
                 for name, run in runners.items():
                     np.testing.assert_allclose(np.asarray(run()), expected, rtol=1e-4, atol=1e-4, err_msg=name)
                 seconds = time_runners(runners, min_seconds, rounds, pause if threads > 1 else 0.0)
-                label = f"{network} {hw}x{hw}x{c} {k}x{k}/{stride}"
+                label = f"{network} {hw}x{hw}x{c}" + (f"->{k_out}" if dense else "") + f" {k}x{k}/{stride}"
                 others = {n: t for n, t in seconds.items() if n != "pwcpu"}
                 best = min(others.values()) if others else None
                 if best is not None:
@@ -619,7 +643,7 @@ def bench_depthwise(threads_list: Sequence[int], peers: Sequence[str], min_secon
                                 "ratio_to_fastest_peer": None if best is None else best / seconds["pwcpu"]})
                 line = "   ".join(f"{n} {t * 1e6:8.1f}" + (f" ({t / seconds['pwcpu']:.2f}x)" if n != "pwcpu" else "")
                                   for n, t in seconds.items())
-                print(f"{label:<36} {line}", flush=True)
+                print(f"{label:<40} {line}", flush=True)
         if speedups:
             geomean = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
             print(f"{threads} thread(s): pwcpu over the fastest peer: geometric mean {geomean:.2f}x, "
@@ -702,16 +726,17 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as f:
                 json.dump({"runtime": info, "epilogue": results}, f, indent=1)
         return 0
-    if args.depthwise:
-        print(f"pwcpu {info['version']}: ISA {info['isa']}, kernel {info['kernel_depthwise']}; {info.get('cpu_model', '')}")
+    if args.depthwise or args.dense:
+        kernel = info["kernel_main"] if args.dense else info["kernel_depthwise"]
+        print(f"pwcpu {info['version']}: ISA {info['isa']}, kernel {kernel}; {info.get('cpu_model', '')}")
         requested = list(PEERS) if args.peers == "all" else [] if args.peers == "none" else args.peers.split(",")
         peers, missing = available_peers([p for p in requested if p in PEERS])
         for name, note in missing.items():
             print(f"skipped {name}: {note}")
-        results = bench_depthwise(threads_list, peers, args.seconds, args.rounds, args.pause)
+        results = bench_windows(args.dense, threads_list, peers, args.seconds, args.rounds, args.pause)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"runtime": info, "depthwise": results}, f, indent=1)
+                json.dump({"runtime": info, "dense" if args.dense else "depthwise": results}, f, indent=1)
         return 0
     if args.models or args.overhead:
         print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
