@@ -473,9 +473,14 @@ class WindowPlan : public OperatorPlan {
 
 public:
     WindowPlan(const py::array& weight, const py::object& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h,
-               int64_t pad_w, int activation, bool weights_private)
+               int64_t pad_w, int activation, bool weights_private, int64_t groups = 1)
         : OperatorPlan(float32_array(weight, "weight"), bias, weights_private, pwcpu::Layout::nhwc),
-          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation) {
+          geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation), groups_(groups) {
+        if (groups < 1 || (!kDense && groups != 1)) throw py::value_error("groups must be >= 1");
+        if (weight_.ndim() == kDims && weight_.shape(0) % groups != 0) {
+            throw py::value_error("groups (" + std::to_string(groups) + ") must divide the " +
+                                  std::to_string(weight_.shape(0)) + " output channels");
+        }
         if (weight_.ndim() != kDims) throw py::value_error(kDense ? "weight must be 4-D (K, C, kh, kw)" : "weight must be 3-D (C, kh, kw)");
         if (weight_.shape(kDims - 2) < 1 || weight_.shape(kDims - 1) < 1) throw py::value_error("the kernel must be at least 1x1");
         if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
@@ -492,7 +497,7 @@ public:
     }
 
     int64_t out_channels() const { return weight_.shape(0); }
-    int64_t in_channels() const { return weight_.shape(kDense ? 1 : 0); }
+    int64_t in_channels() const { return kDense ? weight_.shape(1) * groups_ : weight_.shape(0); }
     const Weights& packed() const { return *packed_; }
 
     py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
@@ -524,7 +529,7 @@ private:
         {
             py::gil_scoped_release release;
             if constexpr (kDense) {
-                packed = std::make_shared<const Weights>(w, out_channels(), in_channels(), kh, kw, b);
+                packed = std::make_shared<const Weights>(w, out_channels(), in_channels(), kh, kw, b, groups_);
             } else {
                 packed = std::make_shared<const Weights>(w, out_channels(), kh, kw, b);
             }
@@ -536,6 +541,7 @@ private:
     py::object bias_contiguous_ = py::none();
     pwcpu::ConvGeometry geometry_;
     int activation_;
+    int64_t groups_;
     std::shared_ptr<const Weights> packed_;
 };
 
@@ -663,14 +669,15 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("channels", &DepthwisePlan::out_channels);
 
     py::class_<DenseConvPlan>(m, "DenseConvPlan")
-        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int, bool>(),
+        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int, bool, int64_t>(),
              py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
-             py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"))
+             py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"), py::arg("groups") = 1)
         .def("conv", &DenseConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def_property_readonly("isa", [](const DenseConvPlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const DenseConvPlan& p) { return p.packed().kernel_name(); })
         .def_property_readonly("out_channels", &DenseConvPlan::out_channels)
-        .def_property_readonly("in_channels", &DenseConvPlan::in_channels);
+        .def_property_readonly("in_channels", &DenseConvPlan::in_channels)
+        .def_property_readonly("groups", [](const DenseConvPlan& p) { return p.packed().groups(); });
 
     py::class_<BlockPlan>(m, "BlockPlan")
         .def(py::init<const py::object&, const py::object&, const py::array&, const py::object&, const py::array&,

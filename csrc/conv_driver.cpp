@@ -1,5 +1,6 @@
 // The dense-convolution driver: im2col rows (each output pixel's kh x kw x C input window, zeros
-// in the padding) built a band at a time and handed to the GEMM driver as a 1x1 convolution.
+// in the padding) built a band at a time and handed to the GEMM driver as a 1x1 convolution. With
+// groups, a row holds each group's window in turn, and the GEMM runs its grouped 1x1 convolution.
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -32,35 +33,41 @@ inline void fill_zeros(float* dst, int64_t count) {
 }  // namespace
 
 struct DenseConvWeights::Impl {
-    int64_t k = 0, c = 0, kh = 0, kw = 0;
-    std::unique_ptr<PackedWeights> gemm;  // K x (kh kw C), the window's taps outermost
+    int64_t k = 0, c = 0, kh = 0, kw = 0, groups = 1;
+    std::unique_ptr<PackedWeights> gemm;  // K x (kh kw C / groups) per group, the window's taps outermost
 
     void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
              Activation act) const;
 };
 
 DenseConvWeights::DenseConvWeights(const float* weight, int64_t out_channels, int64_t in_channels, int64_t kernel_h,
-                                   int64_t kernel_w, const float* bias)
+                                   int64_t kernel_w, const float* bias, int64_t groups)
     : impl_(std::make_unique<Impl>()) {
     if (out_channels < 0 || in_channels < 0 || kernel_h < 1 || kernel_w < 1) {
         throw std::invalid_argument("DenseConvWeights: channels must be >= 0 and the kernel at least 1x1");
+    }
+    if (groups < 1 || in_channels % groups != 0 || out_channels % groups != 0) {
+        throw std::invalid_argument("DenseConvWeights: groups must be >= 1 and divide both channel counts");
     }
     Impl& w = *impl_;
     w.k = out_channels;
     w.c = in_channels;
     w.kh = kernel_h;
     w.kw = kernel_w;
-    const char* what = "dense convolution weight (K x C x kh x kw)";
+    w.groups = groups;
+    const char* what = "dense convolution weight (K x C/groups x kh x kw)";
     const int64_t taps = checked_mul(kernel_h, kernel_w, what);
-    const int64_t patch = checked_mul(taps, in_channels, what);
-    // Reordered so that a row of the GEMM's weights matches an im2col row: tap (i, j), then channel.
+    const int64_t cg = in_channels / groups;
+    const int64_t patch = checked_mul(taps, cg, what);
+    // Reordered so that a row of the GEMM's weights matches a group's part of an im2col row: tap
+    // (i, j), then channel.
     std::vector<float> rows(checked_floats(checked_mul(out_channels, patch, what), what));
     for (int64_t o = 0; o < out_channels; ++o) {
-        for (int64_t ch = 0; ch < in_channels; ++ch) {
-            for (int64_t t = 0; t < taps; ++t) rows[o * patch + t * in_channels + ch] = weight[(o * in_channels + ch) * taps + t];
+        for (int64_t ch = 0; ch < cg; ++ch) {
+            for (int64_t t = 0; t < taps; ++t) rows[o * patch + t * cg + ch] = weight[(o * cg + ch) * taps + t];
         }
     }
-    w.gemm = std::make_unique<PackedWeights>(rows.data(), out_channels, patch, patch, 1, bias, 1);
+    w.gemm = std::make_unique<PackedWeights>(rows.data(), out_channels, patch, patch, 1, bias, groups);
 }
 
 DenseConvWeights::~DenseConvWeights() = default;
@@ -69,6 +76,7 @@ int64_t DenseConvWeights::out_channels() const { return impl_->k; }
 int64_t DenseConvWeights::in_channels() const { return impl_->c; }
 int64_t DenseConvWeights::kernel_h() const { return impl_->kh; }
 int64_t DenseConvWeights::kernel_w() const { return impl_->kw; }
+int64_t DenseConvWeights::groups() const { return impl_->groups; }
 const char* DenseConvWeights::isa() const { return impl_->gemm->isa(); }
 const char* DenseConvWeights::kernel_name() const { return impl_->gemm->kernel_name(); }
 
@@ -100,14 +108,15 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
                                  const ConvGeometry& geo, Activation act) const {
     const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2];
     if (batch * ho * wo == 0 || k == 0) return;
-    const int64_t h = x.shape[1], w = x.shape[2], patch = kh * kw * c;
+    const int64_t h = x.shape[1], w = x.shape[2], taps = kh * kw, cg = c / groups, patch = taps * c;
     const int64_t row_floats = checked_mul(wo, patch, "conv2d's im2col row");
-    const bool pixels_adjacent = x.strides[2] == c;  // a window's row of kw pixels is one run of kw * C floats
+    // One group: a window's row of kw pixels is one run of kw * C floats in x and in the im2col row.
+    const bool rows_contiguous = groups == 1 && x.strides[2] == c;
 
     // Band height: its im2col rows fill half of L2, and more where the weights are larger, so that
     // reading them again for every band costs at most half as much as the band's own rows.
     const int64_t budget = std::max(detail::cache_sizes().l2 / 2 / static_cast<int64_t>(sizeof(float)),
-                                    2 * checked_mul(k, patch, "conv2d's weights"));
+                                    2 * checked_mul(k, taps * cg, "conv2d's weights"));
     const int64_t band = std::clamp<int64_t>(budget / std::max<int64_t>(row_floats, 1), 1, ho);
     runtime::AlignedBuffer columns = runtime::allocate_floats(
         checked_floats(checked_mul(band, row_floats, "conv2d's im2col band"), "conv2d's im2col band"),
@@ -123,22 +132,26 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
             for (int64_t r = 0; r < rows; ++r) {
                 const int64_t oh = oh0 + r;
                 float* dst = columns.get() + r * row_floats;
-                for (int64_t ow = 0; ow < wo; ++ow) {
+                for (int64_t ow = 0; ow < wo; ++ow, dst += patch) {
                     const int64_t iw0 = ow * geo.stride_w - geo.pad_w;
-                    for (int64_t i = 0; i < kh; ++i, dst += kw * c) {
+                    for (int64_t i = 0; i < kh; ++i) {
                         const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
-                        const float* row = image + ih * x.strides[1];
-                        if (ih < 0 || ih >= h) {
-                            fill_zeros(dst, kw * c);
-                        } else if (pixels_adjacent && iw0 >= 0 && iw0 + kw <= w) {
-                            copy_floats(dst, row + iw0 * c, kw * c);  // the window's row in one piece
-                        } else {
-                            for (int64_t j = 0; j < kw; ++j) {
-                                const int64_t iw = iw0 + j;
-                                if (iw < 0 || iw >= w) {
-                                    fill_zeros(dst + j * c, c);
+                        const bool row_inside = ih >= 0 && ih < h;
+                        const float* row = row_inside ? image + ih * x.strides[1] : nullptr;
+                        if (rows_contiguous && row_inside && iw0 >= 0 && iw0 + kw <= w) {
+                            copy_floats(dst + i * kw * c, row + iw0 * c, kw * c);  // the window's row in one piece
+                            continue;
+                        }
+                        for (int64_t j = 0; j < kw; ++j) {
+                            const int64_t iw = iw0 + j;
+                            const bool inside = row_inside && iw >= 0 && iw < w;
+                            // Group g's channels of tap (i, j) go to its part of the row.
+                            for (int64_t g = 0; g < groups; ++g) {
+                                float* to = dst + g * taps * cg + (i * kw + j) * cg;
+                                if (inside) {
+                                    copy_floats(to, row + iw * x.strides[2] + g * cg, cg);
                                 } else {
-                                    copy_floats(dst + j * c, row + iw * x.strides[2], c);
+                                    fill_zeros(to, cg);
                                 }
                             }
                         }

@@ -47,10 +47,10 @@ def depthwise_bound(x, weight, bias=None, *, stride=1, padding=0, activation=Non
     return _finish(z, magnitude, w.shape[-1] * w.shape[-2], activation)
 
 
-def dense_bound(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
-    """(expected, tolerance) for conv2d: a sum of C * kh * kw products per output."""
+def dense_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
+    """(expected, tolerance) for conv2d: a sum of C / groups * kh * kw products per output."""
     w = np.asarray(weight)
-    geometry = dict(stride=stride, padding=padding)
+    geometry = dict(stride=stride, padding=padding, groups=groups)
     z = reference.conv2d(x, w, bias, residual=residual, **geometry)
     magnitude = reference.conv2d(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
                                  residual=None if residual is None else np.abs(residual), **geometry)

@@ -56,6 +56,14 @@ def test_epilogue(isa, rng, activation, with_residual):
     check(x, w, b, stride=2, padding=1, activation=activation, residual=r)
 
 
+# ResNeXt's and RegNet's grouped layers: group widths of 1 (C = groups, K = 2C), 4 and 8, with
+# per-group output counts around the narrow kernel's width.
+@pytest.mark.parametrize("c,k,groups", [(6, 12, 6), (8, 8, 2), (16, 24, 4), (24, 24, 3), (48, 48, 6), (40, 80, 5)])
+def test_groups(isa, rng, c, k, groups):
+    x, w, b = data(rng, (2, 9, 7, c)), data(rng, (k, c // groups, 3, 3)), data(rng, (k,))
+    check(x, w, b, stride=(2, 1), padding=1, groups=groups, activation="relu")
+
+
 def test_out_is_residual(isa, rng):
     x, w = data(rng, (1, 7, 7, 8)), data(rng, (8, 8, 3, 3))
     r = data(rng, (1, 7, 7, 8))
@@ -105,12 +113,13 @@ def test_zero_size(isa, shape):
     assert (y == 1).all()  # no channels: the bias alone
 
 
-def test_matches_pytorch(rng):
+@pytest.mark.parametrize("c,k,groups", [(3, 32, 1), (24, 48, 3)])
+def test_matches_pytorch(rng, c, k, groups):
     torch = pytest.importorskip("torch")
-    x, w, b = data(rng, (2, 17, 15, 3)), data(rng, (32, 3, 3, 3)), data(rng, (32,))
+    x, w, b = data(rng, (2, 17, 15, c)), data(rng, (k, c // groups, 3, 3)), data(rng, (k,))
     want = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(w), torch.from_numpy(b),
-                                      stride=2, padding=1).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_allclose(pwcpu.conv2d(x, w, b, stride=2, padding=1), want, rtol=1e-5, atol=1e-5)
+                                      stride=2, padding=1, groups=groups).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(pwcpu.conv2d(x, w, b, stride=2, padding=1, groups=groups), want, rtol=1e-5, atol=1e-5)
 
 
 class TestDenseConv:
@@ -121,17 +130,17 @@ class TestDenseConv:
         np.testing.assert_array_equal(layer(x), pwcpu.conv2d(x, w, b, stride=2, padding=2, activation="silu"))
 
     def test_attributes_and_pickle(self, rng):
-        w, b = data(rng, (5, 3, 3, 5)), data(rng, (5,))
-        layer = pwcpu.DenseConv(w, b, stride=(1, 2), padding=(1, 2), activation="relu")
-        assert (layer.in_channels, layer.out_channels, layer.kernel_size) == (3, 5, (3, 5))
+        w, b = data(rng, (6, 1, 3, 5)), data(rng, (6,))
+        layer = pwcpu.DenseConv(w, b, stride=(1, 2), padding=(1, 2), groups=3, activation="relu")
+        assert (layer.in_channels, layer.out_channels, layer.kernel_size, layer.groups) == (3, 6, (3, 5), 3)
         assert (layer.stride, layer.padding) == ((1, 2), (1, 2))
-        assert layer.weight.shape == (5, 3, 3, 5) and not layer.weight.flags.writeable
+        assert layer.weight.shape == (6, 1, 3, 5) and not layer.weight.flags.writeable
         w[:] = 0  # the layer keeps its own copy
         x = data(rng, (1, 6, 7, 3))
         clone = pickle.loads(pickle.dumps(layer))
         np.testing.assert_array_equal(clone(x), layer(x))
         assert layer(x).any()
-        assert "DenseConv(in_channels=3, out_channels=5" in repr(layer)
+        assert "DenseConv(in_channels=3, out_channels=6" in repr(layer) and "groups=3" in repr(layer)
 
     def test_repacks_when_isa_changes(self, rng):
         w, x = data(rng, (12, 4, 3, 3)), data(rng, (1, 5, 5, 4))
@@ -152,8 +161,12 @@ class TestDenseConv:
         (lambda x, w: pwcpu.conv2d(x, w.astype(np.int32)), TypeError, "weight"),
         (lambda x, w: pwcpu.conv2d(x[0], w), ValueError, r"x must have shape \(N, H, W, C\)"),
         (lambda x, w: pwcpu.conv2d(x, w[:, :4]), ValueError, "x has 8 channels but the weight takes C = 4"),
-        (lambda x, w: pwcpu.conv2d(x, w[:, :, 0]), ValueError, r"\(K, C, kh, kw\)"),
+        (lambda x, w: pwcpu.conv2d(x, w[:, :, 0]), ValueError, r"\(K, C // groups, kh, kw\)"),
         (lambda x, w: pwcpu.conv2d(x, w[:, :, :0]), ValueError, "at least 1x1"),
+        (lambda x, w: pwcpu.conv2d(x, w[:, :2], groups=4), ValueError, "groups"),
+        (lambda x, w: pwcpu.conv2d(x, w[:5, :2], groups=4), ValueError, "must divide"),
+        (lambda x, w: pwcpu.conv2d(x, w[:, :2], groups=0), ValueError, "groups"),
+        (lambda x, w: pwcpu.conv2d(x, w[:, :2], groups=2.0), TypeError, "groups"),
         (lambda x, w: pwcpu.conv2d(x, w, np.ones(3, np.float32)), ValueError, r"bias must have shape \(6,\)"),
         (lambda x, w: pwcpu.conv2d(x, w, stride=0), ValueError, "stride"),
         (lambda x, w: pwcpu.conv2d(x, w, padding=-1), ValueError, "padding"),

@@ -123,10 +123,10 @@ def _depthwise_filters(weight, name: str = "weight") -> np.ndarray:
 
 
 def _dense_filters(weight, name: str = "weight") -> np.ndarray:
-    """``weight`` as (K, C, kh, kw) float32, PyTorch's layout for a dense convolution."""
+    """``weight`` as (K, C // groups, kh, kw) float32, PyTorch's layout for a dense convolution."""
     w = _float32_array(name, weight)
     if w.ndim != 4:
-        raise ValueError(f"{name} must have shape (K, C, kh, kw); got shape {w.shape}")
+        raise ValueError(f"{name} must have shape (K, C // groups, kh, kw); got shape {w.shape}")
     if w.shape[2] < 1 or w.shape[3] < 1:
         raise ValueError(f"{name}'s kernel must be at least 1x1, got {w.shape[2]}x{w.shape[3]}")
     return w
@@ -260,6 +260,7 @@ def conv2d(
     *,
     stride: IntPair = 1,
     padding: IntPair = 0,
+    groups: int = 1,
     activation: Optional[str] = None,
     residual=None,
     out: Optional[np.ndarray] = None,
@@ -267,7 +268,8 @@ def conv2d(
     """Dense convolution of an NHWC float32 tensor, as a network's stem or ResNet's 3x3 layers.
 
     ``y[n, oh, ow, k] = activation(sum_ijc x[n, oh*sh - ph + i, ow*sw - pw + j, c] * w[k, c, i, j]
-    + bias[k] + residual)``, with zero padding, as PyTorch's ``conv2d`` (groups 1, dilation 1).
+    + bias[k] + residual)``, with zero padding, as PyTorch's ``conv2d`` (dilation 1); with
+    ``groups``, output channel k sees only its group's C / groups input channels (ResNeXt, RegNet).
     Computed by the 1x1 kernels over im2col rows (each output pixel's kh x kw x C window), built
     a band of output rows at a time.
 
@@ -275,10 +277,12 @@ def conv2d(
     ----------
     x : array_like, float32, shape (N, H, W, C)
         Views with a contiguous channel axis are read in place; others are copied first.
-    weight : array_like, float32, shape (K, C, kh, kw)
+    weight : array_like, float32, shape (K, C // groups, kh, kw)
     bias : array_like, float32, shape (K,), optional
     stride, padding : int or (int, int)
         ``Ho = (H + 2*ph - kh) // sh + 1``.
+    groups : int
+        Divides C and K.
     activation, residual, out
         As in :func:`conv1x1`.
 
@@ -291,7 +295,7 @@ def conv2d(
     code = _activation_code(activation)
     w = _dense_filters(weight)
     b = _bias_vector(bias, w.shape[0])
-    return _core.DenseConvPlan(w, b, *stride_hw, *padding_hw, code, False).conv(x, residual, out)
+    return _core.DenseConvPlan(w, b, *stride_hw, *padding_hw, code, False, _int("groups", groups, 1)).conv(x, residual, out)
 
 
 class _LayerOptions:
@@ -474,6 +478,7 @@ class DenseConv(_PackedLayer):
         *,
         stride: IntPair = 1,
         padding: IntPair = 0,
+        groups: int = 1,
         activation: Optional[str] = None,
     ) -> None:
         self._stride = _pair("stride", stride, 1)
@@ -484,7 +489,7 @@ class DenseConv(_PackedLayer):
         b = _bias_vector(bias, w.shape[0])
         b = None if b is None else _frozen_copy(b)
         self._weight, self._bias = w, b
-        self._plan = _core.DenseConvPlan(w, b, *self._stride, *self._padding, code, True)
+        self._plan = _core.DenseConvPlan(w, b, *self._stride, *self._padding, code, True, _int("groups", groups, 1))
 
     @property
     def in_channels(self) -> int:
@@ -498,20 +503,25 @@ class DenseConv(_PackedLayer):
     def kernel_size(self) -> Tuple[int, int]:
         return self._weight.shape[2], self._weight.shape[3]
 
+    @property
+    def groups(self) -> int:
+        return self._plan.groups
+
     def __reduce__(self):
-        return (_rebuild_dense_conv, (self.weight, self.bias, self._stride, self._padding, self._activation))
+        return (_rebuild_dense_conv, (self.weight, self.bias, self._stride, self._padding, self.groups,
+                                      self._activation))
 
     def __repr__(self) -> str:
         kh, kw = self.kernel_size
         return (
             f"DenseConv(in_channels={self.in_channels}, out_channels={self.out_channels}, kernel_size=({kh}, {kw}), "
-            f"stride={self._stride}, padding={self._padding}, activation={self._activation!r}, "
+            f"stride={self._stride}, padding={self._padding}, groups={self.groups}, activation={self._activation!r}, "
             f"bias={self.bias is not None})"
         )
 
 
-def _rebuild_dense_conv(weight, bias, stride, padding, activation) -> DenseConv:
-    return DenseConv(weight, bias, stride=stride, padding=padding, activation=activation)
+def _rebuild_dense_conv(weight, bias, stride, padding, groups, activation) -> DenseConv:
+    return DenseConv(weight, bias, stride=stride, padding=padding, groups=groups, activation=activation)
 
 
 class InvertedResidual(_LayerOptions):

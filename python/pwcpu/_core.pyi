@@ -69,6 +69,7 @@ class DenseConvPlan:
         pad_w: int,
         activation: int,
         weights_private: bool,
+        groups: int = 1,
     ) -> None: ...
     def conv(self, x: Any, residual: Any, out: Optional[np.ndarray]) -> npt.NDArray[np.float32]: ...
     @property
@@ -79,6 +80,8 @@ class DenseConvPlan:
     def in_channels(self) -> int: ...
     @property
     def out_channels(self) -> int: ...
+    @property
+    def groups(self) -> int: ...
 
 class BlockPlan:
     """A fused inverted residual block's packed weights; validates and runs calls."""

@@ -84,10 +84,13 @@ def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=No
     return _epilogue(z, bias, residual, activation)
 
 
-def conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
-    """NHWC dense convolution: ``weight`` (K, C, kh, kw) as PyTorch's, zero padding."""
+def conv2d(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
+    """NHWC dense convolution: ``weight`` (K, C // groups, kh, kw) as PyTorch's, zero padding."""
     w = np.asarray(weight, dtype=np.float64)
-    z = sum(tap @ w[:, :, i, j].T for (i, j), tap in _windows(x, w.shape[2:], stride, padding))
+    kg, cg = w.shape[0] // groups, w.shape[1]
+    z = sum(np.concatenate([tap[..., g * cg:(g + 1) * cg] @ w[g * kg:(g + 1) * kg, :, i, j].T for g in range(groups)],
+                           axis=-1)
+            for (i, j), tap in _windows(x, w.shape[2:], stride, padding))
     return _epilogue(z, bias, residual, activation)
 
 

@@ -149,9 +149,11 @@ private:
 // kh x kw x C window in one row), built a band of output rows at a time.
 class DenseConvWeights {
 public:
-    // weight: K x C x kh x kw, contiguous (PyTorch's layout); bias: K values or nullptr.
+    // weight: K x C/groups x kh x kw, contiguous (PyTorch's layout); bias: K values or nullptr.
+    // groups divides C and K: output channels [g K/groups, (g+1) K/groups) see input channels
+    // [g C/groups, (g+1) C/groups) only (ResNeXt's and RegNet's grouped 3x3 layers).
     DenseConvWeights(const float* weight, int64_t out_channels, int64_t in_channels, int64_t kernel_h, int64_t kernel_w,
-                     const float* bias);
+                     const float* bias, int64_t groups = 1);
     ~DenseConvWeights();
     DenseConvWeights(const DenseConvWeights&) = delete;
     DenseConvWeights& operator=(const DenseConvWeights&) = delete;
@@ -160,6 +162,7 @@ public:
     int64_t in_channels() const;
     int64_t kernel_h() const;
     int64_t kernel_w() const;
+    int64_t groups() const;
     const char* isa() const;
     const char* kernel_name() const;
 
