@@ -144,3 +144,22 @@ def test_absurd_sizes_are_errors_not_crashes():
                                    np.ones((4, 8), np.float32))
     with pytest.raises((MemoryError, ValueError)):
         block(np.broadcast_to(np.ones(1, np.float32), (1, 3, 2**60, 4)))
+
+
+@pytest.mark.parametrize("n,h,w_,c,k,kernel,stride", [(1, 13, 11, 32, 64, 3, 1), (2, 9, 10, 24, 40, 5, 2), (1, 1, 1, 8, 8, 3, 1)])
+def test_depthwise_separable_matches_its_stages(isa, rng, n, h, w_, c, k, kernel, stride):
+    dw, db = data(rng, c, kernel, kernel, scale=1 / kernel), data(rng, c)
+    pw, pb = data(rng, k, c, scale=c**-0.5), data(rng, k)
+    block = pwcpu.DepthwiseSeparable(dw, db, pw, pb, stride=stride, activation="relu6", pointwise_activation="silu")
+    assert (block.in_channels, block.out_channels, block.padding) == (c, k, (kernel // 2, kernel // 2))
+    x = data(rng, n, h, w_, c)
+    w = dict(expand_weight=None, expand_bias=None, depthwise_weight=dw, depthwise_bias=db, project_weight=pw,
+             project_bias=pb)
+    y = check(block, x, w, stride, kernel // 2, activation="relu6", project_activation="silu")
+    clone = pickle.loads(pickle.dumps(block))
+    np.testing.assert_array_equal(clone(x), y)
+    assert clone.pointwise_activation == "silu" and "DepthwiseSeparable(in_channels=" in repr(clone)
+    with pytest.raises(ValueError, match="pointwise_weight takes"):
+        pwcpu.DepthwiseSeparable(dw, db, data(rng, k, c + 1))
+    with pytest.raises(ValueError, match="pointwise_bias"):
+        pwcpu.DepthwiseSeparable(dw, db, pw, data(rng, k + 1))

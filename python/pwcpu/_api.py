@@ -618,3 +618,68 @@ class InvertedResidual(_LayerOptions):
 
 def _rebuild_inverted_residual(weights, options) -> InvertedResidual:
     return InvertedResidual(*weights, **options)
+
+
+class DepthwiseSeparable(_LayerOptions):
+    """MobileNetV1's depthwise-separable block in one call: depthwise kh x kw (stride, padding) +
+    ``activation``, then 1x1 (C -> K) + ``pointwise_activation``.
+
+    Weights are taken with BatchNorm already folded in (:func:`fold_batchnorm`); ``padding=None``
+    is "same" (``k // 2``). It is an :class:`InvertedResidual` without expansion and without the
+    input added: with no wide tensor to keep in cache, its two layers run one after the other.
+    """
+
+    def __init__(
+        self,
+        depthwise_weight,
+        depthwise_bias,
+        pointwise_weight,
+        pointwise_bias=None,
+        *,
+        stride: IntPair = 1,
+        padding: Optional[IntPair] = None,
+        activation: Optional[str] = "relu",
+        pointwise_activation: Optional[str] = "relu",
+    ) -> None:
+        # Checked here, so that errors name this class's arguments.
+        filters = _depthwise_filters(depthwise_weight, "depthwise_weight")
+        pointwise_weight = _weight_matrix(pointwise_weight, 1, "pointwise_weight")
+        if pointwise_weight.shape[1] != filters.shape[0]:
+            raise ValueError(f"pointwise_weight takes {pointwise_weight.shape[1]} channels but depthwise_weight has "
+                             f"{filters.shape[0]} filters")
+        pointwise_bias = _bias_vector(pointwise_bias, pointwise_weight.shape[0], "pointwise_bias")
+        self._block = InvertedResidual(None, None, filters, depthwise_bias, pointwise_weight, pointwise_bias,
+                                       stride=stride, padding=padding, activation=activation,
+                                       project_activation=pointwise_activation, residual=False)
+        self._stride, self._padding, self._activation = self._block.stride, self._block.padding, activation
+        self._pointwise_activation = pointwise_activation
+
+    @property
+    def in_channels(self) -> int:
+        return self._block.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self._block.out_channels
+
+    @property
+    def pointwise_activation(self) -> Optional[str]:
+        return self._pointwise_activation
+
+    def __call__(self, x, *, out: Optional[np.ndarray] = None) -> np.ndarray:
+        return self._block(x, out=out)
+
+    def __reduce__(self):
+        options = dict(stride=self._stride, padding=self._padding, activation=self._activation,
+                       pointwise_activation=self._pointwise_activation)
+        return (_rebuild_depthwise_separable, (self._block._weights[2:], options))
+
+    def __repr__(self) -> str:
+        _, kh, kw = self._block._weights[2].shape
+        return (f"DepthwiseSeparable(in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"kernel_size=({kh}, {kw}), stride={self._stride}, activation={self._activation!r}, "
+                f"pointwise_activation={self._pointwise_activation!r})")
+
+
+def _rebuild_depthwise_separable(weights, options) -> DepthwiseSeparable:
+    return DepthwiseSeparable(*weights, **options)
