@@ -87,20 +87,8 @@ std::array<int64_t, 4> DenseConvWeights::output_shape(const TensorView& x, const
 
 void DenseConvWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
                            const ConvGeometry& geometry, Activation activation) const {
-    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
-        throw std::invalid_argument("conv2d: strides must be >= 1 and paddings >= 0");
-    }
-    runtime::check_view(x, "x", Layout::nhwc, false);
-    runtime::check_view(out, "out", Layout::nhwc, true);
-    if (x.shape[3] != in_channels()) throw std::invalid_argument("conv2d: x has the wrong number of channels");
-    const std::array<int64_t, 4> shape = output_shape(x, geometry);
-    for (int d = 0; d < 4; ++d) {
-        if (out.shape[d] != shape[d]) throw std::invalid_argument("conv2d: out has the wrong shape");
-        if (residual != nullptr && residual->shape[d] != shape[d]) {
-            throw std::invalid_argument("conv2d: residual must have the output's shape");
-        }
-    }
-    if (residual != nullptr) runtime::check_view(*residual, "residual", Layout::nhwc, true);
+    runtime::check_conv_inputs("conv2d", x, out, geometry, Layout::nhwc, in_channels());
+    runtime::check_conv_outputs("conv2d", out, residual, output_shape(x, geometry), Layout::nhwc);
     impl_->run(x, out, residual, geometry, activation);
 }
 

@@ -74,20 +74,8 @@ std::array<int64_t, 4> DepthwiseWeights::output_shape(const TensorView& x, const
 
 void DepthwiseWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
                            const ConvGeometry& geometry, Activation activation) const {
-    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
-        throw std::invalid_argument("depthwise_conv2d: strides must be >= 1 and paddings >= 0");
-    }
-    runtime::check_view(x, "x", Layout::nhwc, false);
-    runtime::check_view(out, "out", Layout::nhwc, true);
-    if (x.shape[3] != channels()) throw std::invalid_argument("depthwise_conv2d: x has the wrong number of channels");
-    const std::array<int64_t, 4> shape = output_shape(x, geometry);
-    for (int d = 0; d < 4; ++d) {
-        if (out.shape[d] != shape[d]) throw std::invalid_argument("depthwise_conv2d: out has the wrong shape");
-        if (residual != nullptr && residual->shape[d] != shape[d]) {
-            throw std::invalid_argument("depthwise_conv2d: residual must have the output's shape");
-        }
-    }
-    if (residual != nullptr) runtime::check_view(*residual, "residual", Layout::nhwc, true);
+    runtime::check_conv_inputs("depthwise_conv2d", x, out, geometry, Layout::nhwc, channels());
+    runtime::check_conv_outputs("depthwise_conv2d", out, residual, output_shape(x, geometry), Layout::nhwc);
     impl_->run(x, out, residual, geometry, activation);
 }
 

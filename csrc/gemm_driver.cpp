@@ -188,23 +188,9 @@ std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const Co
 
 void PackedWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
                         const ConvGeometry& geometry, Activation activation) const {
-    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
-        throw std::invalid_argument("conv1x1: strides must be >= 1 and paddings >= 0");
-    }
     const Layout layout = impl_->layout;
-    runtime::check_view(x, "x", layout, false);
-    runtime::check_view(out, "out", layout, true);
-    if (x.shape[layout == Layout::nchw ? 1 : 3] != in_channels()) {
-        throw std::invalid_argument("conv1x1: x has the wrong number of channels");
-    }
-    const std::array<int64_t, 4> shape = output_shape(x, geometry);
-    for (int d = 0; d < 4; ++d) {
-        if (out.shape[d] != shape[d]) throw std::invalid_argument("conv1x1: out has the wrong shape");
-        if (residual != nullptr && residual->shape[d] != shape[d]) {
-            throw std::invalid_argument("conv1x1: residual must have the output's shape");
-        }
-    }
-    if (residual != nullptr) runtime::check_view(*residual, "residual", layout, true);
+    runtime::check_conv_inputs("conv1x1", x, out, geometry, layout, in_channels());
+    runtime::check_conv_outputs("conv1x1", out, residual, output_shape(x, geometry), layout);
     if (layout == Layout::nchw) {
         impl_->run_nchw(x, out, residual, geometry, activation);
     } else {

@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pt = pytest.importorskip("pwcpu.torch")
+randomize_batchnorm = pytest.importorskip("pwcpu.torch_models").randomize_batchnorm
 nn = torch.nn
 
 
@@ -32,20 +33,9 @@ class StemAndBasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + x)
 
 
-def randomized(model):
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_convert_runs_stems_and_deep_layers_on_pwcpu_torch(channels_last):
-    model = randomized(StemAndBasicBlock())
+    model = randomize_batchnorm(StemAndBasicBlock())
     converted = pt.convert(model, channels_last=channels_last)
     kinds = {name: type(m).__name__ for name, m in converted.named_children()}
     assert kinds["stem"] == kinds["conv1"] == kinds["conv2"] == "PwcpuDenseConv2d"

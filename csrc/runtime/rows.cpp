@@ -28,6 +28,29 @@ void check_view(const TensorView& v, const char* name, Layout layout, bool conti
     }
 }
 
+void check_conv_inputs(const char* op, const TensorView& x, const TensorView& out, const ConvGeometry& geometry,
+                       Layout layout, int64_t channels) {
+    if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
+        throw std::invalid_argument(std::string(op) + ": strides must be >= 1 and paddings >= 0");
+    }
+    check_view(x, "x", layout, false);
+    check_view(out, "out", layout, true);
+    if (x.shape[layout == Layout::nchw ? 1 : 3] != channels) {
+        throw std::invalid_argument(std::string(op) + ": x has the wrong number of channels");
+    }
+}
+
+void check_conv_outputs(const char* op, const TensorView& out, const TensorView* residual,
+                        const std::array<int64_t, 4>& shape, Layout layout) {
+    for (int d = 0; d < 4; ++d) {
+        if (out.shape[d] != shape[d]) throw std::invalid_argument(std::string(op) + ": out has the wrong shape");
+        if (residual != nullptr && residual->shape[d] != shape[d]) {
+            throw std::invalid_argument(std::string(op) + ": residual must have the output's shape");
+        }
+    }
+    if (residual != nullptr) check_view(*residual, "residual", layout, true);
+}
+
 }  // namespace pwcpu::runtime
 
 namespace pwcpu {

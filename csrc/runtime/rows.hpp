@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 
 #include "pwcpu/pwcpu.hpp"
@@ -94,6 +95,14 @@ private:
 // NHWC: the channel axis must be contiguous. NCHW: for out and residual (contiguous_spatial), the
 // (H, W) plane must be; x is gathered, so any strides do. Throws std::invalid_argument naming `name`.
 void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial);
+
+// What every convolution checks before computing, in two steps around its output shape (which
+// needs a valid x): the geometry, x's and out's views and x's channel count; then out's and the
+// residual's shapes and the residual's view. Throws std::invalid_argument starting with `op`.
+void check_conv_inputs(const char* op, const TensorView& x, const TensorView& out, const ConvGeometry& geometry,
+                       Layout layout, int64_t channels);
+void check_conv_outputs(const char* op, const TensorView& out, const TensorView* residual,
+                        const std::array<int64_t, 4>& shape, Layout layout);
 
 // Rows [first, first + count) of image n of an NHWC view, as a one-image view.
 inline TensorView rows_of(const TensorView& v, int64_t n, int64_t first, int64_t count) {

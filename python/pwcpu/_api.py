@@ -415,7 +415,27 @@ def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, l
                          layout=layout)
 
 
-class DepthwiseConv(_PackedLayer):
+class _WindowLayer(_PackedLayer):
+    """What the prepacked kh x kw convolutions share: their options, frozen weights and bias, and
+    the kernel's extent (the last two axes of the weight)."""
+
+    def _init_window(self, filters: np.ndarray, bias, stride: IntPair, padding: IntPair, activation: Optional[str]):
+        """Stores the options and frozen copies; returns the arguments every plan takes first."""
+        self._stride = _pair("stride", stride, 1)
+        self._padding = _pair("padding", padding, 0)
+        self._activation = activation
+        code = _activation_code(activation)
+        w = _frozen_copy(filters)
+        b = _bias_vector(bias, w.shape[0])
+        self._weight, self._bias = w, None if b is None else _frozen_copy(b)
+        return (self._weight, self._bias, *self._stride, *self._padding, code, True)
+
+    @property
+    def kernel_size(self) -> Tuple[int, int]:
+        return self._weight.shape[-2], self._weight.shape[-1]
+
+
+class DepthwiseConv(_WindowLayer):
     """A depthwise convolution layer whose filters are packed once, at construction.
 
     ``layer(x, residual=None, out=None)`` computes the same as
@@ -431,23 +451,11 @@ class DepthwiseConv(_PackedLayer):
         padding: IntPair = 0,
         activation: Optional[str] = None,
     ) -> None:
-        self._stride = _pair("stride", stride, 1)
-        self._padding = _pair("padding", padding, 0)
-        self._activation = activation
-        code = _activation_code(activation)
-        w = _frozen_copy(_depthwise_filters(weight))
-        b = _bias_vector(bias, w.shape[0])
-        b = None if b is None else _frozen_copy(b)
-        self._weight, self._bias = w, b
-        self._plan = _core.DepthwisePlan(w, b, *self._stride, *self._padding, code, True)
+        self._plan = _core.DepthwisePlan(*self._init_window(_depthwise_filters(weight), bias, stride, padding, activation))
 
     @property
     def channels(self) -> int:
         return self._plan.channels
-
-    @property
-    def kernel_size(self) -> Tuple[int, int]:
-        return self._weight.shape[1], self._weight.shape[2]
 
     def __reduce__(self):
         return (_rebuild_depthwise_conv, (self.weight, self.bias, self._stride, self._padding, self._activation))
@@ -464,11 +472,11 @@ def _rebuild_depthwise_conv(weight, bias, stride, padding, activation) -> Depthw
     return DepthwiseConv(weight, bias, stride=stride, padding=padding, activation=activation)
 
 
-class DenseConv(_PackedLayer):
+class DenseConv(_WindowLayer):
     """A dense convolution layer whose weights are packed once, at construction.
 
     ``layer(x, residual=None, out=None)`` computes the same as
-    ``conv2d(x, weight, bias, stride=..., padding=..., activation=...)``. Picklable.
+    ``conv2d(x, weight, bias, stride=..., padding=..., groups=..., activation=...)``. Picklable.
     """
 
     def __init__(
@@ -481,15 +489,8 @@ class DenseConv(_PackedLayer):
         groups: int = 1,
         activation: Optional[str] = None,
     ) -> None:
-        self._stride = _pair("stride", stride, 1)
-        self._padding = _pair("padding", padding, 0)
-        self._activation = activation
-        code = _activation_code(activation)
-        w = _frozen_copy(_dense_filters(weight))
-        b = _bias_vector(bias, w.shape[0])
-        b = None if b is None else _frozen_copy(b)
-        self._weight, self._bias = w, b
-        self._plan = _core.DenseConvPlan(w, b, *self._stride, *self._padding, code, True, _int("groups", groups, 1))
+        arguments = self._init_window(_dense_filters(weight), bias, stride, padding, activation)
+        self._plan = _core.DenseConvPlan(*arguments, _int("groups", groups, 1))
 
     @property
     def in_channels(self) -> int:
@@ -498,10 +499,6 @@ class DenseConv(_PackedLayer):
     @property
     def out_channels(self) -> int:
         return self._plan.out_channels
-
-    @property
-    def kernel_size(self) -> Tuple[int, int]:
-        return self._weight.shape[2], self._weight.shape[3]
 
     @property
     def groups(self) -> int:
