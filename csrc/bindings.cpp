@@ -695,6 +695,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("measure_fma_peak_gflops", &pwcpu::measure_fma_peak_gflops, py::arg("threads"), py::arg("seconds"),
           py::call_guard<py::gil_scoped_release>());
     m.def("select_isa", &pwcpu::select_isa, py::arg("name"));
+    m.def("set_max_reduction_block", &pwcpu::set_max_reduction_block, py::arg("channels"));
     m.def("active_isa", &pwcpu::active_isa);
     m.def("runtime_info", [] {
         const pwcpu::RuntimeInfo info = pwcpu::runtime_info();

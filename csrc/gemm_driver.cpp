@@ -3,6 +3,7 @@
 // dispatch table; threads, buffers and row walking come from runtime/, shared by every operator.
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -30,6 +31,8 @@ using runtime::WorkRange;
 
 namespace {
 
+std::atomic<int64_t> forced_reduction_block{0};
+
 constexpr int kMaxMR = 32;
 // Rows of a band (see Impl::run).
 constexpr int64_t kMaxBandRows = 256;
@@ -49,7 +52,8 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     // The reduction is split only when an MR x kc tile of activations would crowd L2: streaming
     // each row of the tile from L2 costs less than re-reading and re-writing partial outputs, so
     // on a 1 MiB L2 even ResNet's C = 2048 and a 3072-wide feed-forward layer run unsplit.
-    const int64_t kc_max = std::max<int64_t>(256, cache.l2 / 4 / (kernel.mr * bytes) / 16 * 16);
+    const int64_t forced = forced_reduction_block.load(std::memory_order_relaxed);
+    const int64_t kc_max = forced > 0 ? forced : std::max<int64_t>(256, cache.l2 / 4 / (kernel.mr * bytes) / 16 * 16);
     Blocking b{};
     b.k_blocks = cg <= kc_max ? 1 : ceil_div(cg, kc_max);
     b.kc = std::max<int64_t>(1, ceil_div(cg, b.k_blocks));
@@ -87,6 +91,11 @@ int64_t begin_k_block(GemmTileArgs& args, const Blocking& blk, int64_t kb, int64
 }
 
 }  // namespace
+
+void set_max_reduction_block(int64_t channels) {
+    if (channels < 0) throw std::invalid_argument("set_max_reduction_block: channels must be >= 0");
+    forced_reduction_block.store(channels, std::memory_order_relaxed);
+}
 
 // ---- packed weights -------------------------------------------------------------------------
 

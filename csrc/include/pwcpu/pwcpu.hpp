@@ -236,6 +236,11 @@ bool single_threaded_after_fork();
 // The active ISA's fp32 FMA peak in GFLOP/s, measured over about `seconds` on `threads` threads.
 double measure_fma_peak_gflops(int threads, double seconds);
 
+// The longest reduction (channels per group) a 1x1 convolution computes in one pass; longer ones are
+// split into blocks, each adding its partial sums to the output. 0 (the default) sizes it from L2,
+// which splits only very deep layers; tests set it small so that the split path runs everywhere.
+void set_max_reduction_block(int64_t channels);
+
 // Runtime introspection.
 struct RuntimeInfo {
     std::string isa;             // ISA whose kernels are used
