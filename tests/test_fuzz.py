@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pwcpu
-from helpers import conv_bound, pointwise_bound
+from helpers import conv_bound, dense_bound, pointwise_bound
 
 FUZZ_EXAMPLES = 1500
 ACCEPTED_ERRORS = (TypeError, ValueError, MemoryError)
@@ -21,16 +21,18 @@ def variants(draw, valid, invalid):
 
 
 @st.composite
-def calls(draw):
+def calls(draw, dense=False):
+    """Arguments for conv1x1, or with ``dense`` for conv2d (weights (K, C // groups, kh, kw))."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kernel = draw(st.sampled_from([(1, 1), (3, 3), (2, 3), (1, 5)])) if dense else (1, 1)
     groups = draw(st.sampled_from([1, 1, 2, 3]))
     cg, kg = draw(st.integers(0, 9)), draw(st.integers(0, 9))
     n, h, w = draw(st.integers(0, 2)), draw(st.integers(0, 6)), draw(st.integers(0, 6))
     c, k = cg * groups, kg * groups
     stride = draw(st.sampled_from([(1, 1), (2, 2), (3, 3), (1, 2), (2, 1)]))
     padding = draw(st.sampled_from([(0, 0), (1, 1), (0, 2)]))
-    out_shape = tuple(max((s + 2 * p - 1) // st_ + 1, 0) if s + 2 * p else 0
-                      for s, p, st_ in zip((h, w), padding, stride))
+    out_shape = tuple(max((s + 2 * p - kk) // st_ + 1, 0) if s + 2 * p >= kk else 0
+                      for s, p, st_, kk in zip((h, w), padding, stride, kernel))
     out_shape = (n,) + out_shape + (k,)
 
     x = rng.standard_normal((n, h, w, c), dtype=np.float32)
@@ -48,12 +50,15 @@ def calls(draw):
         x = variants(draw, x, [x.astype(np.float64), x.astype(np.int32), x.astype(np.float16), x.tolist(), None,
                                "x", x.sum(axis=0), x[..., None], x.astype(">f4"), huge])
 
-    weight = rng.standard_normal((k, cg), dtype=np.float32)
+    weight = rng.standard_normal((k, cg) + (kernel if dense else ()), dtype=np.float32)
     if draw(st.integers(0, 5)) == 0:  # zero-stride weights, read in place
         weight = np.broadcast_to(weight[:1] if draw(st.booleans()) else weight[:, :1], weight.shape)
-    absurd = np.broadcast_to(np.float32(1), (2**60 // max(cg, 1), max(cg, 1)))
-    weight = variants(draw, weight, [weight[:, :, None, None], weight.astype(np.float64), weight.T.copy(),
-                                     weight[:, :1], weight[None], None, np.zeros((k, cg, 3, 3), np.float32), absurd])
+    taps = kernel[0] * kernel[1]
+    absurd = np.broadcast_to(np.float32(1), (2**60 // (max(cg, 1) * taps), max(cg, 1)) + (kernel if dense else ()))
+    wrong_rank = weight[:, :, 0] if dense else weight[:, :, None, None]
+    wrong_kernel = weight[:, :, :0] if dense else np.zeros((k, cg, 3, 3), np.float32)
+    weight = variants(draw, weight, [wrong_rank, weight.astype(np.float64), np.swapaxes(weight, 0, 1).copy(),
+                                     weight[:, :1], weight[None], None, wrong_kernel, absurd])
     bias = draw(st.sampled_from([None, "valid"]))
     if bias == "valid":
         bias = rng.standard_normal(k, dtype=np.float32)
@@ -103,14 +108,13 @@ def _unchanged(before, after):
     return before.shape == after.shape and np.array_equal(before, after, equal_nan=True)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(calls())
-def test_boundary_never_crashes_or_corrupts(call):
+def _check_boundary(function, call, bound):
+    """The fuzzers' contract: a clean error leaving every argument as it was, or the reference."""
     before = {name: _snapshot(value) for name, value in call.items()}
     try:
-        y = pwcpu.conv1x1(call["x"], call["weight"], call["bias"], stride=call["stride"], padding=call["padding"],
-                          groups=call["groups"], activation=call["activation"], residual=call["residual"],
-                          out=call["out"])
+        y = function(call["x"], call["weight"], call["bias"], stride=call["stride"], padding=call["padding"],
+                     groups=call["groups"], activation=call["activation"], residual=call["residual"],
+                     out=call["out"])
     except ACCEPTED_ERRORS as e:
         event(f"raised {type(e).__name__}")
         for name, value in call.items():
@@ -124,14 +128,26 @@ def test_boundary_never_crashes_or_corrupts(call):
         assert y is call["out"]
     if y.size == 0:
         return
-    weight = np.asarray(call["weight"])
-    weight = weight.reshape(weight.shape[:2])
-    expected, tolerance = conv_bound(before["x"], weight, call["bias"], stride=call["stride"],
-                                     padding=call["padding"], groups=call["groups"],
-                                     activation=call["activation"], residual=before["residual"])
+    expected, tolerance = bound(before["x"], np.asarray(call["weight"]), call["bias"], stride=call["stride"],
+                                padding=call["padding"], groups=call["groups"], activation=call["activation"],
+                                residual=before["residual"])
     comparable = np.isfinite(expected) & np.isfinite(tolerance)  # no bound where float32 may overflow
     assert np.all(np.abs(y[comparable].astype(np.float64) - expected[comparable]) <= tolerance[comparable])
     assert np.all(np.isnan(y[np.isnan(expected)])), "NaN must propagate"
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calls())
+def test_boundary_never_crashes_or_corrupts(call):
+    def bound(x, weight, *args, **options):
+        return conv_bound(x, weight.reshape(weight.shape[:2]), *args, **options)
+    _check_boundary(pwcpu.conv1x1, call, bound)
+
+
+@settings(max_examples=FUZZ_EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calls(dense=True))
+def test_dense_boundary_never_crashes_or_corrupts(call):
+    _check_boundary(pwcpu.conv2d, call, dense_bound)
 
 
 # ---- pointwise over views of every leading axis ----------------------------------------------
