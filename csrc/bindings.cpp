@@ -244,12 +244,50 @@ class OperatorPlan {
 public:
     virtual ~OperatorPlan() = default;
 
+    // The eager PyTorch path: an NCHW-shaped tensor's channels_last memory read in place and a
+    // contiguous NHWC output written, through raw pointers (no NumPy views on the way). False,
+    // with nothing computed, when x's or the residual's channels are not contiguous.
+    bool conv_channels_last(uintptr_t x_data, const py::tuple& x_shape, const py::tuple& x_strides, uintptr_t out_data,
+                            uintptr_t residual_data, const py::object& residual_strides) {
+        if (layout_ != pwcpu::Layout::nhwc) return false;
+        TensorView xv, ov, rv;
+        if (!nhwc_of_nchw(x_data, x_shape, x_strides, xv)) return false;
+        if (xv.shape[3] != expected_in_channels()) throw py::value_error("x has the wrong number of channels");
+        const std::array<int64_t, 4> shape = output_shape_of(xv);
+        ov.data = reinterpret_cast<float*>(out_data);
+        for (int d = 0; d < 4; ++d) ov.shape[d] = shape[d];
+        ov.strides[3] = 1;
+        for (int d = 2; d >= 0; --d) ov.strides[d] = ov.strides[d + 1] * shape[d + 1];
+        if (residual_data != 0) {
+            const py::tuple residual_shape = py::make_tuple(shape[0], shape[3], shape[1], shape[2]);
+            if (!nhwc_of_nchw(residual_data, residual_shape, py::reinterpret_borrow<py::tuple>(residual_strides), rv)) {
+                return false;
+            }
+        }
+        run(xv, ov, residual_data != 0 ? &rv : nullptr);
+        return true;
+    }
+
 protected:
     OperatorPlan(py::array weight, py::object bias, bool weights_private, pwcpu::Layout layout)
         : weight_(std::move(weight)), bias_(std::move(bias)), weights_private_(weights_private), layout_(layout) {}
 
     // Computes into views that execute() has checked; the GIL is held on entry.
     virtual void run(const TensorView& x, const TensorView& out, const TensorView* residual) = 0;
+    // x's channel count, and the NHWC output shape for an NHWC x, for conv_channels_last.
+    virtual int64_t expected_in_channels() const = 0;
+    virtual std::array<int64_t, 4> output_shape_of(const TensorView& x) const = 0;
+
+    // The NHWC view of an NCHW-shaped tensor's memory; false unless its channels are contiguous.
+    static bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
+        constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
+        v.data = reinterpret_cast<float*>(data);
+        for (int d = 0; d < 4; ++d) {
+            v.shape[d] = shape[kAxis[d]].cast<int64_t>();
+            v.strides[d] = strides[kAxis[d]].cast<int64_t>();
+        }
+        return v.strides[3] == 1 || v.shape[3] <= 1;
+    }
 
     void check_out(const py::object& out, const std::vector<py::ssize_t>& shape) const {
         if (!py::isinstance<py::array>(out)) {
@@ -384,22 +422,14 @@ public:
     }
 
 private:
+    int64_t expected_in_channels() const override { return in_channels(); }
+    std::array<int64_t, 4> output_shape_of(const TensorView& x) const override { return packed_->output_shape(x, geometry_); }
+
     void run(const TensorView& x, const TensorView& out, const TensorView* residual) override {
         if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
         const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
         py::gil_scoped_release release;
         packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
-    }
-
-    // The NHWC view of an NCHW-shaped tensor's memory; false unless its channels are contiguous.
-    static bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
-        constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
-        v.data = reinterpret_cast<float*>(data);
-        for (int d = 0; d < 4; ++d) {
-            v.shape[d] = shape[kAxis[d]].cast<int64_t>();
-            v.strides[d] = strides[kAxis[d]].cast<int64_t>();
-        }
-        return v.strides[3] == 1 || v.shape[3] <= 1;
     }
 
     void pack() {
@@ -434,27 +464,6 @@ public:
     // contiguous (N, Ho, Wo, K) buffer, residual NCHW-shaped (N, K, Ho, Wo) or a null pointer.
     // Returns false, computing nothing, unless the channels of x and residual are contiguous
     // (channels_last memory): the caller then takes the general path.
-    bool conv_channels_last(uintptr_t x_data, const py::tuple& x_shape, const py::tuple& x_strides, uintptr_t out_data,
-                            uintptr_t residual_data, const py::object& residual_strides) {
-        if (layout_ != pwcpu::Layout::nhwc) return false;
-        TensorView xv, ov, rv;
-        if (!nhwc_of_nchw(x_data, x_shape, x_strides, xv)) return false;
-        if (xv.shape[3] != in_channels()) throw py::value_error("x has the wrong number of channels");
-        const std::array<int64_t, 4> shape = packed_->output_shape(xv, geometry_);
-        ov.data = reinterpret_cast<float*>(out_data);
-        for (int d = 0; d < 4; ++d) ov.shape[d] = shape[d];
-        ov.strides[3] = 1;
-        for (int d = 2; d >= 0; --d) ov.strides[d] = ov.strides[d + 1] * shape[d + 1];
-        if (residual_data != 0) {
-            const py::tuple residual_shape = py::make_tuple(shape[0], shape[3], shape[1], shape[2]);
-            if (!nhwc_of_nchw(residual_data, residual_shape, py::reinterpret_borrow<py::tuple>(residual_strides), rv)) {
-                return false;
-            }
-        }
-        run(xv, ov, residual_data != 0 ? &rv : nullptr);
-        return true;
-    }
-
 private:
     py::object bias_contiguous_ = py::none();   // what is packed
     int64_t groups_;
@@ -514,6 +523,9 @@ public:
     }
 
 private:
+    int64_t expected_in_channels() const override { return in_channels(); }
+    std::array<int64_t, 4> output_shape_of(const TensorView& x) const override { return packed_->output_shape(x, geometry_); }
+
     void run(const TensorView& x, const TensorView& out, const TensorView* residual) override {
         if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
         const std::shared_ptr<const Weights> packed = packed_;
@@ -608,6 +620,9 @@ public:
     }
 
 private:
+    int64_t expected_in_channels() const override { return in_channels(); }
+    std::array<int64_t, 4> output_shape_of(const TensorView& x) const override { return block_->output_shape(x); }
+
     void run(const TensorView& x, const TensorView& out, const TensorView*) override {
         if (block_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
         const std::shared_ptr<const pwcpu::InvertedResidual> block = block_;
@@ -664,6 +679,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
              py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"))
         .def("conv", &DepthwisePlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def("conv_channels_last", &DepthwisePlan::conv_channels_last)
         .def_property_readonly("isa", [](const DepthwisePlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const DepthwisePlan& p) { return p.packed().kernel_name(); })
         .def_property_readonly("channels", &DepthwisePlan::out_channels);
@@ -673,6 +689,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("weight"), py::arg("bias"), py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"),
              py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"), py::arg("groups") = 1)
         .def("conv", &DenseConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def("conv_channels_last", &DenseConvPlan::conv_channels_last)
         .def_property_readonly("isa", [](const DenseConvPlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const DenseConvPlan& p) { return p.packed().kernel_name(); })
         .def_property_readonly("out_channels", &DenseConvPlan::out_channels)
@@ -683,6 +700,7 @@ PYBIND11_MODULE(_core, m) {
         .def(py::init<const py::object&, const py::object&, const py::array&, const py::object&, const py::array&,
                       const py::object&, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>())
         .def("conv", &BlockPlan::conv, py::arg("x"), py::arg("out"))
+        .def("conv_channels_last", &BlockPlan::conv_channels_last)
         .def_property_readonly("isa", [](const BlockPlan& p) { return p.block().isa(); })
         .def_property_readonly("in_channels", &BlockPlan::in_channels)
         .def_property_readonly("out_channels", &BlockPlan::out_channels);

@@ -85,3 +85,28 @@ def test_operator_checks_apply_torch():
             layer(torch.ones(1, 2, 5, 5, dtype=torch.float64))
         with pytest.raises(ValueError, match="channels"):
             layer(torch.ones(1, 3, 5, 5))
+
+
+@pytest.mark.parametrize("kind", ["dense", "depthwise"])
+def test_repeated_shapes_take_the_fast_lane_and_agree_torch(kind):
+    """The second call of a shape goes straight to the kernels with the remembered output
+    geometry; new shapes, contiguous (not channels_last) inputs and residuals still agree."""
+    torch.manual_seed(0)
+    if kind == "dense":
+        conv = nn.Conv2d(8, 12, 3, 2, 1).eval()
+        layer = pt.PwcpuDenseConv2d.from_module(conv, "relu")
+    else:
+        conv = nn.Conv2d(8, 8, 3, 2, 1, groups=8).eval()
+        layer = pt.PwcpuDepthwiseConv2d.from_module(conv, "relu")
+    with torch.inference_mode():
+        for shape in [(1, 8, 9, 9), (1, 8, 9, 9), (2, 8, 5, 7), (1, 8, 9, 9), (2, 8, 5, 7)]:
+            for channels_last in (True, False):
+                x = torch.randn(shape)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = layer(x)
+                assert y.shape == torch.relu(conv(x)).shape and y.is_contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(y, torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        if kind == "dense":
+            r = torch.randn(1, 12, 5, 5)
+            torch.testing.assert_close(layer(torch.randn(1, 8, 9, 9), r).shape, r.shape)

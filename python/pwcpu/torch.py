@@ -302,7 +302,29 @@ class _FrozenLayer(_FrozenModule):
 
 
 class _ConvolutionLayer(_FrozenLayer):
-    """A frozen layer with a convolution's geometry."""
+    """A frozen layer with a convolution's geometry, and the eager fast lane its calls share."""
+
+    def _init_layer(self, weight, bias, options: tuple) -> None:
+        # Input shape -> output (size, stride), for the eager path's fast lane (shapes it has run).
+        object.__setattr__(self, "_output_geometry", {})
+        super()._init_layer(weight, bias, options)
+
+    def _known_shape_call(self, x) -> Optional[Tensor]:
+        """The common call, with nothing on the way that costs more than it must: a plain float32
+        CPU tensor of a shape run before, channels_last, no gradients, no tracing; else None."""
+        if (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and not torch.compiler.is_compiling()
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            geometry = self._output_geometry.get(x.shape)
+            if geometry is not None:
+                out = torch.empty_strided(*geometry)
+                if self._packed._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
+                    return out
+        return None
+
+    def _remember_shape(self, x: Tensor, out: Tensor) -> None:
+        """x's shape ran and gave out: take the fast lane for it from now on."""
+        if len(self._output_geometry) < 64:
+            self._output_geometry[x.shape] = (tuple(out.shape), out.stride())
 
     @property
     def stride(self) -> Tuple[int, int]:
@@ -319,8 +341,6 @@ class PwcpuConv2d(_ConvolutionLayer):
     def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), groups: int = 1,
                  activation: Optional[str] = None) -> None:
         super().__init__()
-        # Input shape -> output (size, stride), for the eager path's fast lane (shapes it has run).
-        object.__setattr__(self, "_output_geometry", {})
         self._init_layer(weight, bias, (_pair(stride), _pair(padding), int(groups), activation))
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -340,16 +360,8 @@ class PwcpuConv2d(_ConvolutionLayer):
         return cls(weight, bias, conv.stride, conv.padding, conv.groups, activation)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        # The common call first, with nothing on the way that costs more than it must: a plain
-        # float32 CPU tensor of a shape seen before, no residual, no gradients, no tracing.
-        if (residual is None and type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu
-                and not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())):
-            out_geometry = self._output_geometry.get(x.shape)
-            if out_geometry is not None:
-                out = torch.empty_strided(*out_geometry)
-                if self._packed._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
-                    return out
-        return self._forward(x, residual)
+        out = self._known_shape_call(x) if residual is None else None
+        return out if out is not None else self._forward(x, residual)
 
     def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if type(x) is not Tensor or torch.compiler.is_compiling():
@@ -365,8 +377,8 @@ class PwcpuConv2d(_ConvolutionLayer):
             y = F.conv2d(x, weight, self._traced_bias, self.stride, self.padding, 1, self.groups) + residual
             return _TORCH_ACTIVATIONS[self.activation](y)
         out = _run_conv(self._layer, x, residual)
-        if residual is None and len(self._output_geometry) < 64:  # the shape is valid: take the fast path next time
-            self._output_geometry[x.shape] = (tuple(out.shape), out.stride())
+        if residual is None:
+            self._remember_shape(x, out)
         return out
 
     def extra_repr(self) -> str:
@@ -435,6 +447,10 @@ class _WindowLayer(_ConvolutionLayer):
         return _TORCH_ACTIVATIONS[self.activation](y if residual is None else y + residual)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        out = self._known_shape_call(x) if residual is None else None
+        return out if out is not None else self._forward(x, residual)
+
+    def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if not _eager(x) or (torch.is_grad_enabled() and (x.requires_grad or (residual is not None
                                                                                 and residual.requires_grad))):
             return self._torch_forward(x, residual)
@@ -447,6 +463,14 @@ class _WindowLayer(_ConvolutionLayer):
         if residual is not None and (not _plain_operand(residual, 4) or residual.shape != (x.shape[0], k, ho, wo)):
             return self._torch_forward(x, residual)  # what the graph adds may broadcast or promote
         out = torch.empty((x.shape[0], ho, wo, k), dtype=torch.float32)
+        # Straight to the kernels when the channels are contiguous: no NumPy views on the way.
+        if layer._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(),
+                                          0 if residual is None else residual.data_ptr(),
+                                          None if residual is None else residual.stride()):
+            out = out.permute(0, 3, 1, 2)
+            if residual is None:
+                self._remember_shape(x, out)
+            return out
         layer(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy(),
               residual=None if residual is None else residual.detach().permute(0, 2, 3, 1).numpy())
         return out.permute(0, 3, 1, 2)
@@ -506,6 +530,7 @@ class PwcpuInvertedResidual(nn.Module):
         self.residual = residual
         self._fused: Optional[InvertedResidual] = None
         self._fused_for: Tuple[int, ...] = ()
+        self._output_geometry: Dict[torch.Size, tuple] = {}  # input shape -> output (size, stride)
 
     def _block(self) -> InvertedResidual:
         generations = (self.expand._generation, self.depthwise._generation, self.project._generation)
@@ -524,11 +549,18 @@ class PwcpuInvertedResidual(nn.Module):
             y = self.project(self.depthwise(self.expand(x)), x if self.residual else None)
             return y
         block = self._block()
-        dw = self.depthwise
-        ho, wo = _output_hw(x, dw.stride, dw.padding, tuple(dw._traced_weight.shape[1:]))
-        out = torch.empty((x.shape[0], ho, wo, block.out_channels), dtype=torch.float32)
-        block(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy())
-        return out.permute(0, 3, 1, 2)
+        geometry = self._output_geometry.get(x.shape)
+        if geometry is None:
+            dw = self.depthwise
+            ho, wo = _output_hw(x, dw.stride, dw.padding, tuple(dw._traced_weight.shape[1:]))
+            k = block.out_channels
+            geometry = ((x.shape[0], k, ho, wo), (ho * wo * k, 1, wo * k, k))  # channels_last
+            if len(self._output_geometry) < 64:
+                self._output_geometry[x.shape] = geometry
+        out = torch.empty_strided(*geometry)
+        if not block._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
+            block(x.detach().permute(0, 2, 3, 1).numpy(), out=out.permute(0, 2, 3, 1).numpy())
+        return out
 
     def __getstate__(self):
         state = dict(self.__dict__)
