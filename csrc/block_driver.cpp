@@ -120,6 +120,10 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
     const int64_t h = x.shape[1], w = x.shape[2], e = o.hidden_channels, kh = o.kernel_h;
     const ConvGeometry& g = o.depthwise_geometry;
     const int64_t sh = g.stride_h;
+    if (expand == nullptr) {  // no wide tensor to keep in cache
+        run_layers_in_turn(x, out);
+        return;
+    }
 
     // Band height: the expanded rows of a band, (band - 1) * stride + kh, and its depthwise output
     // fill half of L2 at most.
@@ -138,7 +142,7 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
     const double weights = static_cast<double>(o.in_channels + o.out_channels) * static_cast<double>(e);
     const double bands = static_cast<double>(batch * runtime::ceil_div(ho, band));
     const double saved = static_cast<double>(batch) * static_cast<double>(h * w + ho * wo) * static_cast<double>(e);
-    if (expand == nullptr || 2.0 * bands * weights > saved) {
+    if (2.0 * bands * weights > saved) {
         run_layers_in_turn(x, out);
         return;
     }

@@ -139,6 +139,7 @@ class TestDepthwiseConv:
         w, b = data(rng, (c, 1, 3, 5)), data(rng, (c,))
         layer = pwcpu.DepthwiseConv(w, b, stride=(1, 2), padding=(1, 2), activation="relu")
         assert (layer.channels, layer.kernel_size, layer.stride, layer.padding) == (c, (3, 5), (1, 2), (1, 2))
+        assert layer.in_channels == layer.out_channels == c
         assert layer.weight.shape == (c, 3, 5) and not layer.weight.flags.writeable
         w[:] = 0  # the layer keeps its own copy
         x = data(rng, (1, 6, 7, c))

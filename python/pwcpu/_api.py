@@ -457,6 +457,14 @@ class DepthwiseConv(_WindowLayer):
     def channels(self) -> int:
         return self._plan.channels
 
+    @property
+    def in_channels(self) -> int:
+        return self._plan.channels
+
+    @property
+    def out_channels(self) -> int:
+        return self._plan.channels
+
     def __reduce__(self):
         return (_rebuild_depthwise_conv, (self.weight, self.bias, self._stride, self._padding, self._activation))
 

@@ -104,10 +104,10 @@ def _output_hw(x: Tensor, stride: Sequence[int], padding: Sequence[int],
     return tuple(max((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1, 0) for d in (0, 1))
 
 
-def _run_conv(layer: PointwiseConv, x: Tensor, residual: Optional[Tensor]) -> Tensor:
-    """The kernels on tensor memory: NCHW-shaped x (channels_last is read in place), result
-    channels_last."""
-    ho, wo = _output_hw(x, layer.stride, layer.padding)
+def _run_conv(layer, x: Tensor, residual: Optional[Tensor], kernel: Tuple[int, int] = (1, 1)) -> Tensor:
+    """A prepacked convolution (PointwiseConv, DepthwiseConv, DenseConv) on tensor memory:
+    NCHW-shaped x (channels_last is read in place), result channels_last."""
+    ho, wo = _output_hw(x, layer.stride, layer.padding, kernel)
     out = torch.empty((x.shape[0], ho, wo, layer.out_channels), dtype=torch.float32)
     if x.shape[1] == layer.in_channels and (residual is None or residual.shape == (x.shape[0], layer.out_channels,
                                                                                    ho, wo)):
@@ -454,35 +454,27 @@ class _WindowLayer(_ConvolutionLayer):
         if not _eager(x) or (torch.is_grad_enabled() and (x.requires_grad or (residual is not None
                                                                                 and residual.requires_grad))):
             return self._torch_forward(x, residual)
-        name = type(self).__name__
         if not _plain_operand(x, 4):
-            _check_operands(name, x, self._traced_weight, None, None, 4, "(N, C, H, W)")
+            _check_operands(type(self).__name__, x, self._traced_weight, None, None, 4, "(N, C, H, W)")
         layer = self._layer
-        ho, wo = _output_hw(x, self.stride, self.padding, layer.kernel_size)
-        k = self._traced_weight.shape[0]
-        if residual is not None and (not _plain_operand(residual, 4) or residual.shape != (x.shape[0], k, ho, wo)):
+        if residual is not None and (not _plain_operand(residual, 4) or residual.shape != (
+                x.shape[0], layer.out_channels) + _output_hw(x, self.stride, self.padding, layer.kernel_size)):
             return self._torch_forward(x, residual)  # what the graph adds may broadcast or promote
-        out = torch.empty((x.shape[0], ho, wo, k), dtype=torch.float32)
-        # Straight to the kernels when the channels are contiguous: no NumPy views on the way.
-        if layer._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(),
-                                          0 if residual is None else residual.data_ptr(),
-                                          None if residual is None else residual.stride()):
-            out = out.permute(0, 3, 1, 2)
-            if residual is None:
-                self._remember_shape(x, out)
-            return out
-        layer(x.detach().permute(0, 2, 3, 1).numpy(), out=out.numpy(),
-              residual=None if residual is None else residual.detach().permute(0, 2, 3, 1).numpy())
-        return out.permute(0, 3, 1, 2)
+        out = _run_conv(layer, x, residual, layer.kernel_size)
+        if residual is None:
+            self._remember_shape(x, out)
+        return out
+
+    def _pack(self, w: np.ndarray, b: Optional[np.ndarray]):
+        stride, padding, _, activation = self._options
+        return self._numpy_layer(w, b, stride=stride, padding=padding, activation=activation)
 
 
 class PwcpuDepthwiseConv2d(_WindowLayer):
     """An inference depthwise ``nn.Conv2d`` (``groups == in_channels == out_channels``) run by
     pwcpu; see the base class for the paths PyTorch takes."""
 
-    def _pack(self, w: np.ndarray, b: Optional[np.ndarray]) -> DepthwiseConv:
-        stride, padding, _, activation = self._options
-        return DepthwiseConv(w, b, stride=stride, padding=padding, activation=activation)
+    _numpy_layer = DepthwiseConv
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         return (shape[0], 1) + shape[1:]
@@ -500,9 +492,7 @@ class PwcpuDenseConv2d(_WindowLayer):
     """An inference dense ``nn.Conv2d`` (``groups == 1``, a kernel larger than 1x1: a stem, a 3x3
     layer) run by pwcpu's ``conv2d``; see the base class for the paths PyTorch takes."""
 
-    def _pack(self, w: np.ndarray, b: Optional[np.ndarray]) -> DenseConv:
-        stride, padding, _, activation = self._options
-        return DenseConv(w, b, stride=stride, padding=padding, activation=activation)
+    _numpy_layer = DenseConv
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         return shape
