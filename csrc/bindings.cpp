@@ -566,7 +566,9 @@ public:
     BlockPlan(const py::object& expand_weight, const py::object& expand_bias, const py::array& depthwise_weight,
               const py::object& depthwise_bias, const py::array& project_weight, const py::object& project_bias,
               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int expand_activation,
-              int depthwise_activation, int project_activation, bool residual)
+              int depthwise_activation, int project_activation, bool residual, const py::object& se_reduce_weight,
+              const py::object& se_reduce_bias, const py::object& se_expand_weight, const py::object& se_expand_bias,
+              int se_activation, int se_gate)
         : OperatorPlan(float32_array(project_weight, "project_weight"), py::none(), true, pwcpu::Layout::nhwc) {
         const auto contiguous = [](const py::object& a, const char* name) -> py::object {
             return a.is_none() ? py::object(py::none()) : numpy().attr("ascontiguousarray")(float32_array(a, name));
@@ -577,9 +579,13 @@ public:
         dw_b_ = contiguous(depthwise_bias, "depthwise_bias");
         project_w_ = contiguous(project_weight, "project_weight");
         project_b_ = contiguous(project_bias, "project_bias");
+        se_reduce_w_ = contiguous(se_reduce_weight, "se_reduce_weight");
+        se_reduce_b_ = contiguous(se_reduce_bias, "se_reduce_bias");
+        se_expand_w_ = contiguous(se_expand_weight, "se_expand_weight");
+        se_expand_b_ = contiguous(se_expand_bias, "se_expand_bias");
         const py::array dw = dw_w_, pw = project_w_;
         if (dw.ndim() != 3 || pw.ndim() != 2) throw py::value_error("depthwise weight must be (E, kh, kw), project weight (K, E)");
-        for (int a : {expand_activation, depthwise_activation, project_activation}) {
+        for (int a : {expand_activation, depthwise_activation, project_activation, se_activation, se_gate}) {
             if (a < 0 || a > static_cast<int>(pwcpu::Activation::sigmoid)) throw py::value_error("invalid activation code");
         }
         w_.hidden_channels = dw.shape(0);
@@ -594,6 +600,27 @@ public:
         } else {
             w_.in_channels = w_.hidden_channels;
         }
+        const auto vector_of = [](const py::object& a, int64_t n) {
+            return a.is_none() || (py::array(a).ndim() == 1 && py::array(a).shape(0) == n);
+        };
+        if (!vector_of(expand_b_, w_.hidden_channels) || !vector_of(dw_b_, w_.hidden_channels) ||
+            !vector_of(project_b_, w_.out_channels)) {
+            throw py::value_error("a bias does not match its layer's output channels");
+        }
+        if (se_reduce_w_.is_none() != se_expand_w_.is_none()) {
+            throw py::value_error("squeeze-excitation needs both se_reduce_weight and se_expand_weight");
+        }
+        if (!se_reduce_w_.is_none()) {
+            const py::array reduce = se_reduce_w_, expand = se_expand_w_;
+            if (reduce.ndim() != 2 || reduce.shape(1) != w_.hidden_channels || expand.ndim() != 2 ||
+                expand.shape(0) != w_.hidden_channels || expand.shape(1) != reduce.shape(0) ||
+                !vector_of(se_reduce_b_, reduce.shape(0)) || !vector_of(se_expand_b_, w_.hidden_channels)) {
+                throw py::value_error("squeeze-excitation weights must be (S, E) and (E, S), biases S and E values");
+            }
+            w_.se_channels = reduce.shape(0);
+        }
+        w_.se_activation = static_cast<pwcpu::Activation>(se_activation);
+        w_.se_gate = static_cast<pwcpu::Activation>(se_gate);
         w_.depthwise_geometry = {stride_h, stride_w, pad_h, pad_w};
         w_.expand_activation = static_cast<pwcpu::Activation>(expand_activation);
         w_.depthwise_activation = static_cast<pwcpu::Activation>(depthwise_activation);
@@ -642,6 +669,10 @@ private:
         w.depthwise_bias = data_of(dw_b_);
         w.project_weight = data_of(project_w_);
         w.project_bias = data_of(project_b_);
+        w.se_reduce_weight = data_of(se_reduce_w_);
+        w.se_reduce_bias = data_of(se_reduce_b_);
+        w.se_expand_weight = data_of(se_expand_w_);
+        w.se_expand_bias = data_of(se_expand_b_);
         std::shared_ptr<const pwcpu::InvertedResidual> block;
         {
             py::gil_scoped_release release;
@@ -650,7 +681,8 @@ private:
         block_ = std::move(block);
     }
 
-    py::object expand_w_, expand_b_, dw_w_, dw_b_, project_w_, project_b_;
+    py::object expand_w_, expand_b_, dw_w_, dw_b_, project_w_, project_b_, se_reduce_w_, se_reduce_b_, se_expand_w_,
+        se_expand_b_;
     pwcpu::InvertedResidualWeights w_;
     std::shared_ptr<const pwcpu::InvertedResidual> block_;
 };
@@ -698,7 +730,14 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<BlockPlan>(m, "BlockPlan")
         .def(py::init<const py::object&, const py::object&, const py::array&, const py::object&, const py::array&,
-                      const py::object&, int64_t, int64_t, int64_t, int64_t, int, int, int, bool>())
+                      const py::object&, int64_t, int64_t, int64_t, int64_t, int, int, int, bool, const py::object&,
+                      const py::object&, const py::object&, const py::object&, int, int>(),
+             py::arg("expand_weight"), py::arg("expand_bias"), py::arg("depthwise_weight"), py::arg("depthwise_bias"),
+             py::arg("project_weight"), py::arg("project_bias"), py::arg("stride_h"), py::arg("stride_w"),
+             py::arg("pad_h"), py::arg("pad_w"), py::arg("expand_activation"), py::arg("depthwise_activation"),
+             py::arg("project_activation"), py::arg("residual"), py::arg("se_reduce_weight") = py::none(),
+             py::arg("se_reduce_bias") = py::none(), py::arg("se_expand_weight") = py::none(),
+             py::arg("se_expand_bias") = py::none(), py::arg("se_activation") = 3, py::arg("se_gate") = 6)
         .def("conv", &BlockPlan::conv, py::arg("x"), py::arg("out"))
         .def("conv_channels_last", &BlockPlan::conv_channels_last)
         .def_property_readonly("isa", [](const BlockPlan& p) { return p.block().isa(); })

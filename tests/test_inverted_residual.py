@@ -26,29 +26,56 @@ def block_weights(rng, c, e, k, kernel=3, expand=True):
     )
 
 
-def expected(x, w, stride, padding, activation, project_activation, residual):
-    """(float64 result, error bound): each stage's float32 sums are off by at most n u times the
-    same stage computed on absolute values; the activations do not amplify errors (Lipschitz 1
-    for relu/relu6, below 1.1 for silu and hardswish)."""
-    def stages(x, w, absolute):
-        f = np.abs if absolute else (lambda a: a)
-        act = None if absolute else activation
-        h = f(x)
-        if w["expand_weight"] is not None:
-            h = reference.conv1x1(h, f(w["expand_weight"]), f(w["expand_bias"]), activation=act)
-        h = reference.depthwise_conv2d(h, f(w["depthwise_weight"]), f(w["depthwise_bias"]), stride=stride,
-                                       padding=padding, activation=act)
-        return reference.conv1x1(h, f(w["project_weight"]), f(w["project_bias"]),
-                                 activation=None if absolute else project_activation,
-                                 residual=f(x) if residual else None)
-    c, e = x.shape[3], w["depthwise_weight"].shape[0]
+# Lipschitz constants of the activations (silu and hardswish: below 1.1).
+LIPSCHITZ = {None: 1.0, "relu": 1.0, "relu6": 1.0, "silu": 1.1, "hardswish": 1.1, "sigmoid": 0.25}
+
+
+def _stage(value, bound, op, weight, bias, length, activation):
+    """A linear stage op(value, weight, bias) then the activation, in float64, with the error bound
+    of the float32 computation: the input's error through |weight|, plus float32 sums of `length`
+    terms off by at most length u times the sum of absolute values, plus a few units of roundoff
+    in the activation."""
+    z = op(value, weight, bias)
+    absolute = op(np.abs(value), np.abs(weight), None if bias is None else np.abs(bias))
+    z_bound = op(bound, np.abs(weight), None) + 1.2 * (length + 2) * UNIT_ROUNDOFF * absolute
+    y = reference.ACTIVATION_FUNCTIONS[activation](z)
+    return y, LIPSCHITZ[activation] * z_bound + 8 * UNIT_ROUNDOFF * np.abs(y) + 1e-30
+
+
+def expected(x, w, stride, padding, activation, project_activation, residual, se=None):
+    """(float64 result, error bound), the bound carried stage by stage. `se`: the squeeze-excitation's
+    (reduce_weight, reduce_bias, expand_weight, expand_bias, se_activation, se_gate), or None."""
+    def depthwise(v, weight, bias):
+        return reference.depthwise_conv2d(v, weight, bias, stride=stride, padding=padding)
+
+    h, bound = np.asarray(x, np.float64), np.zeros(x.shape)
+    if w["expand_weight"] is not None:
+        h, bound = _stage(h, bound, reference.conv1x1, w["expand_weight"], w["expand_bias"], x.shape[3], activation)
     taps = w["depthwise_weight"].shape[1] * w["depthwise_weight"].shape[2]
-    return stages(x, w, False), 1.2 * (c + taps + e + 4) * UNIT_ROUNDOFF * stages(x, w, True) + 1e-30
+    h, bound = _stage(h, bound, depthwise, w["depthwise_weight"], w["depthwise_bias"], taps, activation)
+    if se is not None:
+        reduce_w, reduce_b, expand_w, expand_b, se_activation, gate = se
+        pixels = h.shape[1] * h.shape[2]
+        mean = h.mean(axis=(1, 2), keepdims=True)
+        mean_bound = bound.mean(axis=(1, 2), keepdims=True) + \
+            1.2 * (h.shape[2] + 2) * UNIT_ROUNDOFF * np.abs(h).mean(axis=(1, 2), keepdims=True)
+        assert pixels >= 1
+        squeezed = _stage(mean, mean_bound, reference.conv1x1, reduce_w, reduce_b, h.shape[3], se_activation)
+        scale, scale_bound = _stage(*squeezed, reference.conv1x1, expand_w, expand_b, reduce_w.shape[0], gate)
+        bound = bound * np.abs(scale) + np.abs(h) * scale_bound + UNIT_ROUNDOFF * np.abs(h * scale)
+        h = h * scale
+    y, bound = _stage(h, bound, reference.conv1x1, w["project_weight"], w["project_bias"], h.shape[3], None)
+    if residual:
+        y = y + x
+        bound = bound + UNIT_ROUNDOFF * np.abs(y)
+    y_act = reference.ACTIVATION_FUNCTIONS[project_activation](y)
+    return y_act, LIPSCHITZ[project_activation] * bound + 8 * UNIT_ROUNDOFF * np.abs(y_act) + 1e-30
 
 
-def check(block, x, w, stride, padding, activation="relu6", project_activation=None, residual=False, out=None):
+def check(block, x, w, stride, padding, activation="relu6", project_activation=None, residual=False, out=None,
+          se=None):
     y = block(x, out=out)
-    want, bound = expected(x, w, stride, padding, activation, project_activation, residual)
+    want, bound = expected(x, w, stride, padding, activation, project_activation, residual, se)
     assert y.shape == want.shape and y.dtype == np.float32
     error = np.abs(y - want)
     assert (error <= bound).all(), f"max error {error.max()} at {np.unravel_index(error.argmax(), error.shape)}"
@@ -163,3 +190,91 @@ def test_depthwise_separable_matches_its_stages(isa, rng, n, h, w_, c, k, kernel
         pwcpu.DepthwiseSeparable(dw, db, data(rng, k, c + 1))
     with pytest.raises(ValueError, match="pointwise_bias"):
         pwcpu.DepthwiseSeparable(dw, db, pw, data(rng, k + 1))
+
+
+def excitation_weights(rng, e, s):
+    return dict(se_reduce_weight=data(rng, s, e, scale=e**-0.5), se_reduce_bias=data(rng, s),
+                se_expand_weight=data(rng, e, s, scale=s**-0.5), se_expand_bias=data(rng, e))
+
+
+def se_tuple(se, activation="silu", gate="sigmoid"):
+    return (se["se_reduce_weight"], se["se_reduce_bias"], se["se_expand_weight"], se["se_expand_bias"], activation, gate)
+
+
+# EfficientNet-B0's block kinds with squeeze-excitation (smaller images): the first block (no
+# expansion); expand + 3x3 + residual on a map large enough to run in bands (expand and depthwise
+# fused, then scaled and projected band by band); 5x5 stride 2; wide layers on a small map (every
+# stage on whole tensors); a map of one pixel.
+SE_CASES = [
+    (2, 20, 18, 32, 32, 16, 8, 3, 1, False),
+    (2, 56, 40, 24, 144, 24, 6, 3, 1, True),
+    (1, 23, 21, 40, 240, 80, 10, 5, 2, True),
+    (2, 7, 7, 192, 1152, 192, 48, 5, 1, True),
+    (1, 1, 1, 16, 96, 16, 4, 3, 1, True),
+]
+
+
+@pytest.mark.parametrize("n,h,w_,c,e,k,s,kernel,stride,expand", SE_CASES)
+def test_squeeze_excitation_matches_its_stages(isa, rng, n, h, w_, c, e, k, s, kernel, stride, expand):
+    w = block_weights(rng, c, e, k, kernel, expand)
+    se = excitation_weights(rng, e, s)
+    block = pwcpu.InvertedResidual(**w, **se, stride=stride, activation="silu")
+    residual = stride == 1 and c == k
+    assert block.se_channels == s and block.residual == residual
+    x = data(rng, n, h, w_, c)
+    y = check(block, x, w, stride, kernel // 2, activation="silu", residual=residual, se=se_tuple(se))
+    if n > 1:  # each image has its own scale: the same image alone gives the same result
+        np.testing.assert_array_equal(block(x[1:2]), y[1:2])
+
+
+@pytest.mark.parametrize("se_activation,gate", [("relu", "sigmoid"), ("silu", "hardswish"), (None, "sigmoid")])
+def test_squeeze_excitation_activations(rng, se_activation, gate):
+    w = block_weights(rng, 16, 64, 24)
+    se = excitation_weights(rng, 64, 16)
+    block = pwcpu.InvertedResidual(**w, **se, se_activation=se_activation, se_gate=gate, activation="hardswish")
+    check(block, data(rng, 2, 9, 10, 16), w, 1, 1, "hardswish", se=se_tuple(se, se_activation, gate))
+
+
+@pytest.mark.parametrize("h", [61, 130])
+def test_squeeze_excitation_bands_and_threads(rng, h):
+    """Bands of rows and any thread count: the means are summed in the same order, so the result
+    does not depend on the thread count."""
+    c, e = 24, 144
+    w = block_weights(rng, c, e, c)
+    se = excitation_weights(rng, e, 6)
+    x = data(rng, 2, h, 33, c)
+    results = []
+    for threads, stride in [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)]:
+        pwcpu.set_num_threads(threads)
+        block = pwcpu.InvertedResidual(**w, **se, stride=stride, activation="silu")
+        if threads == 1:
+            check(block, x, w, stride, 1, activation="silu", residual=stride == 1, se=se_tuple(se))
+        results.append((stride, block(x)))
+    for stride, y in results:
+        np.testing.assert_array_equal(y, next(r for s, r in results if s == stride))
+
+
+def test_squeeze_excitation_pickle_repr_and_errors(rng):
+    w = block_weights(rng, 16, 48, 16)
+    se = excitation_weights(rng, 48, 12)
+    block = pwcpu.InvertedResidual(**w, **{**se, "se_reduce_weight": se["se_reduce_weight"][..., None, None]},
+                                   se_activation="relu")
+    x = data(rng, 1, 8, 8, 16)
+    clone = pickle.loads(pickle.dumps(block))
+    np.testing.assert_array_equal(clone(x), block(x))
+    assert "se_channels=12" in repr(clone) and clone.se_channels == 12
+    assert pwcpu.InvertedResidual(**w).se_channels == 0
+    with pytest.raises(ValueError, match="needs both se_reduce_weight and se_expand_weight"):
+        pwcpu.InvertedResidual(**w, se_reduce_weight=se["se_reduce_weight"])
+    with pytest.raises(ValueError, match="without the squeeze-excitation weights"):
+        pwcpu.InvertedResidual(**w, se_expand_bias=se["se_expand_bias"])
+    with pytest.raises(ValueError, match="se_reduce_weight takes 47 channels"):
+        pwcpu.InvertedResidual(**w, **{**se, "se_reduce_weight": data(rng, 12, 47)})
+    with pytest.raises(ValueError, match=r"se_expand_weight must have shape \(48, 12\)"):
+        pwcpu.InvertedResidual(**w, **{**se, "se_expand_weight": data(rng, 48, 11)})
+    with pytest.raises(ValueError, match="se_reduce_bias must have shape"):
+        pwcpu.InvertedResidual(**w, **{**se, "se_reduce_bias": data(rng, 11)})
+    with pytest.raises(ValueError, match="se_gate"):
+        pwcpu.InvertedResidual(**w, **se, se_gate="tanh")
+    with pytest.raises(TypeError, match="se_expand_weight"):
+        pwcpu.InvertedResidual(**w, **{**se, "se_expand_weight": "weights"})

@@ -136,3 +136,88 @@ def test_convert_fuses_inverted_residual_blocks_torch(stride, k):
         y = block(x)
         expected = torch.relu(block.project.bias.reshape(1, -1, 1, 1) + (x if stride == 1 else 0)).expand_as(y)
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's: global average pooling, 1x1 reduce + activation, 1x1 expand + gate, times the input."""
+
+    def __init__(self, e, s, activation=nn.SiLU):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.activation = nn.Conv2d(e, s, 1), activation()
+        self.fc2, self.scale_activation = nn.Conv2d(s, e, 1), nn.Sigmoid()
+
+    def forward(self, x):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+class MBConvBlock(nn.Module):
+    """EfficientNet's block, written out: [expand,] depthwise, squeeze-excitation, project (+ input)."""
+
+    def __init__(self, c=16, e=64, k=16, kernel=3, stride=1, se_activation=nn.SiLU):
+        super().__init__()
+        layers = [] if e == c else [nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.SiLU()]
+        layers += [nn.Conv2d(e, e, kernel, stride, kernel // 2, groups=e, bias=False), nn.BatchNorm2d(e), nn.SiLU(),
+                   SqueezeExcitation(e, max(1, c // 4), se_activation), nn.Conv2d(e, k, 1, bias=False), nn.BatchNorm2d(k)]
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and c == k
+
+    def forward(self, x):
+        y = self.block(x)
+        if self.use_residual:
+            y += x
+        return y
+
+
+@pytest.mark.parametrize("c,e,k,kernel,stride,se_activation", [
+    (16, 16, 8, 3, 1, nn.SiLU), (16, 64, 16, 3, 1, nn.SiLU), (16, 96, 24, 5, 2, nn.ReLU), (24, 144, 24, 5, 1, nn.SiLU)])
+def test_convert_fuses_squeeze_excitation_blocks(c, e, k, kernel, stride, se_activation):
+    model = randomized(nn.Sequential(MBConvBlock(c, e, k, kernel, stride, se_activation), MBConvBlock(k, 4 * k, k)))
+    converted = pt.convert(model)
+    fused = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
+    assert len(fused) == 2 and all(m.se_reduce is not None for m in fused)
+    assert (fused[0].expand is None) == (e == c) and fused[0].residual == (stride == 1 and c == k) and fused[1].residual
+    assert sum("(squeeze-excitation" in line for line in converted.pwcpu_report) == 2
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in converted.modules())
+    x = torch.randn(2, c, 19, 17).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+        # Under torch.compile / export the block computes layer by layer: the same result.
+        torch.testing.assert_close(fused[0]._layer_by_layer(x), fused[0](x), rtol=1e-4, atol=1e-5)
+    # New weights in the excitation reach the fused call: a zero expand leaves the gate at sigmoid(bias).
+    block = fused[1]
+    block.se_expand.weight = torch.zeros_like(block.se_expand.weight)
+    block.se_expand.bias = torch.full_like(block.se_expand.bias, -50.0)  # the gate closes: only bias + input
+    h = torch.randn(1, k, 9, 9).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(block(h), block.project.bias.reshape(1, -1, 1, 1) + h, rtol=1e-5, atol=1e-5)
+
+
+class NotAnExcitation(nn.Module):
+    """Shapes like a squeeze-excitation that are not one: the pooled value also leaves the block,
+    and the product is not with the depthwise output."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.dw(x))
+        pooled = self.pool(h)
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(pooled))))
+        return self.project(scale * x), pooled
+
+
+def test_convert_leaves_lookalikes_unfused():
+    model = randomized(NotAnExcitation())
+    converted = pt.convert(model)
+    assert not any(isinstance(m, pt.PwcpuInvertedResidual) for m in converted.modules())
+    x = torch.randn(1, 16, 8, 8)
+    with torch.inference_mode():
+        for got, want in zip(converted(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

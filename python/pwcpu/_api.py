@@ -65,12 +65,12 @@ def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
     return _int(name, value[0], minimum), _int(name, value[1], minimum)
 
 
-def _activation_code(activation) -> int:
+def _activation_code(activation, name: str = "activation") -> int:
     if activation is not None and not isinstance(activation, str):
-        raise TypeError(f"activation must be None or a string, got {type(activation).__name__}")
+        raise TypeError(f"{name} must be None or a string, got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
         names = ", ".join(repr(a) for a in ACTIVATIONS)
-        raise ValueError(f"activation must be one of {names}; got {activation!r}")
+        raise ValueError(f"{name} must be one of {names}; got {activation!r}")
     return ACTIVATIONS[activation]
 
 
@@ -543,6 +543,14 @@ class InvertedResidual(_LayerOptions):
     (depthwise straight on x, then project: with no wide tensor to keep in cache, the two run one
     after the other). ``residual=None`` adds the input whenever the shapes allow it
     (stride 1, "same" padding, K == C), as MobileNetV2 does.
+
+    Squeeze-excitation (EfficientNet's MBConv, MobileNetV3), between the depthwise and project
+    stages, is given by ``se_reduce_weight`` (S, E) and ``se_expand_weight`` (E, S) (PyTorch's
+    ``fc1`` and ``fc2``, 1x1 weights (S, E, 1, 1) accepted) with their biases: each image's channel
+    means of the depthwise output go through reduce + ``se_activation`` and expand + ``se_gate``,
+    and the result scales the depthwise output's channels before the projection. The depthwise
+    output is then computed whole (the means need all of it) and scaled band by band as it is
+    projected.
     """
 
     def __init__(
@@ -559,6 +567,12 @@ class InvertedResidual(_LayerOptions):
         activation: Optional[str] = "relu6",
         project_activation: Optional[str] = None,
         residual: Optional[bool] = None,
+        se_reduce_weight=None,
+        se_reduce_bias=None,
+        se_expand_weight=None,
+        se_expand_bias=None,
+        se_activation: Optional[str] = "silu",
+        se_gate: Optional[str] = "sigmoid",
     ) -> None:
         dw = _frozen_copy(_depthwise_filters(depthwise_weight, "depthwise_weight"))
         hidden, kh, kw = dw.shape
@@ -579,7 +593,7 @@ class InvertedResidual(_LayerOptions):
         biases = [None if b is None else _frozen_copy(b) for b in biases]
         self._stride = _pair("stride", stride, 1)
         self._padding = (kh // 2, kw // 2) if padding is None else _pair("padding", padding, 0)
-        codes = (_activation_code(activation), _activation_code(project_activation))
+        codes = (_activation_code(activation), _activation_code(project_activation, "project_activation"))
         same = self._stride == (1, 1) and self._padding == ((kh - 1) // 2, (kw - 1) // 2) and kh % 2 == 1 \
             and kw % 2 == 1 and pw.shape[0] == in_channels
         if residual is None:
@@ -591,8 +605,11 @@ class InvertedResidual(_LayerOptions):
                              "out_channels == in_channels")
         self._activation, self._project_activation, self._residual = activation, project_activation, bool(residual)
         self._weights = (ew, biases[0], dw, biases[1], pw, biases[2])
+        self._excitation = _excitation(hidden, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias)
+        self._se_activation, self._se_gate = se_activation, se_gate
+        se_codes = (_activation_code(se_activation, "se_activation"), _activation_code(se_gate, "se_gate"))
         self._plan = _core.BlockPlan(ew, biases[0], dw, biases[1], pw, biases[2], *self._stride, *self._padding,
-                                     codes[0], codes[0], codes[1], self._residual)
+                                     codes[0], codes[0], codes[1], self._residual, *self._excitation, *se_codes)
 
     @property
     def in_channels(self) -> int:
@@ -609,16 +626,46 @@ class InvertedResidual(_LayerOptions):
     def __call__(self, x, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         return self._plan.conv(x, out)
 
+    @property
+    def se_channels(self) -> int:
+        """S, the squeeze-excitation's reduced width; 0 without squeeze-excitation."""
+        return 0 if self._excitation[0] is None else self._excitation[0].shape[0]
+
     def __reduce__(self):
+        reduce_w, reduce_b, expand_w, expand_b = self._excitation
         options = dict(stride=self._stride, padding=self._padding, activation=self._activation,
-                       project_activation=self._project_activation, residual=self._residual)
+                       project_activation=self._project_activation, residual=self._residual,
+                       se_reduce_weight=reduce_w, se_reduce_bias=reduce_b, se_expand_weight=expand_w,
+                       se_expand_bias=expand_b, se_activation=self._se_activation, se_gate=self._se_gate)
         return (_rebuild_inverted_residual, (self._weights, options))
 
     def __repr__(self) -> str:
         hidden, kh, kw = self._weights[2].shape
+        se = f", se_channels={self.se_channels}" if self.se_channels else ""
         return (f"InvertedResidual(in_channels={self.in_channels}, hidden_channels={hidden}, "
                 f"out_channels={self.out_channels}, kernel_size=({kh}, {kw}), stride={self._stride}, "
-                f"activation={self._activation!r}, residual={self._residual})")
+                f"activation={self._activation!r}, residual={self._residual}{se})")
+
+
+def _excitation(hidden: int, reduce_weight, reduce_bias, expand_weight, expand_bias) -> tuple:
+    """The squeeze-excitation operands, checked and frozen: (S, E), S, (E, S), E; all None without."""
+    if reduce_weight is None and expand_weight is None:
+        if reduce_bias is not None or expand_bias is not None:
+            raise ValueError("se_reduce_bias / se_expand_bias given without the squeeze-excitation weights")
+        return (None, None, None, None)
+    if reduce_weight is None or expand_weight is None:
+        raise ValueError("squeeze-excitation needs both se_reduce_weight and se_expand_weight")
+    reduce_w = _frozen_copy(_weight_matrix(reduce_weight, 1, "se_reduce_weight"))
+    expand_w = _frozen_copy(_weight_matrix(expand_weight, 1, "se_expand_weight"))
+    squeezed = reduce_w.shape[0]
+    if reduce_w.shape[1] != hidden:
+        raise ValueError(f"se_reduce_weight takes {reduce_w.shape[1]} channels but depthwise_weight has {hidden} filters")
+    if expand_w.shape != (hidden, squeezed):
+        raise ValueError(f"se_expand_weight must have shape ({hidden}, {squeezed}) to match se_reduce_weight, "
+                         f"got {expand_w.shape}")
+    reduce_b, expand_b = (None if b is None else _frozen_copy(_bias_vector(b, n, name)) for name, b, n in (
+        ("se_reduce_bias", reduce_bias, squeezed), ("se_expand_bias", expand_bias, hidden)))
+    return (reduce_w, reduce_b, expand_w, expand_b)
 
 
 def _rebuild_inverted_residual(weights, options) -> InvertedResidual:

@@ -102,6 +102,12 @@ class BlockPlan:
         depthwise_activation: int,
         project_activation: int,
         residual: bool,
+        se_reduce_weight: Optional[npt.NDArray[np.float32]] = None,
+        se_reduce_bias: Optional[npt.NDArray[np.float32]] = None,
+        se_expand_weight: Optional[npt.NDArray[np.float32]] = None,
+        se_expand_bias: Optional[npt.NDArray[np.float32]] = None,
+        se_activation: int = 3,
+        se_gate: int = 6,
     ) -> None: ...
     def conv(self, x: Any, out: Optional[np.ndarray]) -> npt.NDArray[np.float32]: ...
     @property

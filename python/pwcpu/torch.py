@@ -507,37 +507,54 @@ class PwcpuDenseConv2d(_WindowLayer):
 
 
 class PwcpuInvertedResidual(nn.Module):
-    """An expand -> depthwise -> project chain of converted layers (MobileNetV2's inverted residual
-    block, the input added when ``residual``) run as one fused ``pwcpu.InvertedResidual`` call.
-    The three layers stay its children (their weights are its state, and new weights reach the
-    fused call); under ``torch.compile`` and ``torch.export`` they compute one by one, and like
-    them the block computes no gradients."""
+    """An [expand ->] depthwise [-> squeeze-excitation] -> project chain of converted layers
+    (MobileNetV2's inverted residual block, EfficientNet's MBConv; the input added when
+    ``residual``) run as one fused ``pwcpu.InvertedResidual`` call. The layers stay its children
+    (their weights are its state, and new weights reach the fused call); under ``torch.compile`` and
+    ``torch.export`` they compute one by one, and like them the block computes no gradients.
+    ``excitation`` is the squeeze-excitation's (reduce, expand) layers, whose activations are its
+    activation and gate; the channel means feeding them are the block's own."""
 
-    def __init__(self, expand: PwcpuConv2d, depthwise: PwcpuDepthwiseConv2d, project: PwcpuConv2d,
-                 residual: bool) -> None:
+    def __init__(self, expand: Optional[PwcpuConv2d], depthwise: PwcpuDepthwiseConv2d, project: PwcpuConv2d,
+                 residual: bool, excitation: Optional[Tuple[PwcpuConv2d, PwcpuConv2d]] = None) -> None:
         super().__init__()
         self.expand, self.depthwise, self.project = expand, depthwise, project
+        self.se_reduce, self.se_expand = excitation if excitation is not None else (None, None)
         self.residual = residual
         self._fused: Optional[InvertedResidual] = None
         self._fused_for: Tuple[int, ...] = ()
         self._output_geometry: Dict[torch.Size, tuple] = {}  # input shape -> output (size, stride)
 
+    def _layers(self) -> Tuple[Optional[_ConvolutionLayer], ...]:
+        return (self.expand, self.depthwise, self.se_reduce, self.se_expand, self.project)
+
     def _block(self) -> InvertedResidual:
-        generations = (self.expand._generation, self.depthwise._generation, self.project._generation)
+        generations = tuple(-1 if m is None else m._generation for m in self._layers())
         if self._fused is None or self._fused_for != generations:
-            e, d, p = self.expand, self.depthwise, self.project
-            arrays = [None if t is None else t.numpy() for t in
-                      (e._traced_weight, e._traced_bias, d._traced_weight, d._traced_bias, p._traced_weight,
-                       p._traced_bias)]
-            self._fused = InvertedResidual(*arrays, stride=d.stride, padding=d.padding, activation=e.activation,
-                                           project_activation=p.activation, residual=self.residual)
+            def arrays(layer):
+                return (None, None) if layer is None else \
+                    tuple(None if t is None else t.numpy() for t in (layer._traced_weight, layer._traced_bias))
+            e, d, r, x, p = self._layers()
+            se = {}
+            if r is not None:
+                (se["se_reduce_weight"], se["se_reduce_bias"]), (se["se_expand_weight"], se["se_expand_bias"]) = \
+                    arrays(r), arrays(x)
+                se.update(se_activation=r.activation, se_gate=x.activation)
+            self._fused = InvertedResidual(*arrays(e), *arrays(d), *arrays(p), stride=d.stride, padding=d.padding,
+                                           activation=d.activation, project_activation=p.activation,
+                                           residual=self.residual, **se)
             self._fused_for = generations
         return self._fused
 
+    def _layer_by_layer(self, x: Tensor) -> Tensor:
+        h = self.depthwise(x if self.expand is None else self.expand(x))
+        if self.se_reduce is not None:
+            h = h * self.se_expand(self.se_reduce(h.mean((2, 3), keepdim=True)))
+        return self.project(h, x if self.residual else None)
+
     def forward(self, x: Tensor) -> Tensor:
         if not _eager(x) or (x.requires_grad and torch.is_grad_enabled()) or not _plain_operand(x, 4):
-            y = self.project(self.depthwise(self.expand(x)), x if self.residual else None)
-            return y
+            return self._layer_by_layer(x)
         block = self._block()
         geometry = self._output_geometry.get(x.shape)
         if geometry is None:
@@ -778,6 +795,7 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    _drop_inference_identities(graph, report)
 
     def single_use_module(node: fx.Node) -> Optional[nn.Module]:
         if node.op != "call_module" or calls[node.target] != 1:
@@ -842,50 +860,97 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
 
 
 def _fuse_inverted_residuals(graph_module: fx.GraphModule, report: List[str]) -> None:
-    """Chains expand (1x1) -> depthwise -> project (1x1, + the chain's input) of converted layers,
-    each the previous one's only use, with the block's shapes and one activation for the first two,
-    become one PwcpuInvertedResidual."""
+    """Chains of converted layers, each the previous one's only use: [expand (1x1) ->] depthwise
+    [-> squeeze-excitation] -> project (1x1, + the chain's input), with at least an expansion or a
+    squeeze-excitation and one activation for expand and depthwise, become one
+    PwcpuInvertedResidual. A squeeze-excitation is the depthwise output's two uses: global average
+    pooling -> 1x1 (reduce) -> 1x1 (expand), whose result multiplies the depthwise output."""
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
 
-    def layer(node: Optional[fx.Node], kind: type) -> Optional[nn.Module]:
-        if node is None or node.op != "call_module" or node.kwargs:
+    def layer(node, kind: type) -> Optional[nn.Module]:
+        if not isinstance(node, fx.Node) or node.op != "call_module" or node.kwargs:
             return None
         module = modules.get(node.target)
         return module if type(module) is kind else None
 
-    for node in list(graph.nodes):
-        expand = layer(node, PwcpuConv2d)
-        if expand is None or len(node.args) != 1 or expand.groups != 1 or expand.stride != (1, 1) \
-                or expand.padding != (0, 0):
-            continue
-        dw_node = _sole_user(node)
+    def plain_1x1(node, inputs) -> Optional[PwcpuConv2d]:
+        conv = layer(node, PwcpuConv2d)
+        ok = conv is not None and conv.groups == 1 and conv.stride == (1, 1) and conv.padding == (0, 0)
+        return conv if ok and tuple(node.args[:len(inputs)]) == inputs else None
+
+    def excitation(dw_node: fx.Node):
+        """(reduce node, expand node, multiply node) of the squeeze-excitation on dw_node, or None."""
+        users = list(dw_node.users)
+        pools = [u for u in users if u.op == "call_module" and isinstance(modules.get(u.target), nn.AdaptiveAvgPool2d)
+                 and _pair(modules[u.target].output_size) == (1, 1) and u.args == (dw_node,) and not u.kwargs]
+        if len(users) != 2 or len(pools) != 1:
+            return None
+        reduce_node = _sole_user(pools[0])
+        expand_node = _sole_user(reduce_node) if plain_1x1(reduce_node, (pools[0],)) is not None \
+            and len(reduce_node.args) == 1 else None
+        if expand_node is None or plain_1x1(expand_node, (reduce_node,)) is None or len(expand_node.args) != 1:
+            return None
+        multiply = _sole_user(expand_node)
+        if multiply is None or multiply not in users or multiply.op != "call_function" \
+                or multiply.target not in (operator.mul, torch.mul) or multiply.kwargs \
+                or set(multiply.args) != {dw_node, expand_node} or len(multiply.args) != 2:
+            return None
+        return pools[0], reduce_node, expand_node, multiply
+
+    for dw_node in list(graph.nodes):
         depthwise = layer(dw_node, PwcpuDepthwiseConv2d)
-        if depthwise is None or dw_node.args != (node,) or depthwise.activation != expand.activation:
+        if depthwise is None or len(dw_node.args) != 1:
             continue
-        project_node = _sole_user(dw_node)
-        project = layer(project_node, PwcpuConv2d)
-        if project is None or project.groups != 1 or project.stride != (1, 1) or project.padding != (0, 0) \
-                or project_node.args[0] is not dw_node:
+        node = dw_node.args[0]
+        expand = plain_1x1(node, tuple(node.args[:1])) if isinstance(node, fx.Node) else None
+        if expand is None or len(node.args) != 1 or _sole_user(node) is not dw_node \
+                or expand.activation != depthwise.activation:
+            expand, node = None, dw_node
+        se = excitation(dw_node)
+        last = dw_node if se is None else se[-1]
+        project_node = _sole_user(last)
+        project = plain_1x1(project_node, (last,))
+        if project is None or (expand is None and se is None):
             continue
         x = node.args[0]
         residual = len(project_node.args) == 2
         if residual and project_node.args[1] is not x:
             continue
         kh, kw = depthwise._traced_weight.shape[1:]
+        in_channels = depthwise._traced_weight.shape[0] if expand is None else expand._traced_weight.shape[1]
         same = depthwise.stride == (1, 1) and depthwise.padding == ((kh - 1) // 2, (kw - 1) // 2) and kh % 2 == 1 \
-            and kw % 2 == 1 and project._traced_weight.shape[0] == expand._traced_weight.shape[1]
+            and kw % 2 == 1 and project._traced_weight.shape[0] == in_channels
         if residual and not same:
             continue
-        fused = PwcpuInvertedResidual(expand, depthwise, project, residual)
+        excitation_layers = None if se is None else (modules[se[1].target], modules[se[2].target])
+        fused = PwcpuInvertedResidual(expand, depthwise, project, residual, excitation_layers)
         graph_module.add_submodule(node.target + "_block", fused)
         with graph.inserting_after(project_node):
             call = graph.call_module(node.target + "_block", (x,))
         project_node.replace_all_uses_with(call)
-        for erased in (project_node, dw_node, node):
+        chain = [node] + ([dw_node] if expand is not None else []) + (list(se) if se is not None else []) + [project_node]
+        for erased in reversed(chain):
             graph.erase_node(erased)
-        report.append(f"{node.target}, {dw_node.target}, {project_node.target}: one fused pwcpu InvertedResidual"
-                      + (" (+ input)" if residual else ""))
+        parts = (["squeeze-excitation"] if se is not None else []) + (["+ input"] if residual else [])
+        report.append(", ".join(n.target for n in chain if n.op == "call_module"
+                                and not isinstance(modules.get(n.target), nn.AdaptiveAvgPool2d))
+                      + ": one fused pwcpu InvertedResidual" + (f" ({', '.join(parts)})" if parts else ""))
+
+
+def _drop_inference_identities(graph: fx.Graph, report: List[str]) -> None:
+    """torchvision's stochastic depth in inference (``training=False``) returns its input: removed,
+    so that the residual addition after it reaches the convolution before it."""
+    for node in list(graph.nodes):
+        target = node.target
+        if node.op != "call_function" or getattr(target, "__name__", "") != "stochastic_depth" \
+                or not getattr(target, "__module__", "").startswith("torchvision."):
+            continue
+        training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True)
+        if training is False and isinstance(node.args[0], fx.Node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            report.append(f"{node.name}: stochastic depth in inference (the identity) removed")
 
 
 def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True) -> nn.Module:

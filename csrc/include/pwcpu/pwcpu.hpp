@@ -197,6 +197,17 @@ struct InvertedResidualWeights {
                project_activation = Activation::none;
     ConvGeometry depthwise_geometry;  // stride and padding of the depthwise convolution
     bool residual = false;
+    // Optional squeeze-excitation between the depthwise and project stages (EfficientNet's MBConv,
+    // MobileNetV3): each image's channel means of the depthwise output -> 1x1 reduce (E -> S) +
+    // se_activation -> 1x1 expand (S -> E) + se_gate give a scale per channel, which multiplies the
+    // depthwise output before the projection. The depthwise output is then kept whole (the means
+    // need all of it) and scaled band by band just before it is projected.
+    const float* se_reduce_weight = nullptr;  // S x E, contiguous; null: no squeeze-excitation
+    const float* se_reduce_bias = nullptr;    // S values or null
+    const float* se_expand_weight = nullptr;  // E x S, contiguous
+    const float* se_expand_bias = nullptr;    // E values or null
+    int64_t se_channels = 0;                  // S
+    Activation se_activation = Activation::silu, se_gate = Activation::sigmoid;
 };
 
 class InvertedResidual {
