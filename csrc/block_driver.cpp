@@ -99,17 +99,6 @@ void InvertedResidual::run(const TensorView& x, const TensorView& out) const {
     impl_->run(x, out);
 }
 
-namespace {
-
-// The calling thread's count for the duration of a scope: the layers called inside a worker run on
-// that worker alone.
-struct ThreadsForThisThread {
-    int saved;
-    explicit ThreadsForThisThread(int n) : saved(set_num_threads_for_this_thread(n)) {}
-    ~ThreadsForThisThread() { set_num_threads_for_this_thread(saved); }
-};
-
-}  // namespace
 
 // The block as its layers called one after another on whole tensors, each threaded on its own.
 void InvertedResidual::Impl::run_layers_in_turn(const TensorView& x, const TensorView& out) const {
@@ -257,7 +246,7 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
     const std::vector<runtime::WorkRange> ranges =
         runtime::partition(batch * ho, 1, batch * ho, 1, e, o.in_channels, runtime::call_threads(flops));
     runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-        ThreadsForThisThread one(1);
+        runtime::ThreadsForThisThread one(1);
         runtime::AlignedBuffer filtered = runtime::allocate_floats(
             runtime::checked_floats(runtime::checked_mul(bands.height, wo * e, "depthwise rows"), "depthwise rows"),
             "the block's depthwise rows");
@@ -307,7 +296,7 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
         const std::vector<runtime::WorkRange> ranges =
             runtime::partition(rows, 1, rows, 1, e, o.in_channels, runtime::call_threads(flops));
         runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-            ThreadsForThisThread one(1);
+            runtime::ThreadsForThisThread one(1);
             const auto rows_of_mid = [&](int64_t n, int64_t oh0, int64_t count) { return runtime::rows_of(mid, n, oh0, count); };
             expand_and_filter(x, ho, bands, range, rows_of_mid, sum_rows);
         });
@@ -368,7 +357,7 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
     const std::vector<runtime::WorkRange> ranges = runtime::partition(
         rows, 1, rows, 1, o.out_channels, e, runtime::call_threads(e_flops * static_cast<double>(rows * wo * o.out_channels)));
     runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-        ThreadsForThisThread one(1);
+        runtime::ThreadsForThisThread one(1);
         for (int64_t r = range.m_begin; r < range.m_end;) {
             const int64_t n = r / ho, count = std::min({band, range.m_end - r, (n + 1) * ho - r});
             scale_and_project(n, r - n * ho, count);

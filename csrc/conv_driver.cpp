@@ -103,53 +103,83 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
 
     // Band height: its im2col rows fill half of L2, and more where the weights are larger, so that
     // reading them again for every band costs at most half as much as the band's own rows.
-    const int64_t budget = std::max(detail::cache_sizes().l2 / 2 / static_cast<int64_t>(sizeof(float)),
-                                    2 * checked_mul(k, taps * cg, "conv2d's weights"));
-    const int64_t band = std::clamp<int64_t>(budget / std::max<int64_t>(row_floats, 1), 1, ho);
-    runtime::AlignedBuffer columns = runtime::allocate_floats(
-        checked_floats(checked_mul(band, row_floats, "conv2d's im2col band"), "conv2d's im2col band"),
-        "conv2d's im2col rows");
+    const int64_t weight_floats = checked_mul(k, taps * cg, "conv2d's weights");
+    const int64_t half_l2 = detail::cache_sizes().l2 / 2 / static_cast<int64_t>(sizeof(float));
+    const int64_t band = std::clamp<int64_t>(std::max(half_l2, 2 * weight_floats) / std::max<int64_t>(row_floats, 1), 1, ho);
+    const auto columns_buffer = [&] {
+        return runtime::allocate_floats(
+            checked_floats(checked_mul(band, row_floats, "conv2d's im2col band"), "conv2d's im2col band"),
+            "conv2d's im2col rows");
+    };
 
-    for (int64_t n = 0; n < batch; ++n) {
+    // Output row oh of image n's im2col rows, to dst.
+    const auto fill_row = [&](int64_t n, int64_t oh, float* dst) {
         const float* image = x.data + n * x.strides[0];
-        for (int64_t oh0 = 0; oh0 < ho; oh0 += band) {
-            const int64_t rows = std::min(band, ho - oh0);
-            const int fill_threads =
-                runtime::region_threads(rows * row_floats > (1 << 15) ? get_num_threads() : 1);
-#pragma omp parallel for schedule(static) num_threads(fill_threads) if (fill_threads > 1)
-            for (int64_t r = 0; r < rows; ++r) {
-                const int64_t oh = oh0 + r;
-                float* dst = columns.get() + r * row_floats;
-                for (int64_t ow = 0; ow < wo; ++ow, dst += patch) {
-                    const int64_t iw0 = ow * geo.stride_w - geo.pad_w;
-                    for (int64_t i = 0; i < kh; ++i) {
-                        const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
-                        const bool row_inside = ih >= 0 && ih < h;
-                        const float* row = row_inside ? image + ih * x.strides[1] : nullptr;
-                        if (rows_contiguous && row_inside && iw0 >= 0 && iw0 + kw <= w) {
-                            copy_floats(dst + i * kw * c, row + iw0 * c, kw * c);  // the window's row in one piece
-                            continue;
-                        }
-                        for (int64_t j = 0; j < kw; ++j) {
-                            const int64_t iw = iw0 + j;
-                            const bool inside = row_inside && iw >= 0 && iw < w;
-                            // Group g's channels of tap (i, j) go to its part of the row.
-                            for (int64_t g = 0; g < groups; ++g) {
-                                float* to = dst + g * taps * cg + (i * kw + j) * cg;
-                                if (inside) {
-                                    copy_floats(to, row + iw * x.strides[2] + g * cg, cg);
-                                } else {
-                                    fill_zeros(to, cg);
-                                }
-                            }
+        for (int64_t ow = 0; ow < wo; ++ow, dst += patch) {
+            const int64_t iw0 = ow * geo.stride_w - geo.pad_w;
+            for (int64_t i = 0; i < kh; ++i) {
+                const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+                const bool row_inside = ih >= 0 && ih < h;
+                const float* row = row_inside ? image + ih * x.strides[1] : nullptr;
+                if (rows_contiguous && row_inside && iw0 >= 0 && iw0 + kw <= w) {
+                    copy_floats(dst + i * kw * c, row + iw0 * c, kw * c);  // the window's row in one piece
+                    continue;
+                }
+                for (int64_t j = 0; j < kw; ++j) {
+                    const int64_t iw = iw0 + j;
+                    const bool inside = row_inside && iw >= 0 && iw < w;
+                    // Group g's channels of tap (i, j) go to its part of the row.
+                    for (int64_t g = 0; g < groups; ++g) {
+                        float* to = dst + g * taps * cg + (i * kw + j) * cg;
+                        if (inside) {
+                            copy_floats(to, row + iw * x.strides[2] + g * cg, cg);
+                        } else {
+                            fill_zeros(to, cg);
                         }
                     }
                 }
             }
-            TensorView res_rows;
-            if (residual != nullptr) res_rows = runtime::rows_of(*residual, n, oh0, rows);
-            gemm->run(runtime::buffer_view(columns.get(), rows, wo, patch), runtime::rows_of(out, n, oh0, rows),
-                      residual != nullptr ? &res_rows : nullptr, ConvGeometry{}, act);
+        }
+    };
+    const auto multiply = [&](int64_t n, int64_t oh0, int64_t rows, float* columns) {
+        TensorView res_rows;
+        if (residual != nullptr) res_rows = runtime::rows_of(*residual, n, oh0, rows);
+        gemm->run(runtime::buffer_view(columns, rows, wo, patch), runtime::rows_of(out, n, oh0, rows),
+                  residual != nullptr ? &res_rows : nullptr, ConvGeometry{}, act);
+    };
+
+    // Weights that stay in cache beside a band (stems, shallow layers): each thread builds and
+    // multiplies the bands of its own output rows, so a band is read by the core that filled it and
+    // no fork-join separates filling from multiplying. Larger weights: one band at a time, its rows
+    // filled by all threads and the GEMM splitting the weights among them.
+    const int64_t pixel_rows = batch * ho;
+    const int threads = runtime::call_threads(2.0 * static_cast<double>(pixel_rows * wo) *
+                                              static_cast<double>(weight_floats));
+    if (threads > 1 && weight_floats <= half_l2 && pixel_rows >= 2 * threads) {
+        runtime::CallGuard guard;
+        const std::vector<runtime::WorkRange> ranges =
+            runtime::partition(pixel_rows, 1, pixel_rows, 1, k, patch, threads);
+        runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
+            runtime::ThreadsForThisThread one(1);
+            runtime::AlignedBuffer columns = columns_buffer();
+            for (int64_t row = range.m_begin; row < range.m_end;) {
+                const int64_t n = row / ho, oh0 = row - n * ho;
+                const int64_t rows = std::min({band, range.m_end - row, ho - oh0});
+                for (int64_t r = 0; r < rows; ++r) fill_row(n, oh0 + r, columns.get() + r * row_floats);
+                multiply(n, oh0, rows, columns.get());
+                row += rows;
+            }
+        });
+        return;
+    }
+    runtime::AlignedBuffer columns = columns_buffer();
+    for (int64_t n = 0; n < batch; ++n) {
+        for (int64_t oh0 = 0; oh0 < ho; oh0 += band) {
+            const int64_t rows = std::min(band, ho - oh0);
+            const int fill_threads = runtime::region_threads(rows * row_floats > (1 << 15) ? threads : 1);
+#pragma omp parallel for schedule(static) num_threads(fill_threads) if (fill_threads > 1)
+            for (int64_t r = 0; r < rows; ++r) fill_row(n, oh0 + r, columns.get() + r * row_floats);
+            multiply(n, oh0, rows, columns.get());
         }
     }
 }

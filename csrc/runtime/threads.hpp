@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "pwcpu/pwcpu.hpp"
 #include "runtime/memory.hpp"
 
 namespace pwcpu::runtime {
@@ -39,6 +40,16 @@ struct WorkRange {
 // panels, each thread row all the activations of its tiles.
 std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
                                  int64_t cg, int threads);
+
+// The calling thread's count for the duration of a scope: operators called inside a worker of a
+// parallel region run on that worker alone.
+struct ThreadsForThisThread {
+    int saved;
+    explicit ThreadsForThisThread(int n) : saved(set_num_threads_for_this_thread(n)) {}
+    ~ThreadsForThisThread() { set_num_threads_for_this_thread(saved); }
+    ThreadsForThisThread(const ThreadsForThisThread&) = delete;
+    ThreadsForThisThread& operator=(const ThreadsForThisThread&) = delete;
+};
 
 // Runs work(range) for every range: inline for one, else in one parallel region, with denormals
 // flushed in every thread and streaming stores fenced.
