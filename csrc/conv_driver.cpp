@@ -30,6 +30,31 @@ inline void fill_zeros(float* dst, int64_t count) {
     for (int64_t q = 0; q < count; ++q) dst[q] = 0.0f;
 }
 
+// `count` runs of `run` floats, src and dst advancing by their steps: one tap row of the windows
+// of consecutive pixels (a window's row is contiguous in x). The stems' short runs (kw x C of 3x3,
+// 5x5 and 7x7 windows on 1 or 3 channels) are compiled at a fixed length: straight-line copies
+// instead of a loop whose set-up costs as much as the few floats it moves.
+template <int64_t Run>
+void copy_fixed_runs(float* __restrict dst, int64_t dst_step, const float* __restrict src, int64_t src_step,
+                     int64_t count) {
+    for (int64_t r = 0; r < count; ++r, dst += dst_step, src += src_step) {
+        for (int64_t q = 0; q < Run; ++q) dst[q] = src[q];
+    }
+}
+
+void copy_runs(float* dst, int64_t dst_step, const float* src, int64_t src_step, int64_t count, int64_t run) {
+    switch (run) {
+        case 3: return copy_fixed_runs<3>(dst, dst_step, src, src_step, count);
+        case 5: return copy_fixed_runs<5>(dst, dst_step, src, src_step, count);
+        case 7: return copy_fixed_runs<7>(dst, dst_step, src, src_step, count);
+        case 9: return copy_fixed_runs<9>(dst, dst_step, src, src_step, count);
+        case 15: return copy_fixed_runs<15>(dst, dst_step, src, src_step, count);
+        case 21: return copy_fixed_runs<21>(dst, dst_step, src, src_step, count);
+        default:
+            for (int64_t r = 0; r < count; ++r) copy_floats(dst + r * dst_step, src + r * src_step, run);
+    }
+}
+
 }  // namespace
 
 struct DenseConvWeights::Impl {
@@ -112,32 +137,54 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
             "conv2d's im2col rows");
     };
 
-    // Output row oh of image n's im2col rows, to dst.
-    const auto fill_row = [&](int64_t n, int64_t oh, float* dst) {
-        const float* image = x.data + n * x.strides[0];
-        for (int64_t ow = 0; ow < wo; ++ow, dst += patch) {
-            const int64_t iw0 = ow * geo.stride_w - geo.pad_w;
-            for (int64_t i = 0; i < kh; ++i) {
-                const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
-                const bool row_inside = ih >= 0 && ih < h;
-                const float* row = row_inside ? image + ih * x.strides[1] : nullptr;
-                if (rows_contiguous && row_inside && iw0 >= 0 && iw0 + kw <= w) {
-                    copy_floats(dst + i * kw * c, row + iw0 * c, kw * c);  // the window's row in one piece
-                    continue;
-                }
-                for (int64_t j = 0; j < kw; ++j) {
-                    const int64_t iw = iw0 + j;
-                    const bool inside = row_inside && iw >= 0 && iw < w;
-                    // Group g's channels of tap (i, j) go to its part of the row.
-                    for (int64_t g = 0; g < groups; ++g) {
-                        float* to = dst + g * taps * cg + (i * kw + j) * cg;
-                        if (inside) {
-                            copy_floats(to, row + iw * x.strides[2] + g * cg, cg);
-                        } else {
-                            fill_zeros(to, cg);
-                        }
+    // Output pixels [interior_lo, interior_hi) of a row have their windows inside the image
+    // horizontally; with one group and contiguous pixels, each tap row of theirs is copied as runs.
+    const int64_t interior_lo = std::min(wo, runtime::ceil_div(geo.pad_w, geo.stride_w));
+    const int64_t interior_hi =
+        w + geo.pad_w >= kw ? std::clamp<int64_t>((w + geo.pad_w - kw) / geo.stride_w + 1, interior_lo, wo) : interior_lo;
+    // Output pixel ow of row oh of image n: its window, zeros in the padding, to dst.
+    const auto fill_pixel = [&](const float* image, int64_t oh, int64_t ow, float* dst) {
+        const int64_t iw0 = ow * geo.stride_w - geo.pad_w;
+        for (int64_t i = 0; i < kh; ++i) {
+            const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+            const bool row_inside = ih >= 0 && ih < h;
+            const float* row = row_inside ? image + ih * x.strides[1] : nullptr;
+            for (int64_t j = 0; j < kw; ++j) {
+                const int64_t iw = iw0 + j;
+                const bool inside = row_inside && iw >= 0 && iw < w;
+                // Group g's channels of tap (i, j) go to its part of the row.
+                for (int64_t g = 0; g < groups; ++g) {
+                    float* to = dst + g * taps * cg + (i * kw + j) * cg;
+                    if (inside) {
+                        copy_floats(to, row + iw * x.strides[2] + g * cg, cg);
+                    } else {
+                        fill_zeros(to, cg);
                     }
                 }
+            }
+        }
+    };
+    // Output row oh of image n's im2col rows, to dst.
+    const bool interior_runs = rows_contiguous && interior_hi > interior_lo;
+    const auto fill_row = [&](int64_t n, int64_t oh, float* dst) {
+        const float* image = x.data + n * x.strides[0];
+        for (int64_t ow = 0; ow < wo; ++ow) {
+            if (interior_runs && ow == interior_lo) {
+                ow = interior_hi - 1;
+                continue;
+            }
+            fill_pixel(image, oh, ow, dst + ow * patch);
+        }
+        if (!interior_runs) return;
+        const int64_t count = interior_hi - interior_lo, run = kw * c;
+        for (int64_t i = 0; i < kh; ++i) {
+            const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+            float* to = dst + interior_lo * patch + i * run;
+            if (ih >= 0 && ih < h) {
+                const float* from = image + ih * x.strides[1] + (interior_lo * geo.stride_w - geo.pad_w) * c;
+                copy_runs(to, patch, from, geo.stride_w * c, count, run);
+            } else {
+                for (int64_t r = 0; r < count; ++r) fill_zeros(to + r * patch, run);
             }
         }
     };
