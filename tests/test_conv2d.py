@@ -40,6 +40,19 @@ def test_geometry(isa, rng, kernel, stride, padding):
     check(x, data(rng, (9, 5) + kernel), data(rng, (9,)), stride=stride, padding=padding)
 
 
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("view", [False, True])
+def test_stems(isa, rng, c, kernel, view):
+    """Image stems: windows of 1 or 3 channels copied as fixed-length runs, in a contiguous image
+    and in a view whose pixels are not adjacent (the general path)."""
+    x = data(rng, (2, 19, 23, 2 * c))
+    x = x[..., ::2] if view else np.ascontiguousarray(x[..., :c])
+    for stride in (1, 2):
+        check(x, data(rng, (16, c, kernel, kernel)), data(rng, (16,)), stride=stride, padding=kernel // 2,
+              activation="relu6")
+
+
 @pytest.mark.parametrize("hw", [1, 2, 3])
 def test_images_smaller_than_the_window(isa, rng, hw):
     x = data(rng, (1, hw, hw, 6))
