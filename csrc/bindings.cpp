@@ -762,7 +762,7 @@ PYBIND11_MODULE(_core, m) {
         d["cpu_features"] = info.cpu_features;
         d["supported_isas"] = info.supported_isas;
         d["kernel_main"] = info.kernel_main;
-        d["kernel_narrow"] = info.kernel_narrow;
+        d["gemm_kernels"] = info.gemm_kernels;
         d["kernel_depthwise"] = info.kernel_depthwise;
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;

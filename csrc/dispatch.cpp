@@ -139,8 +139,10 @@ RuntimeInfo runtime_info() {
         std::lock_guard<std::mutex> lock(detail::selection_mutex);
         info.isa_reason = detail::selection_reason;
     }
-    info.kernel_main = k.main.name;
-    info.kernel_narrow = k.narrow.name;
+    info.kernel_main = k.main().name;
+    for (const kernels::GemmKernel& g : k.gemm) {
+        if (g.by_rows != nullptr) info.gemm_kernels.emplace_back(g.name);
+    }
     info.kernel_depthwise = k.depthwise.name;
     for (const auto& isa : detail::known_isas()) {
         if (isa.cpu_has()) info.supported_isas.emplace_back(isa.name);

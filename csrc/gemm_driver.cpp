@@ -136,7 +136,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.kg = out_channels / groups;
     w.layout = layout;
     if (layout == Layout::nchw) {
-        w.kernel = w.isa->main;  // its NR columns are pixels here
+        w.kernel = w.isa->main();  // its NR columns are pixels here
         const char* what = "weight (K x C/groups)";
         w.weight_rows = allocate_floats(checked_floats(checked_mul(w.k, w.cg, what), what), what);
         w.row_bias = allocate_floats(static_cast<size_t>(w.k), "bias");
@@ -146,7 +146,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         }
         return;
     }
-    w.kernel = w.kg <= w.isa->narrow.nr ? w.isa->narrow : w.isa->main;
+    w.kernel = w.isa->gemm_for(w.kg);
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
     const char* what = "weight (K x C/groups), packed";

@@ -313,3 +313,32 @@ def test_channels_a_multiple_of_4_kib_take_shorter_tiles(isa, rng, c, stride, k)
     x, weight, bias = randn(rng, 2, 3, 11, c), randn(rng, k, c), randn(rng, k)
     y = pwcpu.conv1x1(x, weight, bias, stride=stride, activation="relu")
     check_conv(y, x, weight, bias, stride=stride, activation="relu")
+
+
+def _kernel_shape(name):
+    """(mr, nr) from a kernel name, f32_gemm_bias_act_<mr>x<nr>_<isa>."""
+    mr, nr = name.rsplit("_", 2)[-2].split("x")
+    return int(mr), int(nr)
+
+
+def test_every_gemm_kernel_over_its_tile_shapes(isa, rng):
+    """Kernel-level sweep: each of the ISA's GEMM kernels, found through the layer widths that
+    select it, over every row count 1..MR+1, output widths around its NR (full panels and tails),
+    reductions with tails, bias and an activation, against the float64 reference."""
+    kernels = pwcpu.runtime_info()["gemm_kernels"]
+    assert len(kernels) >= 2 and all(k.endswith("_" + isa) for k in kernels)
+    widths = {}
+    for k in range(1, 3 * max(_kernel_shape(name)[1] for name in kernels) + 1):
+        widths.setdefault(pwcpu.PointwiseConv(np.zeros((k, 3), np.float32)).kernel, []).append(k)
+    assert set(widths) == set(kernels), f"kernels no layer width selects: {set(kernels) - set(widths)}"
+    for name, ks in widths.items():
+        mr, nr = _kernel_shape(name)
+        chosen = sorted({ks[0], ks[-1]} | {k for k in ks if k % nr in (0, 1, nr - 1)})
+        for k in chosen:
+            for c in (1, 5, 33):
+                weight, bias = randn(rng, k, c), randn(rng, k)
+                layer = pwcpu.PointwiseConv(weight, bias, activation="relu")
+                assert layer.kernel == name
+                for m in range(1, mr + 2):
+                    x = randn(rng, 1, 1, m, c)
+                    check_conv(layer(x), x, weight, bias, activation="relu", context=f"{name} m={m} k={k} c={c}")

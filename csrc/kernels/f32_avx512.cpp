@@ -12,6 +12,7 @@ namespace pwcpu::kernels {
 namespace avx512 {
 
 struct Vec {
+    static constexpr char isa[] = "avx512";
     static constexpr int W = 16;
     using R = __m512;
     static __mmask16 mask(size_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
@@ -49,14 +50,10 @@ struct Vec {
 
 }  // namespace avx512
 
-constexpr auto avx512_main = avx512::tiles_by_rows<14, 2>();
-constexpr auto avx512_narrow = avx512::tiles_by_rows<14, 1>();
-
 const IsaKernels& avx512_kernels() {
     static const IsaKernels table{
         "avx512",
-        {avx512_main.data(), 14, 32, "f32_gemm_bias_act_14x32_avx512"},
-        {avx512_narrow.data(), 14, 16, "f32_gemm_bias_act_14x16_avx512"},
+        {avx512::gemm_kernel<14, 2>(1.0f), avx512::gemm_kernel<14, 1>(0.8f)},
         {avx512::f32_dwconv_row, avx512::Vec::W, "f32_dwconv_bias_act_avx512"},
         avx512::fma_peak_probe,
         avx512::kFmaChains * avx512::Vec::W,

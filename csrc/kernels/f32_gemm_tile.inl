@@ -5,7 +5,7 @@
 // every instantiation is a distinct symbol compiled with that unit's flags: an AVX-512 copy can
 // never be picked by the linker for the scalar path.
 //
-// Vec provides: W (lanes), R (register type), set1, load (aligned to nothing), load_n/store_n
+// Vec provides: isa (its name), W (lanes), R (register type), set1, load (aligned to nothing), load_n/store_n
 // (first n lanes, 0 <= n <= W), store_stream_n (as store_n, non-temporal for a whole aligned
 // vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
 // max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
@@ -128,6 +128,47 @@ constexpr std::array<GemmTileFn, sizeof...(R)> tiles_by_rows(std::integer_sequen
 template <int MR, int NV>
 constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
     return tiles_by_rows<NV>(std::make_integer_sequence<int, MR>{});
+}
+
+// "f32_gemm_bias_act_<MR>x<NR>_<isa>", built at compile time (no std::string here: library code
+// instantiated in this unit would be compiled with its ISA's flags).
+using KernelName = std::array<char, 48>;
+
+constexpr int append_text(KernelName& out, int at, const char* text) {
+    while (*text != 0) out[at++] = *text++;
+    return at;
+}
+
+constexpr int append_number(KernelName& out, int at, int value) {
+    char digits[12] = {};
+    int n = 0;
+    do {
+        digits[n++] = static_cast<char>('0' + value % 10);
+        value /= 10;
+    } while (value != 0);
+    while (n > 0) out[at++] = digits[--n];
+    return at;
+}
+
+template <int MR, int NR>
+constexpr KernelName gemm_kernel_name() {
+    KernelName out{};
+    int at = append_text(out, 0, "f32_gemm_bias_act_");
+    at = append_number(out, at, MR);
+    at = append_text(out, at, "x");
+    at = append_number(out, at, NR);
+    at = append_text(out, at, "_");
+    append_text(out, at, Vec::isa);
+    return out;
+}
+
+// The GEMM kernel of MR x (NV vectors) tiles: its shape and name follow from the template
+// arguments, so they cannot disagree with the code that runs.
+template <int MR, int NV>
+GemmKernel gemm_kernel(float throughput) {
+    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV>();
+    static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W>();
+    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
 }
 
 // The machine's FMA peak, for benchmarks: kFmaChains independent multiply-add chains, enough to

@@ -13,6 +13,7 @@ namespace pwcpu::kernels {
 namespace scalar {
 
 struct Vec {
+    static constexpr char isa[] = "scalar";
     static constexpr int W = 4;
     struct R {
         float lane[W];
@@ -63,14 +64,10 @@ struct Vec {
 
 }  // namespace scalar
 
-constexpr auto scalar_main = scalar::tiles_by_rows<4, 2>();
-constexpr auto scalar_narrow = scalar::tiles_by_rows<4, 1>();
-
 const IsaKernels& scalar_kernels() {
     static const IsaKernels table{
         "scalar",
-        {scalar_main.data(), 4, 8, "f32_gemm_bias_act_4x8_scalar"},
-        {scalar_narrow.data(), 4, 4, "f32_gemm_bias_act_4x4_scalar"},
+        {scalar::gemm_kernel<4, 2>(1.0f), scalar::gemm_kernel<4, 1>(0.8f)},
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::fma_peak_probe,
         scalar::kFmaChains * scalar::Vec::W,

@@ -23,6 +23,7 @@
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
+#include <array>
 
 #include <cstddef>
 
@@ -52,6 +53,9 @@ struct GemmKernel {
     int mr = 0;
     int nr = 0;
     const char* name = "";
+    // Its speed on full panels relative to the ISA's main kernel, as measured: a layer takes the
+    // kernel with the least work per useful column (panel columns padded up to nr, over this).
+    float throughput = 1.0f;
 };
 
 // The depthwise-convolution microkernel: a run of equally spaced output pixels, every channel.
@@ -92,16 +96,32 @@ struct DwKernel {
 // kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
 using FmaProbeFn = float (*)(size_t iterations);
 
-// What one ISA's translation unit offers: a main GEMM kernel for wide output-channel counts, a
-// narrow one for layers (or groups) with few output channels, the depthwise kernel, and its FMA
-// peak probe.
+// What one ISA's translation unit offers: GEMM kernels of several panel widths (the first the
+// main one, which NCHW layers use), the depthwise kernel, and its FMA peak probe.
 struct IsaKernels {
+    static constexpr int kMaxGemmKernels = 3;
     const char* isa;
-    GemmKernel main;
-    GemmKernel narrow;
+    std::array<GemmKernel, kMaxGemmKernels> gemm;  // unused entries have no by_rows
     DwKernel depthwise;
     FmaProbeFn fma_probe;
     int fma_per_iteration;
+
+    const GemmKernel& main() const { return gemm[0]; }
+    // The kernel that computes `columns` output channels (a layer's, or a group's) fastest; ties
+    // go to the earlier one.
+    const GemmKernel& gemm_for(int64_t columns) const {
+        const GemmKernel* best = &gemm[0];
+        double best_cost = -1.0;
+        for (const GemmKernel& k : gemm) {
+            if (k.by_rows == nullptr) continue;
+            const double cost = static_cast<double>((columns + k.nr - 1) / k.nr * k.nr) / k.throughput;
+            if (best_cost < 0.0 || cost < best_cost) {
+                best = &k;
+                best_cost = cost;
+            }
+        }
+        return *best;
+    }
 };
 
 const IsaKernels& scalar_kernels();

@@ -99,8 +99,8 @@ def show_runtime() -> None:
         f"CPU features:   {' '.join(info['cpu_features']) or '(none detected)'}",
         f"ISAs available: {', '.join(info['supported_isas'])}",
         f"ISA in use:     {info['isa']} ({info['isa_reason']})",
-        f"kernels:        {info['kernel_main']} (wide), {info['kernel_narrow']} (narrow), "
-        f"{info['kernel_depthwise']} (depthwise)",
+        f"kernels:        {', '.join(info['gemm_kernels'])} (1x1, each layer the best fit for its output "
+        f"channels), {info['kernel_depthwise']} (depthwise)",
         f"threads:        {info['threads']} (OMP_NUM_THREADS={info['OMP_NUM_THREADS']})"
         + (" - single-threaded: forked after pwcpu ran threads" if info["single_threaded_after_fork"] else ""),
         f"caches:         L1d {info['l1d_bytes'] // kib} KiB, L2 {info['l2_bytes'] // kib} KiB, "

@@ -757,8 +757,8 @@ def run(args: argparse.Namespace) -> int:
     peers, missing = available_peers(requested)
     layers = SUITES[args.suite]
 
-    print(f"pwcpu {info['version']} on {info['cpu_model']}: ISA {info['isa']}, kernels {info['kernel_main']} / "
-          f"{info['kernel_narrow']}; L1d {info['l1d_bytes'] // 1024} KiB, L2 {info['l2_bytes'] // 1024} KiB, "
+    print(f"pwcpu {info['version']} on {info['cpu_model']}: ISA {info['isa']}, kernels {', '.join(info['gemm_kernels'])}"
+          f"; L1d {info['l1d_bytes'] // 1024} KiB, L2 {info['l2_bytes'] // 1024} KiB, "
           f"L3 {info['l3_bytes'] // 1024} KiB")
     if args.isa:
         print("peers held by: " + " ".join(f"{k}={v}" for k, v in ISA_PEER_LIMITS[args.isa].items()))

@@ -258,7 +258,9 @@ struct RuntimeInfo {
     std::string isa_reason;      // why it was chosen
     std::vector<std::string> cpu_features;
     std::vector<std::string> supported_isas;  // compiled in and supported by this CPU
-    std::string kernel_main, kernel_narrow, kernel_depthwise;
+    std::string kernel_main;                // the main GEMM kernel (NCHW layers use it)
+    std::vector<std::string> gemm_kernels;  // every GEMM kernel; each layer takes the best fit for its width
+    std::string kernel_depthwise;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
     int64_t streamed_output_calls = 0;   // calls so far that wrote their output that way
