@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -190,6 +191,24 @@ def make_onnxruntime(d: LayerData, threads: int) -> Runner:
     return lambda: session.run(None, {"x": x_nchw})
 
 
+def _tflite_runner(model_content: bytes, x: np.ndarray, threads: int) -> Runner:
+    """A TFLite interpreter (XNNPACK) on ``threads`` threads for the model, its input set to x."""
+    import tensorflow as tf
+
+    with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice
+        warnings.simplefilter("ignore")
+        interpreter = tf.lite.Interpreter(model_content=model_content, num_threads=threads)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    output_index = interpreter.get_output_details()[0]["index"]
+
+    def run():
+        interpreter.invoke()
+        return interpreter.get_tensor(output_index)
+
+    return run
+
+
 def make_tflite(d: LayerData, threads: int) -> Runner:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
@@ -203,19 +222,7 @@ def make_tflite(d: LayerData, threads: int) -> Runner:
         return tf.nn.conv2d(x, w_hwio, strides=layer.stride, padding="VALID") + b
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
-    with warnings.catch_warnings():  # tf.lite.Interpreter's deprecation notice
-        warnings.simplefilter("ignore")
-        interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=threads)
-    interpreter.allocate_tensors()
-    input_index = interpreter.get_input_details()[0]["index"]
-    output_index = interpreter.get_output_details()[0]["index"]
-    interpreter.set_tensor(input_index, d.x)
-
-    def run():
-        interpreter.invoke()
-        return interpreter.get_tensor(output_index)
-
-    return run
+    return _tflite_runner(converter.convert(), d.x, threads)
 
 
 PEERS: Dict[str, Callable[[LayerData, int], Runner]] = {
@@ -383,6 +390,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", action="store_true",
                         help="instead of single layers: whole PyTorch models (ours, and torchvision's when installed) "
                              "converted with pwcpu.torch.convert, against PyTorch and ONNX Runtime (needs torch)")
+    parser.add_argument("--model", default="",
+                        help="with --models: only the models whose names contain one of these (comma-separated)")
     parser.add_argument("--overhead", action="store_true",
                         help="the PyTorch bridge's cost per call: converted layers against PointwiseConv from NumPy")
     parser.add_argument("--epilogue", action="store_true",
@@ -446,10 +455,34 @@ def _onnxruntime_runner(onnx_model: bytes, x, threads: int):
     return lambda: session.run(None, feed)[0]
 
 
-def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, pause: float) -> List[Dict]:
+# Keras' definitions of torchvision's networks, for TFLite (ResNet50 is v1, with the stride in the
+# first 1x1 layer of a block where torchvision's v1.5 has it in the 3x3: the same FLOPs within 3 %).
+KERAS_MODELS = {"mobilenet_v2": "MobileNetV2", "mobilenet_v3_large": "MobileNetV3Large",
+                "efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50"}
+
+
+def _tflite_model(name: str) -> Optional[bytes]:
+    """Keras' definition of the same network (random weights, 224x224x3 input) converted to
+    TFLite, or None without TensorFlow or a Keras counterpart."""
+    import importlib.util
+
+    if name not in KERAS_MODELS or importlib.util.find_spec("tensorflow") is None:
+        return None
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+
+    model = getattr(tf.keras.applications, KERAS_MODELS[name])(weights=None, input_shape=(224, 224, 3))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the converter's notes
+        warnings.simplefilter("ignore")
+        return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, pause: float,
+                 only: Sequence[str] = ()) -> List[Dict]:
     """End-to-end, batch 1, 224x224 channels_last input: PyTorch (the model in channels_last), its
-    pwcpu.torch.convert copy made from the model as it is and from the channels_last model, and
-    ONNX Runtime on the exported model. Implementations alternate in rounds."""
+    pwcpu.torch.convert copy made from the model as it is and from the channels_last model, ONNX
+    Runtime on the exported model and TFLite (XNNPACK) on Keras' definition of the same network.
+    Implementations alternate in rounds. ``only``: the models whose names contain one of these."""
     import torch
 
     from . import torch as pwcpu_torch
@@ -457,6 +490,8 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
 
     results = []
     for name, build in _model_builders().items():
+        if only and not any(part in name for part in only):
+            continue
         model = torch_models.randomize_batchnorm(build())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", pwcpu_torch.PwcpuConversionWarning)
@@ -481,12 +516,15 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
         torch.testing.assert_close(runners["converted"](), expected, **tolerance)
         torch.testing.assert_close(runners["converted (channels_last model)"](), expected, **tolerance)
         onnx_model = _onnx_export(model, x)
+        tflite_model = _tflite_model(name)
         for threads in threads_list:
             timed = dict(runners)
             ort_run = None if onnx_model is None else _onnxruntime_runner(onnx_model, x, threads)
             if ort_run is not None:
                 np.testing.assert_allclose(ort_run(), expected.numpy(), rtol=1e-3, atol=tolerance["atol"])
                 timed["onnxruntime"] = ort_run
+            if tflite_model is not None:  # other weights: timed, not compared
+                timed["tflite"] = _tflite_runner(tflite_model, np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()), threads)
             with fixed_threads(threads):
                 seconds = time_runners(timed, min_seconds, rounds, pause if threads > 1 else 0.0)
             base = seconds["pytorch"]
@@ -495,6 +533,10 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
                             "ms": {k: v * 1e3 for k, v in seconds.items()},
                             "speedup": base / seconds["converted"],
                             "speedup_channels_last_model": base / seconds["converted (channels_last model)"]})
+            runtimes = [seconds[k] for k in ("onnxruntime", "tflite") if k in seconds]
+            if runtimes:  # the slower conversion against the faster runtime
+                results[-1]["against_fastest_runtime"] = min(runtimes) / max(
+                    seconds["converted"], seconds["converted (channels_last model)"])
             line = "   ".join(f"{k} {v * 1e3:.2f} ms" + (f" ({base / v:.2f}x)" if k != "pytorch" else "")
                              for k, v in seconds.items())
             print(f"{name:<34} {layers:>3} 1x1 + {depthwise:>2} depthwise + {dense:>2} dense layers, {threads}T: {line}",
@@ -505,6 +547,11 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
             geomean = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
             print(f"{threads} thread(s): converted against PyTorch (the lower of the two conversions): "
                   f"geometric mean {geomean:.2f}x, lowest {min(speedups):.2f}x over {len(speedups)} models")
+        against = {r["model"]: r["against_fastest_runtime"] for r in results
+                   if r["threads"] == threads and "against_fastest_runtime" in r}
+        if against:
+            print(f"{threads} thread(s): converted against the faster of ONNX Runtime and TFLite: "
+                  + ", ".join(f"{name} {v:.2f}x" for name, v in against.items()))
     return results
 
 
@@ -592,17 +639,7 @@ def _window_runners(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pa
             return tf.nn.depthwise_conv2d(v, filters, [1, stride, stride, 1], padding=paddings) + bias
 
         converter = tf.lite.TFLiteConverter.from_concrete_functions([convolution.get_concrete_function()], convolution)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            interpreter = tf.lite.Interpreter(model_content=converter.convert(), num_threads=threads)
-        interpreter.allocate_tensors()
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
-        output_index = interpreter.get_output_details()[0]["index"]
-
-        def tflite_run():
-            interpreter.invoke()
-            return interpreter.get_tensor(output_index)
-        runners["tflite"] = tflite_run
+        runners["tflite"] = _tflite_runner(converter.convert(), x, threads)
     return runners
 
 
@@ -741,7 +778,8 @@ def run(args: argparse.Namespace) -> int:
     if args.models or args.overhead:
         print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
         key = "models" if args.models else "overhead"
-        results = (bench_models(threads_list, max(args.seconds, 0.5), args.rounds, args.pause) if args.models
+        results = (bench_models(threads_list, max(args.seconds, 0.5), args.rounds, args.pause,
+                                [m for m in args.model.split(",") if m]) if args.models
                    else bench_overhead(threads_list, args.seconds, args.rounds))
         if args.json:
             with open(args.json, "w") as f:
