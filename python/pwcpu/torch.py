@@ -191,6 +191,25 @@ def _as_float32_array(value) -> np.ndarray:
     return np.asarray(value.detach() if isinstance(value, Tensor) else value, dtype=np.float32)
 
 
+def _fast_lane(plan, geometries: Dict[torch.Size, tuple], x) -> Optional[Tensor]:
+    """The common call, with nothing on the way that costs more than it must: a plain float32 CPU
+    tensor of a shape run before (its output's size and strides in ``geometries``), channels_last,
+    no gradients, no tracing, straight to the plan; else None."""
+    if (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and not torch.compiler.is_compiling()
+            and not (x.requires_grad and torch.is_grad_enabled())):
+        geometry = geometries.get(x.shape)
+        if geometry is not None:
+            out = torch.empty_strided(*geometry)
+            if plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
+                return out
+    return None
+
+
+# Bumped by every change of any converted module's state: what was derived from the state (a
+# fused block) is still current while this has not moved, a test that costs one comparison.
+_state_changes = [0]
+
+
 class _FrozenModule(nn.Module):
     """A module whose state is private: reads return copies and writes (assignment,
     ``load_state_dict``) go through ``_install``, which bumps ``_generation`` so that anything
@@ -200,6 +219,7 @@ class _FrozenModule(nn.Module):
 
     def _touch(self) -> None:
         object.__setattr__(self, "_generation", self._generation + 1)
+        _state_changes[0] += 1
 
     def _state_names(self) -> Tuple[str, ...]:
         raise NotImplementedError
@@ -310,16 +330,8 @@ class _ConvolutionLayer(_FrozenLayer):
         super()._init_layer(weight, bias, options)
 
     def _known_shape_call(self, x) -> Optional[Tensor]:
-        """The common call, with nothing on the way that costs more than it must: a plain float32
-        CPU tensor of a shape run before, channels_last, no gradients, no tracing; else None."""
-        if (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and not torch.compiler.is_compiling()
-                and not (x.requires_grad and torch.is_grad_enabled())):
-            geometry = self._output_geometry.get(x.shape)
-            if geometry is not None:
-                out = torch.empty_strided(*geometry)
-                if self._packed._plan.conv_channels_last(x.data_ptr(), x.shape, x.stride(), out.data_ptr(), 0, None):
-                    return out
-        return None
+        packed = self.__dict__.get("_packed")  # absent in an unpickled module until it packs again
+        return None if packed is None else _fast_lane(packed._plan, self._output_geometry, x)
 
     def _remember_shape(self, x: Tensor, out: Tensor) -> None:
         """x's shape ran and gave out: take the fast lane for it from now on."""
@@ -523,12 +535,15 @@ class PwcpuInvertedResidual(nn.Module):
         self.residual = residual
         self._fused: Optional[InvertedResidual] = None
         self._fused_for: Tuple[int, ...] = ()
+        self._fused_at = -1  # _state_changes when _fused was last known current
         self._output_geometry: Dict[torch.Size, tuple] = {}  # input shape -> output (size, stride)
 
     def _layers(self) -> Tuple[Optional[_ConvolutionLayer], ...]:
         return (self.expand, self.depthwise, self.se_reduce, self.se_expand, self.project)
 
     def _block(self) -> InvertedResidual:
+        if self._fused is not None and self._fused_at == _state_changes[0]:
+            return self._fused
         generations = tuple(-1 if m is None else m._generation for m in self._layers())
         if self._fused is None or self._fused_for != generations:
             def arrays(layer):
@@ -544,6 +559,7 @@ class PwcpuInvertedResidual(nn.Module):
                                            activation=d.activation, project_activation=p.activation,
                                            residual=self.residual, **se)
             self._fused_for = generations
+        self._fused_at = _state_changes[0]
         return self._fused
 
     def _layer_by_layer(self, x: Tensor) -> Tensor:
@@ -553,6 +569,10 @@ class PwcpuInvertedResidual(nn.Module):
         return self.project(h, x if self.residual else None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused is not None and self._fused_at == _state_changes[0]:
+            out = _fast_lane(self._fused._plan, self._output_geometry, x)
+            if out is not None:
+                return out
         if not _eager(x) or (x.requires_grad and torch.is_grad_enabled()) or not _plain_operand(x, 4):
             return self._layer_by_layer(x)
         block = self._block()
