@@ -344,6 +344,11 @@ class _PackedLayer(_LayerOptions):
         return self._plan.conv(x, residual, out)
 
 
+def _is_dask_array(x) -> bool:
+    """A Dask array, recognised without importing Dask."""
+    return type(x).__module__.startswith("dask.array") and hasattr(x, "__dask_graph__")
+
+
 class PointwiseConv(_PackedLayer):
     """A 1x1 convolution layer whose weights are packed once, at construction.
 
@@ -391,6 +396,16 @@ class PointwiseConv(_PackedLayer):
     @property
     def layout(self) -> str:
         return self._layout
+
+    def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None):
+        """The layer on x; a Dask array x gives a lazy Dask array (see :mod:`pwcpu.dask`)."""
+        if _is_dask_array(x):
+            if out is not None:
+                raise ValueError("out= cannot be used with a Dask array: the result is a lazy Dask array")
+            from . import dask as pwcpu_dask
+
+            return pwcpu_dask.apply(self, x, residual=residual)
+        return self._plan.conv(x, residual, out)
 
     def __reduce__(self):
         options = (self._stride, self._padding, self._groups, self._activation, self._layout)
