@@ -257,6 +257,9 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         float* out_rows[kMaxBandRows];
         const float* res_rows[kMaxBandRows];
         const float* a_rows[kMaxBandRows];
+        float* next_out[kMaxBandRows];
+        const float* next_res[kMaxBandRows];
+        const float* next_a[kMaxBandRows];
         GemmTileArgs args{};
 
         RowWalker walker = walker_template;
@@ -268,9 +271,25 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                     const int64_t k0 = begin_k_block(args, blk, kb, cg, act, stream);
                     walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
+                    const int64_t a_offset = first_group * cg + k0, kc_floats = static_cast<int64_t>(args.kc);
+                    walker.next(std::min(band_rows, me - mb), a_offset, next_a, next_out, next_res);
                     for (int64_t band = mb; band < me; band += band_rows) {
                         const int64_t rows_in_band = std::min(band_rows, me - band);
-                        walker.next(rows_in_band, first_group * cg + k0, a_rows, out_rows, res_rows);
+                        std::copy(next_a, next_a + rows_in_band, a_rows);
+                        std::copy(next_out, next_out + rows_in_band, out_rows);
+                        if (residual != nullptr) std::copy(next_res, next_res + rows_in_band, res_rows);
+                        // The next band's activations, fetched while this band computes: each row is
+                        // a short run of cache lines (kc floats), too short for the hardware's
+                        // stream prefetchers to pick up when rows come from L3 or memory.
+                        const int64_t next_rows = std::min(band_rows, me - band - rows_in_band);
+                        if (next_rows > 0) {
+                            walker.next(next_rows, a_offset, next_a, next_out, next_res);
+                            const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(float));
+                            for (int64_t m = 0; m < next_rows; ++m) {
+                                const char* row = reinterpret_cast<const char*>(next_a[m]);
+                                for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+                            }
+                        }
                         int64_t group = first_group, j = first_j;
                         // Panels pb..pe-1, walked as (group, panel within group) without divisions.
                         for (int64_t p = pb; p < pe; ++p) {

@@ -392,6 +392,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "converted with pwcpu.torch.convert, against PyTorch and ONNX Runtime (needs torch)")
     parser.add_argument("--model", default="",
                         help="with --models: only the models whose names contain one of these (comma-separated)")
+    parser.add_argument("--dask", action="store_true",
+                        help="pwcpu.dask on arrays of --dask-gib GiB on a LocalCluster of 2 (and 1) single-threaded "
+                             "workers, against NumPy's x @ w.T + bias + activation per block (needs pwcpu[dask])")
+    parser.add_argument("--dask-gib", type=float, default=1.0, help="with --dask: input size in GiB (default 1)")
     parser.add_argument("--overhead", action="store_true",
                         help="the PyTorch bridge's cost per call: converted layers against PointwiseConv from NumPy")
     parser.add_argument("--epilogue", action="store_true",
@@ -750,6 +754,76 @@ def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_sec
     return results
 
 
+# (name, C, K, bias, activation): a hyperspectral-like stack (narrow output: the GEMM dominates) and
+# a feature map (wide output: NumPy's separate passes over it dominate).
+DASK_LAYERS = [("hyperspectral stack", 224, 32, False, "relu"), ("feature map", 64, 256, True, "silu")]
+
+
+def _numpy_layer(block: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray], activation: str) -> np.ndarray:
+    """The NumPy alternative per Dask block: ``x @ weight.T`` + bias + activation."""
+    y = block @ weight.T
+    if bias is not None:
+        y = y + bias
+    return np.maximum(y, np.float32(0)) if activation == "relu" else y / (1 + np.exp(-y))  # relu or silu
+
+
+def bench_dask(gib: float, rounds: int) -> List[Dict]:
+    """Throughput (GB/s of input) of pwcpu.dask against NumPy's ``x @ w.T`` + bias + activation per
+    block (map_blocks) on float32 arrays of ``gib`` GiB persisted on a LocalCluster of 2 single-threaded worker
+    processes, and pwcpu's on a cluster of 1: each result persisted (computed and kept on the
+    workers), then released; implementations alternate in rounds, the median kept."""
+    import dask.array as da
+    from dask.graph_manipulation import clone
+    from distributed import Client, LocalCluster, wait
+
+    from . import dask as pwcpu_dask
+
+    results = []
+    for workers in (2, 1):
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          silence_logs=50) as cluster, Client(cluster) as client:
+            for name, c, k, with_bias, activation in DASK_LAYERS:
+                width = 1024
+                rows = max(1, int(gib * 2**30 / 4 / c / width))
+                chunk_rows = max(1, 64 * 2**20 // (4 * c * width))  # 64 MiB of input per chunk
+                rng = np.random.default_rng(0)
+                weight = (rng.standard_normal((k, c)) / math.sqrt(c)).astype(np.float32)
+                bias = rng.standard_normal(k).astype(np.float32) if with_bias else None
+                x = da.random.default_rng(0).standard_normal((1, rows, width, c), chunks=(1, chunk_rows, width, c),
+                                                             dtype=np.float32)
+                x = client.persist(x)
+                wait(x)
+                # Keys of their own each round, so that nothing is reused from the round before.
+                graphs = {"pwcpu": lambda: clone(pwcpu_dask.conv1x1(x, weight, bias, activation=activation), omit=x)}
+                if workers == 2:
+                    graphs["numpy"] = lambda: x.map_blocks(_numpy_layer, weight, bias, activation, dtype=np.float32,
+                                                           chunks=x.chunks[:3] + ((k,),),
+                                                           name=f"numpy-layer-{time.perf_counter_ns()}")
+                seconds: Dict[str, List[float]] = {n: [] for n in graphs}
+                for _ in range(rounds):
+                    for impl, graph in graphs.items():
+                        y = graph()
+                        start = time.perf_counter()
+                        y = client.persist(y)
+                        wait(y)
+                        seconds[impl].append(time.perf_counter() - start)
+                        del y
+                gbytes = x.nbytes / 1e9
+                row = {"layer": name, "workers": workers, "input_gb": gbytes, "shape": list(x.shape),
+                       "chunks": [int(v[0]) for v in x.chunks],
+                       "gb_per_s": {impl: gbytes / statistics.median(t) for impl, t in seconds.items()}}
+                results.append(row)
+                line = "   ".join(f"{impl} {v:.2f} GB/s" for impl, v in row["gb_per_s"].items())
+                print(f"{name:<20} {c:>4} -> {k:<4} {gbytes:.2f} GB on {workers} worker(s): {line}", flush=True)
+                del x
+    for name, *_ in DASK_LAYERS:
+        two = next(r["gb_per_s"] for r in results if r["layer"] == name and r["workers"] == 2)
+        one = next(r["gb_per_s"]["pwcpu"] for r in results if r["layer"] == name and r["workers"] == 1)
+        print(f"{name}: pwcpu {two['pwcpu'] / two['numpy']:.2f}x NumPy's x @ w.T + bias + activation per block; "
+              f"2 workers {two['pwcpu'] / one:.2f}x 1 worker")
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
     if args.isa and os.environ.get(_ISA_APPLIED) != args.isa:
         return _rerun_with_isa(args.isa)
@@ -774,6 +848,13 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"runtime": info, "dense" if args.dense else "depthwise": results}, f, indent=1)
+        return 0
+    if args.dask:
+        print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
+        results = bench_dask(args.dask_gib, args.rounds)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runtime": info, "dask": results}, f, indent=1)
         return 0
     if args.models or args.overhead:
         print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
