@@ -1,6 +1,7 @@
 """pwcpu on Dask arrays: bitwise equal to the in-memory calls on every chunking, the layer in the
 graph once, threads per worker, and a worker lost mid-computation (skipped without Dask)."""
 
+import contextlib
 import os
 import warnings
 
@@ -129,10 +130,24 @@ def test_xarray_apply_ufunc(rng):
 distributed = pytest.importorskip("distributed")
 
 
+@contextlib.contextmanager
+def local_cluster(**options):
+    """A LocalCluster of worker processes and its client. Its nannies set the variables they give
+    workers (OMP_NUM_THREADS=1, ...) in this process's environment too: restored after, so that
+    later tests' subprocesses do not inherit them."""
+    saved = dict(os.environ)
+    try:
+        with distributed.LocalCluster(processes=True, dashboard_address=":0", silence_logs=50, **options) as cluster, \
+                distributed.Client(cluster) as c:
+            yield c
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as c:
+    with local_cluster(n_workers=2, threads_per_worker=1) as c:
         yield c
 
 
@@ -158,8 +173,7 @@ def test_a_lost_worker_loses_nothing(rng):
     x = data(rng, 4, 64, 48, 32)
     layer = pwcpu.PointwiseConv(data(rng, 64, 32), data(rng, 64), activation="relu")
     expected = layer(x)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                  silence_logs=50) as cluster, distributed.Client(cluster) as client:
+    with local_cluster(n_workers=2, threads_per_worker=1) as client:
         y = client.persist(layer(da.from_array(x, chunks=(1, 16, 48, 32))))
         distributed.wait(y)
         holders = client.who_has(y)
