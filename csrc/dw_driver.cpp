@@ -2,6 +2,7 @@
 // padding, and the split of output rows among threads. Threads, buffers and view checks come from
 // runtime/, shared with the GEMM driver.
 #include <algorithm>
+#include <cstdlib>
 #include <array>
 #include <cstring>
 #include <stdexcept>
@@ -86,11 +87,19 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
     if (rows == 0 || wo == 0 || c == 0) return;
     const int64_t taps = kh * kw;
 
-    // Taps that fall in the padding read a row of zeros.
+    // Taps that fall in the padding read a row of zeros laid out as an input row (pixels
+    // x.strides[2] apart, with room for the padding on both sides): a run of pixels whose taps
+    // cross the top or bottom padding reads it as it would read a real row.
     AlignedBuffer zeros;
+    const float* zero_row = nullptr;  // where input column 0 of the zero row would be
     if (geo.pad_h > 0 || geo.pad_w > 0) {
-        zeros = runtime::allocate_floats(static_cast<size_t>(c), "the padding's row of zeros");
-        std::memset(zeros.get(), 0, static_cast<size_t>(c) * sizeof(float));
+        const char* what = "the padding's row of zeros";
+        const int64_t step = std::abs(x.strides[2]);  // a view may run backwards (or broadcast: 0)
+        const int64_t columns = runtime::checked_mul(x.shape[2] + 2 * geo.pad_w + kw, step, what);
+        const size_t count = runtime::checked_floats(columns + c, what);
+        zeros = runtime::allocate_floats(count, what);
+        std::memset(zeros.get(), 0, count * sizeof(float));
+        zero_row = zeros.get() + (x.strides[2] >= 0 ? geo.pad_w : x.shape[2] + geo.pad_w + kw) * step;
     }
 
     runtime::CallGuard guard;
@@ -115,8 +124,9 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
         args.out_step = out.strides[2];
         args.residual_step = residual != nullptr ? residual->strides[2] : 0;
         args.act = act;
-        // Output pixels [ow0, ow0 + count) of row (n, oh): one run when every tap of every pixel lies
-        // inside the input, else pixel by pixel with the padding's taps on the row of zeros.
+        // Output pixels [ow0, ow0 + count) of row (n, oh): one run for the columns whose taps lie
+        // inside the input horizontally (taps above or below it read the row of zeros), else pixel
+        // by pixel.
         const auto compute = [&](int64_t n, int64_t oh, int64_t ow0, int64_t count, bool inside) {
             const float* x_image = x.data + n * x.strides[0];
             for (int64_t p = 0; p < count; p += inside ? count : 1) {
@@ -126,7 +136,7 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
                     for (int64_t j = 0; j < kw; ++j) {
                         const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
                         const bool tap_inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
-                        taps_of[i * kw + j] = tap_inside ? x_image + ih * x.strides[1] + iw * x.strides[2] : zeros.get();
+                        taps_of[i * kw + j] = (tap_inside ? x_image + ih * x.strides[1] : zero_row) + iw * x.strides[2];
                     }
                 }
                 args.pixels = static_cast<size_t>(inside ? count : 1);
@@ -139,12 +149,6 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
         };
         for (int64_t row = range.m_begin; row < range.m_end; ++row) {
             const int64_t n = row / ho, oh = row % ho;
-            const int64_t ih0 = oh * geo.stride_h - geo.pad_h;
-            const bool rows_inside = ih0 >= 0 && ih0 + kh <= x.shape[1];
-            if (!rows_inside) {
-                compute(n, oh, 0, wo, false);
-                continue;
-            }
             compute(n, oh, 0, first_inside, false);
             if (end_inside > first_inside) compute(n, oh, first_inside, end_inside - first_inside, true);
             compute(n, oh, end_inside, wo - end_inside, false);

@@ -90,6 +90,18 @@ def test_views_are_read_and_written_in_place(isa, rng):
     assert not buffer[..., :5].any() and not buffer[..., 5 + c :].any()
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (5, 2, 2), (3, 2, 4), (5, 1, (3, 0))])
+def test_padded_rows_of_backward_and_broadcast_views(isa, rng, kernel, stride, padding):
+    """Taps in the top and bottom padding read the row of zeros as a run, laid out as the input's
+    rows are: pixels that run backwards, and pixels that are one broadcast value."""
+    c = 12
+    w, b = data(rng, (c, kernel, kernel)), data(rng, (c,))
+    backward = data(rng, (1, 9, 23, c))[:, ::-1, ::-2]
+    check(backward, w, b, stride=stride, padding=padding)
+    broadcast = np.broadcast_to(data(rng, (2, 7, 1, c)), (2, 7, 10, c))
+    check(broadcast, w, b, stride=stride, padding=padding)
+
+
 def test_non_contiguous_channels_are_copied(isa, rng):
     c = 9
     x = data(rng, (1, 5, 5, 2 * c))[..., ::2]
