@@ -379,7 +379,7 @@ public:
             throw py::value_error("groups must be >= 1 and divide the output channels");
         }
         if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
-        if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
+        if (activation < 0 || activation > static_cast<int>(pwcpu::kLastActivation)) {
             throw py::value_error("invalid activation code");
         }
         if (!float_aligned(weight_)) weight_ = numpy().attr("ascontiguousarray")(weight_);
@@ -493,7 +493,7 @@ public:
         if (weight_.ndim() != kDims) throw py::value_error(kDense ? "weight must be 4-D (K, C, kh, kw)" : "weight must be 3-D (C, kh, kw)");
         if (weight_.shape(kDims - 2) < 1 || weight_.shape(kDims - 1) < 1) throw py::value_error("the kernel must be at least 1x1");
         if (stride_h < 1 || stride_w < 1 || pad_h < 0 || pad_w < 0) throw py::value_error("invalid stride or padding");
-        if (activation < 0 || activation > static_cast<int>(pwcpu::Activation::sigmoid)) {
+        if (activation < 0 || activation > static_cast<int>(pwcpu::kLastActivation)) {
             throw py::value_error("invalid activation code");
         }
         weight_contiguous_ = numpy().attr("ascontiguousarray")(weight_);
@@ -586,7 +586,7 @@ public:
         const py::array dw = dw_w_, pw = project_w_;
         if (dw.ndim() != 3 || pw.ndim() != 2) throw py::value_error("depthwise weight must be (E, kh, kw), project weight (K, E)");
         for (int a : {expand_activation, depthwise_activation, project_activation, se_activation, se_gate}) {
-            if (a < 0 || a > static_cast<int>(pwcpu::Activation::sigmoid)) throw py::value_error("invalid activation code");
+            if (a < 0 || a > static_cast<int>(pwcpu::kLastActivation)) throw py::value_error("invalid activation code");
         }
         w_.hidden_channels = dw.shape(0);
         w_.kernel_h = dw.shape(1);

@@ -10,7 +10,7 @@ from pwcpu import _core
 
 from helpers import assert_within, depthwise_bound
 
-ACTIVATIONS = [None, "relu", "relu6", "silu", "gelu", "hardswish", "sigmoid"]
+ACTIVATIONS = list(pwcpu.ACTIVATIONS)
 
 
 def data(rng, shape):

@@ -27,7 +27,8 @@ def block_weights(rng, c, e, k, kernel=3, expand=True):
 
 
 # Lipschitz constants of the activations (silu and hardswish: below 1.1).
-LIPSCHITZ = {None: 1.0, "relu": 1.0, "relu6": 1.0, "silu": 1.1, "hardswish": 1.1, "sigmoid": 0.25}
+LIPSCHITZ = {None: 1.0, "relu": 1.0, "relu6": 1.0, "silu": 1.1, "hardswish": 1.1, "sigmoid": 0.25,
+             "hardsigmoid": 1 / 6}
 
 
 def _stage(value, bound, op, weight, bias, length, activation):
@@ -227,7 +228,8 @@ def test_squeeze_excitation_matches_its_stages(isa, rng, n, h, w_, c, e, k, s, k
         np.testing.assert_array_equal(block(x[1:2]), y[1:2])
 
 
-@pytest.mark.parametrize("se_activation,gate", [("relu", "sigmoid"), ("silu", "hardswish"), (None, "sigmoid")])
+@pytest.mark.parametrize("se_activation,gate", [("relu", "sigmoid"), ("relu", "hardsigmoid"), ("silu", "hardswish"),
+                                                (None, "sigmoid")])
 def test_squeeze_excitation_activations(rng, se_activation, gate):
     w = block_weights(rng, 16, 64, 24)
     se = excitation_weights(rng, 64, 16)

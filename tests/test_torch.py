@@ -11,7 +11,7 @@ F = torch.nn.functional
 
 TORCH_ACTIVATIONS = {
     None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-    "hardswish": F.hardswish, "sigmoid": torch.sigmoid,
+    "hardswish": F.hardswish, "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid,
 }
 
 

@@ -141,11 +141,11 @@ def test_convert_fuses_inverted_residual_blocks_torch(stride, k):
 class SqueezeExcitation(nn.Module):
     """torchvision's: global average pooling, 1x1 reduce + activation, 1x1 expand + gate, times the input."""
 
-    def __init__(self, e, s, activation=nn.SiLU):
+    def __init__(self, e, s, activation=nn.SiLU, gate=nn.Sigmoid):
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1, self.activation = nn.Conv2d(e, s, 1), activation()
-        self.fc2, self.scale_activation = nn.Conv2d(s, e, 1), nn.Sigmoid()
+        self.fc2, self.scale_activation = nn.Conv2d(s, e, 1), gate()
 
     def forward(self, x):
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
@@ -155,11 +155,12 @@ class SqueezeExcitation(nn.Module):
 class MBConvBlock(nn.Module):
     """EfficientNet's block, written out: [expand,] depthwise, squeeze-excitation, project (+ input)."""
 
-    def __init__(self, c=16, e=64, k=16, kernel=3, stride=1, se_activation=nn.SiLU):
+    def __init__(self, c=16, e=64, k=16, kernel=3, stride=1, se_activation=nn.SiLU, gate=nn.Sigmoid):
         super().__init__()
         layers = [] if e == c else [nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.SiLU()]
         layers += [nn.Conv2d(e, e, kernel, stride, kernel // 2, groups=e, bias=False), nn.BatchNorm2d(e), nn.SiLU(),
-                   SqueezeExcitation(e, max(1, c // 4), se_activation), nn.Conv2d(e, k, 1, bias=False), nn.BatchNorm2d(k)]
+                   SqueezeExcitation(e, max(1, c // 4), se_activation, gate), nn.Conv2d(e, k, 1, bias=False),
+                   nn.BatchNorm2d(k)]
         self.block = nn.Sequential(*layers)
         self.use_residual = stride == 1 and c == k
 
@@ -170,10 +171,12 @@ class MBConvBlock(nn.Module):
         return y
 
 
-@pytest.mark.parametrize("c,e,k,kernel,stride,se_activation", [
-    (16, 16, 8, 3, 1, nn.SiLU), (16, 64, 16, 3, 1, nn.SiLU), (16, 96, 24, 5, 2, nn.ReLU), (24, 144, 24, 5, 1, nn.SiLU)])
-def test_convert_fuses_squeeze_excitation_blocks(c, e, k, kernel, stride, se_activation):
-    model = randomized(nn.Sequential(MBConvBlock(c, e, k, kernel, stride, se_activation), MBConvBlock(k, 4 * k, k)))
+@pytest.mark.parametrize("c,e,k,kernel,stride,se_activation,gate", [
+    (16, 16, 8, 3, 1, nn.SiLU, nn.Sigmoid), (16, 64, 16, 3, 1, nn.SiLU, nn.Sigmoid),
+    (16, 96, 24, 5, 2, nn.ReLU, nn.Hardsigmoid), (24, 144, 24, 5, 1, nn.SiLU, nn.Sigmoid)])
+def test_convert_fuses_squeeze_excitation_blocks(c, e, k, kernel, stride, se_activation, gate):
+    """EfficientNet's blocks, and MobileNetV3's squeeze-excitation (ReLU, then Hardsigmoid as the gate)."""
+    model = randomized(nn.Sequential(MBConvBlock(c, e, k, kernel, stride, se_activation, gate), MBConvBlock(k, 4 * k, k)))
     converted = pt.convert(model)
     fused = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
     assert len(fused) == 2 and all(m.se_reduce is not None for m in fused)

@@ -285,10 +285,12 @@ def test_torchvision_models_convert_and_match(name):
     converted = pt.convert(model)
     assert isinstance(converted, torch.fx.GraphModule)
     assert any(": pwcpu" in line for line in converted.pwcpu_report)
+    blocks = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
     if name == "efficientnet_b0":  # every MBConv block fused, squeeze-excitation and residual included
-        blocks = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
         assert len(blocks) == 16 and all(b.se_reduce is not None for b in blocks) and sum(b.residual for b in blocks) == 9
         assert not any("stochastic_depth" in str(n.target) for n in converted.graph.nodes)
+    if name == "mobilenet_v3_large":  # every block with an expansion fused, the 8 with a Hardsigmoid-gated SE too
+        assert len(blocks) == 14 and sum(b.se_reduce is not None for b in blocks) == 8
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         expected = model(x)

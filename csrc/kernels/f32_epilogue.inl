@@ -68,6 +68,8 @@ PWCPU_INLINE R activate(R x) {
         return Vec::mul(x, Vec::mul(gate, k(1.0f / 6.0f)));
     } else if constexpr (A == Activation::sigmoid) {
         return divide_by_one_plus_exp_neg(k(1.0f), x);
+    } else if constexpr (A == Activation::hardsigmoid) {  // relu6(x + 3) / 6, as PyTorch
+        return Vec::mul(Vec::min(k(6.0f), Vec::max(k(0.0f), Vec::add(x, k(3.0f)))), k(1.0f / 6.0f));
     } else {
         return x;
     }
@@ -91,5 +93,6 @@ PWCPU_INLINE void activate_tile(R (&acc)[MR][NV], Activation act) {
         case Activation::gelu: activate_tile<Activation::gelu>(acc); break;
         case Activation::hardswish: activate_tile<Activation::hardswish>(acc); break;
         case Activation::sigmoid: activate_tile<Activation::sigmoid>(acc); break;
+        case Activation::hardsigmoid: activate_tile<Activation::hardsigmoid>(acc); break;
     }
 }

@@ -22,7 +22,7 @@ __all__ = ["ACTIVATIONS", "DepthwiseConv", "InvertedResidual", "PointwiseConv", 
            "pointwise"]
 
 #: Names accepted by ``activation=``, mapped to the core's codes.
-ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish": 5, "sigmoid": 6}
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "hardswish": 5, "sigmoid": 6, "hardsigmoid": 7}
 
 IntPair = Union[int, Tuple[int, int], Sequence[int]]
 
@@ -164,7 +164,7 @@ def conv1x1(
         convolution are ``activation(bias + residual)``.
     groups : int
         Grouped convolution (ShuffleNet); must divide C and K.
-    activation : None, "relu", "relu6", "silu", "gelu", "hardswish" or "sigmoid"
+    activation : None, "relu", "relu6", "silu", "gelu", "hardswish", "sigmoid" or "hardsigmoid"
         ``gelu`` is the exact (erf) form.
     residual : array_like, float32, output shape, optional
         Added after the bias and before the activation. May be ``out`` itself (in-place accumulate).

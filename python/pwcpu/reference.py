@@ -27,6 +27,7 @@ ACTIVATION_FUNCTIONS = {
     "gelu": lambda z: 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)).astype(np.float64)),
     "hardswish": lambda z: z * np.clip(z + 3.0, 0.0, 6.0) / 6.0,
     "sigmoid": _sigmoid,
+    "hardsigmoid": lambda z: np.clip(z + 3.0, 0.0, 6.0) / 6.0,
 }
 
 

@@ -45,12 +45,12 @@ __all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDe
            "conv1x1", "convert", "pointwise"]
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-                       nn.Sigmoid: "sigmoid"}
+                       nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
 
 
 # The activations as PyTorch computes them, for the paths PyTorch takes.
 _TORCH_ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-                      "hardswish": F.hardswish, "sigmoid": torch.sigmoid}
+                      "hardswish": F.hardswish, "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
 def _activation_name(module: nn.Module) -> Optional[str]:
@@ -766,7 +766,8 @@ def _foldable_batchnorm(module: nn.Module) -> bool:
 
 
 _FUNCTION_ACTIVATIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu",
-                         F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.gelu: "gelu"}
+                         F.hardswish: "hardswish", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", F.gelu: "gelu",
+                         F.hardsigmoid: "hardsigmoid"}
 _METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 _ADDS = (operator.add, operator.iadd, torch.add)
 
@@ -979,7 +980,7 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True)
     With ``trace`` (the default) the copy is traced with ``torch.fx`` where it can be: then every
     BatchNorm2d that follows a convolution is folded into it, and each eligible 1x1 ``nn.Conv2d``
     (a ``PwcpuConv2d``) or ``nn.Linear`` (a ``PwcpuLinear``) absorbs a residual addition and an
-    activation (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, exact GELU; modules or functions) that
+    activation (ReLU, ReLU6, SiLU, Hardswish, Sigmoid, Hardsigmoid, exact GELU; modules or functions) that
     follow it in the graph; each depthwise ``nn.Conv2d`` (``groups == in_channels ==
     out_channels``, zero padding, no dilation) becomes a ``PwcpuDepthwiseConv2d`` with its
     following activation fused, and each dense one (``groups == 1``) with at most 4 input channels

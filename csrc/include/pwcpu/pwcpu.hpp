@@ -17,7 +17,8 @@
 
 namespace pwcpu {
 
-enum class Activation : int { none = 0, relu, relu6, silu, gelu, hardswish, sigmoid };
+enum class Activation : int { none = 0, relu, relu6, silu, gelu, hardswish, sigmoid, hardsigmoid };
+constexpr Activation kLastActivation = Activation::hardsigmoid;
 
 // Memory order of activations. NHWC: channels last (the kernels' native order). NCHW: each image
 // is C planes of H x W, computed directly as W[K, C] x X[C, H*W].
