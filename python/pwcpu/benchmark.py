@@ -292,8 +292,12 @@ def time_runners(runners: Dict[str, Runner], min_seconds: float, rounds: int, pa
                 break
         batch[name] = max(1, int(calls * (min_seconds / rounds) / (time.perf_counter() - start)))
     samples: Dict[str, List[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
+    order = list(runners.items())
+    for r in range(rounds):
+        # Each round starts one implementation later: none always follows the same neighbour
+        # (whose threads may still be spinning when the pause ends: OpenBLAS's spin for about
+        # 2^28 cycles, a tenth of a second).
+        for name, run in order[r % len(order):] + order[:r % len(order)]:
             if pause:
                 time.sleep(pause)
                 run()
