@@ -30,6 +30,7 @@ struct InvertedResidual::Impl {
 
     void run(const TensorView& x, const TensorView& out) const;
     void run_layers_in_turn(const TensorView& x, const TensorView& out) const;
+    void filter_whole(const TensorView& x, const TensorView& mid) const;
     void run_with_excitation(const TensorView& x, const TensorView& out) const;
     Bands bands_for(int64_t w, int64_t ho, int64_t wo) const;
     template <class Target, class Consume>
@@ -100,24 +101,36 @@ void InvertedResidual::run(const TensorView& x, const TensorView& out) const {
 }
 
 
-// The block as its layers called one after another on whole tensors, each threaded on its own.
-void InvertedResidual::Impl::run_layers_in_turn(const TensorView& x, const TensorView& out) const {
-    const InvertedResidualWeights& o = options;
-    const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2], e = o.hidden_channels;
-    const auto whole_tensor = [&](runtime::AlignedBuffer& buffer, int64_t h, int64_t w, const char* what) {
-        const int64_t count = runtime::checked_mul(runtime::checked_mul(batch * h, w, what), e, what);
-        buffer = runtime::allocate_floats(runtime::checked_floats(count, what), what);
-        return TensorView{buffer.get(), {batch, h, w, e}, {h * w * e, w * e, e, 1}};
-    };
-    runtime::AlignedBuffer expanded, filtered;
+namespace {
+
+// A whole (batch, h, w, c) tensor in `buffer`.
+TensorView whole_tensor(runtime::AlignedBuffer& buffer, int64_t batch, int64_t h, int64_t w, int64_t c, const char* what) {
+    const int64_t count = runtime::checked_mul(runtime::checked_mul(runtime::checked_mul(batch, h, what), w, what), c, what);
+    buffer = runtime::allocate_floats(runtime::checked_floats(count, what), what);
+    return TensorView{buffer.get(), {batch, h, w, c}, {h * w * c, w * c, c, 1}};
+}
+
+}  // namespace
+
+// Expand (if any) and depthwise on whole tensors, each threaded on its own: the depthwise output to mid.
+void InvertedResidual::Impl::filter_whole(const TensorView& x, const TensorView& mid) const {
+    runtime::AlignedBuffer expanded;
     TensorView dw_in = x;
     if (expand != nullptr) {
-        dw_in = whole_tensor(expanded, x.shape[1], x.shape[2], "the block's expanded tensor");
-        expand->run(x, dw_in, nullptr, ConvGeometry{}, o.expand_activation);
+        dw_in = whole_tensor(expanded, x.shape[0], x.shape[1], x.shape[2], options.hidden_channels,
+                             "the block's expanded tensor");
+        expand->run(x, dw_in, nullptr, ConvGeometry{}, options.expand_activation);
     }
-    const TensorView mid = whole_tensor(filtered, ho, wo, "the block's depthwise output");
-    depthwise->run(dw_in, mid, nullptr, o.depthwise_geometry, o.depthwise_activation);
-    project->run(mid, out, o.residual ? &x : nullptr, ConvGeometry{}, o.project_activation);
+    depthwise->run(dw_in, mid, nullptr, options.depthwise_geometry, options.depthwise_activation);
+}
+
+// The block as its layers called one after another on whole tensors, each threaded on its own.
+void InvertedResidual::Impl::run_layers_in_turn(const TensorView& x, const TensorView& out) const {
+    runtime::AlignedBuffer filtered;
+    const TensorView mid = whole_tensor(filtered, out.shape[0], out.shape[1], out.shape[2], options.hidden_channels,
+                                        "the block's depthwise output");
+    filter_whole(x, mid);
+    project->run(mid, out, options.residual ? &x : nullptr, ConvGeometry{}, options.project_activation);
 }
 
 // Output rows per band: a band's expanded rows, (band - 1) * stride + kh, and its depthwise output
@@ -274,9 +287,8 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
     const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2], e = o.hidden_channels;
     const int64_t h = x.shape[1], w = x.shape[2], rows = batch * ho;
     const char* what = "the block's depthwise output";
-    runtime::AlignedBuffer filtered = runtime::allocate_floats(
-        runtime::checked_floats(runtime::checked_mul(runtime::checked_mul(rows, wo, what), e, what), what), what);
-    const TensorView mid{filtered.get(), {batch, ho, wo, e}, {ho * wo * e, wo * e, e, 1}};
+    runtime::AlignedBuffer filtered;
+    const TensorView mid = whole_tensor(filtered, batch, ho, wo, e, what);
     runtime::AlignedBuffer row_sums = runtime::allocate_floats(runtime::checked_floats(rows * e, what), what);
     const auto sum_rows = [&](int64_t n, int64_t oh0, int64_t count, const TensorView& band) {
         for (int64_t r = 0; r < count; ++r) {
@@ -301,16 +313,7 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
             expand_and_filter(x, ho, bands, range, rows_of_mid, sum_rows);
         });
     } else {
-        runtime::AlignedBuffer expanded;
-        TensorView dw_in = x;
-        if (expand != nullptr) {
-            const char* name = "the block's expanded tensor";
-            expanded = runtime::allocate_floats(
-                runtime::checked_floats(runtime::checked_mul(runtime::checked_mul(batch * h, w, name), e, name), name), name);
-            dw_in = TensorView{expanded.get(), {batch, h, w, e}, {h * w * e, w * e, e, 1}};
-            expand->run(x, dw_in, nullptr, ConvGeometry{}, o.expand_activation);
-        }
-        depthwise->run(dw_in, mid, nullptr, o.depthwise_geometry, o.depthwise_activation);
+        filter_whole(x, mid);
         runtime::CallGuard guard;
         const std::vector<runtime::WorkRange> ranges =
             runtime::partition(rows, 1, rows, 1, e, 1, runtime::call_threads(static_cast<double>(rows * wo * e)));
