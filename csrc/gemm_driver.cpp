@@ -254,12 +254,13 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         detail::cache_sizes().l1d / 4 / (blk.kc * static_cast<int64_t>(sizeof(float))) / mr * mr, mr, kMaxBandRows / mr * mr);
 
     const auto work = [&](const WorkRange& range) {
-        float* out_rows[kMaxBandRows];
-        const float* res_rows[kMaxBandRows];
-        const float* a_rows[kMaxBandRows];
-        float* next_out[kMaxBandRows];
-        const float* next_res[kMaxBandRows];
-        const float* next_a[kMaxBandRows];
+        // The rows of the band being computed and of the next one (walked a band ahead, so that its
+        // activations can be prefetched), used in turn.
+        struct BandRows {
+            float* out[kMaxBandRows];
+            const float* res[kMaxBandRows];
+            const float* a[kMaxBandRows];
+        } band_rows_of[2];
         GemmTileArgs args{};
 
         RowWalker walker = walker_template;
@@ -272,21 +273,24 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                     walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
                     const int64_t a_offset = first_group * cg + k0, kc_floats = static_cast<int64_t>(args.kc);
-                    walker.next(std::min(band_rows, me - mb), a_offset, next_a, next_out, next_res);
-                    for (int64_t band = mb; band < me; band += band_rows) {
+                    int current = 0;
+                    walker.next(std::min(band_rows, me - mb), a_offset, band_rows_of[0].a, band_rows_of[0].out,
+                                band_rows_of[0].res);
+                    for (int64_t band = mb; band < me; band += band_rows, current ^= 1) {
                         const int64_t rows_in_band = std::min(band_rows, me - band);
-                        std::copy(next_a, next_a + rows_in_band, a_rows);
-                        std::copy(next_out, next_out + rows_in_band, out_rows);
-                        if (residual != nullptr) std::copy(next_res, next_res + rows_in_band, res_rows);
+                        const float** a_rows = band_rows_of[current].a;
+                        float** out_rows = band_rows_of[current].out;
+                        const float** res_rows = band_rows_of[current].res;
                         // The next band's activations, fetched while this band computes: each row is
                         // a short run of cache lines (kc floats), too short for the hardware's
                         // stream prefetchers to pick up when rows come from L3 or memory.
                         const int64_t next_rows = std::min(band_rows, me - band - rows_in_band);
                         if (next_rows > 0) {
-                            walker.next(next_rows, a_offset, next_a, next_out, next_res);
+                            BandRows& next = band_rows_of[current ^ 1];
+                            walker.next(next_rows, a_offset, next.a, next.out, next.res);
                             const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(float));
                             for (int64_t m = 0; m < next_rows; ++m) {
-                                const char* row = reinterpret_cast<const char*>(next_a[m]);
+                                const char* row = reinterpret_cast<const char*>(next.a[m]);
                                 for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
                             }
                         }
