@@ -147,14 +147,18 @@ def local_cluster(**options):
 
 @pytest.fixture(scope="module")
 def client():
-    with local_cluster(n_workers=2, threads_per_worker=1) as c:
+    # Workers that OpenMP would let run 2 threads each (Dask's default gives them 1): what keeps a
+    # task to its worker's single thread is then pwcpu.dask itself.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": 2}), \
+            local_cluster(n_workers=2, threads_per_worker=1) as c:
         yield c
 
 
 def _threads_seen(block):
-    """In a task: how many threads a pwcpu call would use there."""
+    """In a task: how many threads a pwcpu call would use there, and the worker's OMP_NUM_THREADS."""
     with pwcpu_dask._task_threads():
-        return np.full(block.shape[:3] + (1,), pwcpu.get_num_threads(), np.int64)
+        seen = [pwcpu.get_num_threads(), int(os.environ["OMP_NUM_THREADS"])]
+    return np.array(seen, np.int64).reshape(1, 1, 1, 2)
 
 
 def test_on_a_cluster_of_worker_processes(client, rng):
@@ -163,8 +167,10 @@ def test_on_a_cluster_of_worker_processes(client, rng):
     y = layer(da.from_array(x, chunks=(1, 9, 30, 24)))
     np.testing.assert_array_equal(client.compute(y).result(), layer(x))
     # Each worker has one thread: every task computes single-threaded.
-    threads = da.from_array(x, chunks=(1, 9, 30, 24)).map_blocks(_threads_seen, dtype=np.int64, chunks=(1, 9, 30, 1))
-    assert set(np.unique(client.compute(threads).result())) == {1}
+    threads = da.from_array(x, chunks=(1, 9, 30, 24)).map_blocks(_threads_seen, dtype=np.int64,
+                                                                  chunks=((1,) * 2, (1,) * 5, (1,), (2,)))
+    seen = client.compute(threads).result().reshape(-1, 2)
+    assert (seen[:, 1] == 2).all() and (seen[:, 0] == 1).all(), seen
 
 
 def test_a_lost_worker_loses_nothing(rng):
