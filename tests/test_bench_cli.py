@@ -60,3 +60,18 @@ def test_dense_run_checks_and_times_every_layer(tmp_path):
     assert "resnet50 stem 224x224x3->64 7x7/2" in stdout and "resnet50 7x7x512->512 3x3/1" in stdout
     if peers != "none":
         assert all(r["us"]["torch.conv2d"] > 0 for r in layers)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs pwcpu[dask]")
+def test_dask_cluster_run_records_throughput_and_busy_cores(tmp_path):
+    data, stdout = bench(tmp_path, "--dask", "--dask-gib", "0.02")
+    rows = data["dask"]
+    assert {(r["layer"], r["workers"]) for r in rows} == {(name, w) for name in ("hyperspectral stack", "feature map")
+                                                          for w in (2, 1)}
+    for row in rows:
+        assert set(row["gb_per_s"]) == ({"pwcpu", "numpy"} if row["workers"] == 2 else {"pwcpu"})
+        assert all(v > 0 for v in row["gb_per_s"].values())
+        for busy in row["cores_busy"].values():
+            # CPU seconds per second: the computing workers did some work, and nobody more than the machine has.
+            assert 0 < busy["workers"] <= row["cores"] + 0.5 and 0 <= busy["scheduler_and_client"] <= row["cores"] + 0.5
+    assert "cores busy" in stdout

@@ -771,11 +771,30 @@ def _numpy_layer(block: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarra
     return np.maximum(y, np.float32(0)) if activation == "relu" else y / (1 + np.exp(-y))  # relu or silu
 
 
+def _cluster_cpu_seconds() -> Tuple[float, float]:
+    """CPU seconds used so far by this process's children (a LocalCluster's workers and nannies)
+    and by this process (the client, and the LocalCluster's scheduler)."""
+    import psutil  # a dependency of distributed
+
+    me = psutil.Process()
+    workers = 0.0
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # gone since listed
+            continue
+        workers += times.user + times.system
+    own = me.cpu_times()
+    return workers, own.user + own.system
+
+
 def bench_dask(gib: float, rounds: int) -> List[Dict]:
     """Throughput (GB/s of input) of pwcpu.dask against NumPy's ``x @ w.T`` + bias + activation per
     block (map_blocks) on float32 arrays of ``gib`` GiB persisted on a LocalCluster of 2 single-threaded worker
     processes, and pwcpu's on a cluster of 1: each result persisted (computed and kept on the
-    workers), then released; implementations alternate in rounds, the median kept."""
+    workers), then released; implementations alternate in rounds, the median kept. Each row also
+    gives the cores the workers and the scheduler kept busy (CPU seconds per second): on a machine
+    of 2 cores the scheduler's share is taken from the 2 workers, not from a spare core as with 1."""
     import dask.array as da
     from dask.graph_manipulation import clone
     from distributed import Client, LocalCluster, wait
@@ -804,29 +823,45 @@ def bench_dask(gib: float, rounds: int) -> List[Dict]:
                                                            chunks=x.chunks[:3] + ((k,),),
                                                            name=f"numpy-layer-{time.perf_counter_ns()}")
                 seconds: Dict[str, List[float]] = {n: [] for n in graphs}
+                # CPU seconds per second of each round: the computing workers' (with their nannies)
+                # and this process's, where the LocalCluster's scheduler runs.
+                busy: Dict[str, List[Tuple[float, float]]] = {n: [] for n in graphs}
                 for graph in graphs.values():  # warm-up: workers fetch the layer and import what they need
                     wait(client.persist(graph()))
                 for _ in range(rounds):
                     for impl, graph in graphs.items():
                         y = graph()
+                        cpu_before = _cluster_cpu_seconds()
                         start = time.perf_counter()
                         y = client.persist(y)
                         wait(y)
-                        seconds[impl].append(time.perf_counter() - start)
+                        wall = time.perf_counter() - start
+                        cpu_after = _cluster_cpu_seconds()
+                        seconds[impl].append(wall)
+                        busy[impl].append(tuple((b - a) / wall for a, b in zip(cpu_before, cpu_after)))
                         del y
                 gbytes = x.nbytes / 1e9
                 row = {"layer": name, "workers": workers, "input_gb": gbytes, "shape": list(x.shape),
                        "chunks": [int(v[0]) for v in x.chunks],
-                       "gb_per_s": {impl: gbytes / statistics.median(t) for impl, t in seconds.items()}}
+                       "gb_per_s": {impl: gbytes / statistics.median(t) for impl, t in seconds.items()},
+                       "cores_busy": {impl: {"workers": statistics.median(b[0] for b in v),
+                                             "scheduler_and_client": statistics.median(b[1] for b in v)}
+                                      for impl, v in busy.items()},
+                       "cores": len(os.sched_getaffinity(0))}
                 results.append(row)
                 line = "   ".join(f"{impl} {v:.2f} GB/s" for impl, v in row["gb_per_s"].items())
-                print(f"{name:<20} {c:>4} -> {k:<4} {gbytes:.2f} GB on {workers} worker(s): {line}", flush=True)
+                cores = row["cores_busy"]["pwcpu"]
+                print(f"{name:<20} {c:>4} -> {k:<4} {gbytes:.2f} GB on {workers} worker(s): {line}   (pwcpu: workers "
+                      f"kept {cores['workers']:.2f} cores busy, scheduler and client {cores['scheduler_and_client']:.2f}, "
+                      f"of {row['cores']})", flush=True)
                 del x
     for name, *_ in DASK_LAYERS:
         two = next(r["gb_per_s"] for r in results if r["layer"] == name and r["workers"] == 2)
         one = next(r["gb_per_s"]["pwcpu"] for r in results if r["layer"] == name and r["workers"] == 1)
+        row = next(r for r in results if r["layer"] == name and r["workers"] == 2)
+        used = sum(row["cores_busy"]["pwcpu"].values())
         print(f"{name}: pwcpu {two['pwcpu'] / two['numpy']:.2f}x NumPy's x @ w.T + bias + activation per block; "
-              f"2 workers {two['pwcpu'] / one:.2f}x 1 worker")
+              f"2 workers {two['pwcpu'] / one:.2f}x 1 worker, with {used:.2f} of {row['cores']} cores busy")
     return results
 
 
