@@ -368,9 +368,13 @@ protected:
 class ConvPlan : public OperatorPlan {
 public:
     ConvPlan(const py::array& weight, const py::object& bias, int64_t groups, int64_t stride_h, int64_t stride_w,
-             int64_t pad_h, int64_t pad_w, int activation, bool weights_private, int layout)
+             int64_t pad_h, int64_t pad_w, int activation, bool weights_private, int layout, int precision)
         : OperatorPlan(float32_array(weight, "weight"), bias, weights_private, static_cast<pwcpu::Layout>(layout)),
-          groups_(groups), geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation) {
+          groups_(groups), geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation),
+          precision_(static_cast<pwcpu::Precision>(precision)) {
+        if (precision != static_cast<int>(pwcpu::Precision::fp32) && precision != static_cast<int>(pwcpu::Precision::bf16)) {
+            throw py::value_error("invalid precision code");
+        }
         if (layout != static_cast<int>(pwcpu::Layout::nhwc) && layout != static_cast<int>(pwcpu::Layout::nchw)) {
             throw py::value_error("invalid layout code");
         }
@@ -442,7 +446,7 @@ private:
         std::shared_ptr<const pwcpu::PackedWeights> packed;
         {
             py::gil_scoped_release release;
-            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_, layout_);
+            packed = std::make_shared<const pwcpu::PackedWeights>(w, k, cg, rs, cs, b, groups_, layout_, precision_);
         }
         packed_ = std::move(packed);  // with the GIL held: other threads read packed_ under it
     }
@@ -469,6 +473,7 @@ private:
     int64_t groups_;
     pwcpu::ConvGeometry geometry_;
     int activation_;
+    pwcpu::Precision precision_;
     // Shared: a call keeps its packing alive while another thread re-packs (after an ISA switch).
     std::shared_ptr<const pwcpu::PackedWeights> packed_;
 };
@@ -694,15 +699,17 @@ PYBIND11_MODULE(_core, m) {
     m.attr("__version__") = PWCPU_VERSION;
 
     py::class_<ConvPlan>(m, "ConvPlan")
-        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, int>(),
+        .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int64_t, int, bool, int,
+                      int>(),
              py::arg("weight"), py::arg("bias"), py::arg("groups"), py::arg("stride_h"), py::arg("stride_w"),
              py::arg("pad_h"), py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"),
-             py::arg("layout") = 0)
+             py::arg("layout") = 0, py::arg("precision") = 0)
         .def("conv", &ConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("pointwise", &ConvPlan::pointwise, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("conv_channels_last", &ConvPlan::conv_channels_last)
         .def_property_readonly("isa", [](const ConvPlan& p) { return p.packed().isa(); })
         .def_property_readonly("kernel", [](const ConvPlan& p) { return p.packed().kernel_name(); })
+        .def_property_readonly("precision", [](const ConvPlan& p) { return static_cast<int>(p.packed().precision()); })
         .def_property_readonly("out_channels", &ConvPlan::out_channels)
         .def_property_readonly("in_channels", &ConvPlan::in_channels);
 

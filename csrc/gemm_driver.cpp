@@ -12,6 +12,7 @@
 
 #include "dispatch.hpp"
 #include "pwcpu/pwcpu.hpp"
+#include "runtime/bf16.hpp"
 #include "runtime/memory.hpp"
 #include "runtime/rows.hpp"
 #include "runtime/threads.hpp"
@@ -103,6 +104,7 @@ struct PackedWeights::Impl {
     const kernels::IsaKernels* isa = nullptr;
     GemmKernel kernel;
     Layout layout = Layout::nhwc;
+    Precision precision = Precision::fp32;
     int64_t k = 0, cg = 0, groups = 1;
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
@@ -123,7 +125,8 @@ struct PackedWeights::Impl {
 };
 
 PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
-                             int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups, Layout layout)
+                             int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups, Layout layout,
+                             Precision precision)
     : impl_(std::make_unique<Impl>()) {
     if (groups < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % groups != 0) {
         throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
@@ -135,13 +138,21 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.groups = groups;
     w.kg = out_channels / groups;
     w.layout = layout;
+    w.precision = precision;
+    // bf16 weights are rounded once, here; the kernels multiply the rounded values exactly (a product
+    // of two bf16 values fits in a float) and sum in float32.
+    const bool bf16 = precision == Precision::bf16;
+    const auto weight_at = [&](int64_t row, int64_t col) {
+        const float value = weight[row * row_stride + col * col_stride];
+        return bf16 ? runtime::round_to_bf16(value) : value;
+    };
     if (layout == Layout::nchw) {
         w.kernel = w.isa->main();  // its NR columns are pixels here
         const char* what = "weight (K x C/groups)";
         w.weight_rows = allocate_floats(checked_floats(checked_mul(w.k, w.cg, what), what), what);
         w.row_bias = allocate_floats(static_cast<size_t>(w.k), "bias");
         for (int64_t r = 0; r < w.k; ++r) {
-            for (int64_t c = 0; c < w.cg; ++c) w.weight_rows[r * w.cg + c] = weight[r * row_stride + c * col_stride];
+            for (int64_t c = 0; c < w.cg; ++c) w.weight_rows[r * w.cg + c] = weight_at(r, c);
             w.row_bias[r] = bias != nullptr ? bias[r] : 0.0f;
         }
         return;
@@ -170,8 +181,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         for (int64_t c0 = 0; c0 < w.cg; c0 += kPackBlock) {
             const int64_t c1 = std::min(w.cg, c0 + kPackBlock);
             for (int64_t n = 0; n < width; ++n) {
-                const float* src = weight + (first + n) * row_stride;
-                for (int64_t c = c0; c < c1; ++c) dst[nr * (1 + c) + n] = src[c * col_stride];
+                for (int64_t c = c0; c < c1; ++c) dst[nr * (1 + c) + n] = weight_at(first + n, c);
             }
         }
     }
@@ -183,6 +193,7 @@ int64_t PackedWeights::out_channels() const { return impl_->k; }
 int64_t PackedWeights::in_channels() const { return impl_->cg * impl_->groups; }
 int64_t PackedWeights::groups() const { return impl_->groups; }
 Layout PackedWeights::layout() const { return impl_->layout; }
+Precision PackedWeights::precision() const { return impl_->precision; }
 const char* PackedWeights::isa() const { return impl_->isa->isa; }
 const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
 
@@ -211,7 +222,8 @@ void conv1x1(const TensorView& x, const float* weight, const float* bias, const 
              const TensorView* residual, const ConvOptions& options) {
     const bool nchw = options.layout == Layout::nchw;
     const int64_t cg = options.groups > 0 ? x.shape[nchw ? 1 : 3] / options.groups : 0;
-    const PackedWeights packed(weight, out.shape[nchw ? 1 : 3], cg, cg, 1, bias, options.groups, options.layout);
+    const PackedWeights packed(weight, out.shape[nchw ? 1 : 3], cg, cg, 1, bias, options.groups, options.layout,
+                               options.precision);
     packed.run(x, out, residual, options.geometry, options.activation);
 }
 
@@ -253,7 +265,12 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const int64_t band_rows = std::clamp<int64_t>(
         detail::cache_sizes().l1d / 4 / (blk.kc * static_cast<int64_t>(sizeof(float))) / mr * mr, mr, kMaxBandRows / mr * mr);
 
+    const bool bf16 = precision == Precision::bf16;
+    const char* const what_rounded = "the band's activations rounded to bf16";
     const auto work = [&](const WorkRange& range) {
+        // bf16: the band's activations, rounded once for all the panels that pass over them.
+        runtime::AlignedBuffer rounded;
+        if (bf16) rounded = allocate_floats(checked_floats(checked_mul(band_rows, cg * groups, what_rounded), what_rounded), what_rounded);
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
         // activations can be prefetched), used in turn.
         struct BandRows {
@@ -281,6 +298,15 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                         const float** a_rows = band_rows_of[current].a;
                         float** out_rows = band_rows_of[current].out;
                         const float** res_rows = band_rows_of[current].res;
+                        if (bf16) {
+                            // The channels the panels pb..pe-1 read: their groups' from this K block on.
+                            const int64_t span = ((pe - 1) / panels_per_group - first_group) * cg + kc_floats;
+                            for (int64_t m = 0; m < rows_in_band; ++m) {
+                                float* row = rounded.get() + m * span;
+                                runtime::round_to_bf16(a_rows[m], row, span);
+                                a_rows[m] = row;
+                            }
+                        }
                         // The next band's activations, fetched while this band computes: each row is
                         // a short run of cache lines (kc floats), too short for the hardware's
                         // stream prefetchers to pick up when rows come from L3 or memory.
@@ -380,6 +406,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
                             const float* plane = image + static_cast<int64_t>(c) * x.strides[1];
                             float* dst = block.data() + c * static_cast<size_t>(nr);
                             for (int64_t t = 0; t < nr; ++t) dst[t] = offsets[t] != kPadding ? plane[offsets[t]] : 0.0f;
+                            if (precision == Precision::bf16) runtime::round_to_bf16(dst, dst, nr);
                         }
                         packed_group = group;
                         packed_kb = kb;

@@ -20,20 +20,22 @@ def gamma(n):
 
 
 def conv_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None,
-               layout="NHWC"):
-    """(expected, tolerance) for conv1x1 under the bound above."""
+               layout="NHWC", precision="fp32"):
+    """(expected, tolerance) for conv1x1 under the bound above. With precision "bf16" the reference
+    reads x and weight rounded to bfloat16, as pwcpu does: their products are exact in float32, so
+    the same bound on the float32 sum applies."""
     w = np.asarray(weight).reshape(np.shape(weight)[0], np.shape(weight)[1])
-    geometry = dict(stride=stride, padding=padding, groups=groups, layout=layout)
+    geometry = dict(stride=stride, padding=padding, groups=groups, layout=layout, precision=precision)
     z = reference.conv1x1(x, w, bias, residual=residual, **geometry)
     magnitude = reference.conv1x1(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
                                   residual=None if residual is None else np.abs(residual), **geometry)
     return _finish(z, magnitude, w.shape[1], activation)
 
 
-def pointwise_bound(x, weight, bias=None, *, activation=None, residual=None):
-    z = reference.pointwise(x, weight, bias, residual=residual)
+def pointwise_bound(x, weight, bias=None, *, activation=None, residual=None, precision="fp32"):
+    z = reference.pointwise(x, weight, bias, residual=residual, precision=precision)
     magnitude = reference.pointwise(np.abs(x), np.abs(weight), None if bias is None else np.abs(bias),
-                                    residual=None if residual is None else np.abs(residual))
+                                    residual=None if residual is None else np.abs(residual), precision=precision)
     return _finish(z, magnitude, np.shape(weight)[1], activation)
 
 

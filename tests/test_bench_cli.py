@@ -75,3 +75,14 @@ def test_dask_cluster_run_records_throughput_and_busy_cores(tmp_path):
             # CPU seconds per second: the computing workers did some work, and nobody more than the machine has.
             assert 0 < busy["workers"] <= row["cores"] + 0.5 and 0 <= busy["scheduler_and_client"] <= row["cores"] + 0.5
     assert "cores busy" in stdout
+
+
+def test_bf16_precision_run(tmp_path):
+    data, stdout = bench(tmp_path, "--suite", "resnet50", "--precision", "bf16")
+    assert data["precision"] == "bf16" and len(data["results"]) == 9
+    for row in data["results"]:
+        assert row["gflops"]["bf16"] > 0 and row["gflops"]["fp32"] > 0
+        assert row["over_fp32"] == pytest.approx(row["gflops"]["bf16"] / row["gflops"]["fp32"])
+        if importlib.util.find_spec("torch") is not None:
+            assert row["over_torch"] == pytest.approx(row["gflops"]["bf16"] / row["gflops"]["torch"])
+    assert "geometric mean bf16 over fp32" in stdout

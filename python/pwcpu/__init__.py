@@ -7,6 +7,7 @@ The core is C++ SIMD/OpenMP microkernels (AVX-512, AVX2 and a portable path, cho
 from . import _core, reference
 from ._api import (
     ACTIVATIONS,
+    PRECISIONS,
     DenseConv,
     DepthwiseConv,
     DepthwiseSeparable,
@@ -26,6 +27,7 @@ _core.active_isa()  # an unknown or unsupported PWCPU_ISA is an error at import,
 
 __all__ = [
     "ACTIVATIONS",
+    "PRECISIONS",
     "DenseConv",
     "DepthwiseConv",
     "DepthwiseSeparable",

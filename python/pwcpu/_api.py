@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["ACTIVATIONS", "DepthwiseConv", "InvertedResidual", "PointwiseConv", "conv1x1", "depthwise_conv2d",
+__all__ = ["ACTIVATIONS", "PRECISIONS", "DepthwiseConv", "InvertedResidual", "PointwiseConv", "conv1x1", "depthwise_conv2d",
            "pointwise"]
 
 #: Names accepted by ``activation=``, mapped to the core's codes.
@@ -72,6 +72,43 @@ def _activation_code(activation, name: str = "activation") -> int:
         names = ", ".join(repr(a) for a in ACTIVATIONS)
         raise ValueError(f"{name} must be one of {names}; got {activation!r}")
     return ACTIVATIONS[activation]
+
+
+#: Names accepted by ``precision=``, mapped to the core's codes.
+PRECISIONS = {"fp32": 0, "bf16": 1}
+
+
+def _precision_code(precision) -> int:
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a string ('fp32' or 'bf16'), got {type(precision).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}; got {precision!r}")
+    return PRECISIONS[precision]
+
+
+def _is_bfloat16(a) -> bool:
+    """A NumPy array of ml_dtypes' bfloat16 (the dtype JAX and TensorFlow use), recognised without
+    importing ml_dtypes."""
+    return isinstance(a, np.ndarray) and a.dtype.name == "bfloat16"
+
+
+def _with_bfloat16_arrays(compute, x, residual, out):
+    """``compute(x, residual, out)`` where any of the arrays may be bfloat16: x and residual are
+    widened to float32 (exactly), a bfloat16 ``out`` receives the float32 result rounded to nearest
+    even. The float32 arrays go straight through."""
+    if _is_bfloat16(x):
+        x = x.astype(np.float32)
+    if _is_bfloat16(residual):
+        residual = residual.astype(np.float32)
+    if not _is_bfloat16(out):
+        return compute(x, residual, out)
+    result = compute(x, residual, None)
+    if out.shape != result.shape:
+        raise ValueError(f"out must have shape {result.shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+    np.copyto(out, result, casting="unsafe")  # float32 -> bfloat16 rounds to nearest even
+    return out
 
 
 _LAYOUTS = {"NHWC": 0, "NCHW": 1}
@@ -147,6 +184,7 @@ def conv1x1(
     residual=None,
     out: Optional[np.ndarray] = None,
     layout: str = "NHWC",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """1x1 convolution of an NHWC (or NCHW) float32 tensor, with a fused epilogue.
 
@@ -175,6 +213,12 @@ def conv1x1(
         With "NCHW", x is (N, C, H, W) and the result (N, K, Ho, Wo), computed directly as
         ``W[K, C] @ X[C, H*W]`` per image (no transposing copy). ``out`` and ``residual`` then need
         contiguous (H, W) planes (other strides are free); x may have any strides.
+    precision : "fp32" or "bf16"
+        With "bf16", x and weight are rounded to bfloat16 (to nearest, ties to even: pwcpu rounds
+        float32 inputs itself) and their products summed in float32; bias, residual, activation
+        and the result stay float32. x, residual and out may also be bfloat16 arrays (ml_dtypes,
+        as JAX and TensorFlow make them), with either precision: inputs are widened exactly, and a
+        bfloat16 out receives the float32 result rounded to nearest even.
 
     Returns
     -------
@@ -185,10 +229,11 @@ def conv1x1(
     padding_hw = _pair("padding", padding, 0)
     code = _activation_code(activation)
     layout_code = _layout_code(layout)
+    precision_code = _precision_code(precision)
     w = _weight_matrix(weight, groups)
     b = _bias_vector(bias, w.shape[0])
-    plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False, layout_code)
-    return plan.conv(x, residual, out)
+    plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False, layout_code, precision_code)
+    return _with_bfloat16_arrays(plan.conv, x, residual, out)
 
 
 def pointwise(
@@ -199,6 +244,7 @@ def pointwise(
     activation: Optional[str] = None,
     residual=None,
     out: Optional[np.ndarray] = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """``activation(x @ weight.T + bias + residual)`` over any leading axes: (..., C) -> (..., K).
 
@@ -208,9 +254,11 @@ def pointwise(
     ``out`` is an error.
     """
     code = _activation_code(activation)
+    precision_code = _precision_code(precision)
     w = _weight_matrix(weight, 1)
     b = _bias_vector(bias, w.shape[0])
-    return _core.ConvPlan(w, b, 1, 1, 1, 0, 0, code, False).pointwise(x, residual, out)
+    plan = _core.ConvPlan(w, b, 1, 1, 1, 0, 0, code, False, 0, precision_code)
+    return _with_bfloat16_arrays(plan.pointwise, x, residual, out)
 
 
 def depthwise_conv2d(
@@ -367,10 +415,13 @@ class PointwiseConv(_PackedLayer):
         groups: int = 1,
         activation: Optional[str] = None,
         layout: str = "NHWC",
+        precision: str = "fp32",
     ) -> None:
         self._groups = _int("groups", groups, 1)
         self._layout = layout
         layout_code = _layout_code(layout)
+        precision_code = _precision_code(precision)
+        self._precision = precision
         self._stride = _pair("stride", stride, 1)
         self._padding = _pair("padding", padding, 0)
         self._activation = activation
@@ -379,7 +430,8 @@ class PointwiseConv(_PackedLayer):
         b = _bias_vector(bias, w.shape[0])
         b = None if b is None else _frozen_copy(b)
         self._weight, self._bias = w, b
-        self._plan = _core.ConvPlan(w, b, self._groups, *self._stride, *self._padding, self._code, True, layout_code)
+        self._plan = _core.ConvPlan(w, b, self._groups, *self._stride, *self._padding, self._code, True, layout_code,
+                                    precision_code)
 
     @property
     def in_channels(self) -> int:
@@ -397,25 +449,32 @@ class PointwiseConv(_PackedLayer):
     def layout(self) -> str:
         return self._layout
 
+    @property
+    def precision(self) -> str:
+        """"fp32", or "bf16": inputs and weights rounded to bfloat16, sums in float32 (see :func:`conv1x1`)."""
+        return self._precision
+
     def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None):
-        """The layer on x; a Dask array x gives a lazy Dask array (see :mod:`pwcpu.dask`)."""
+        """The layer on x; a Dask array x gives a lazy Dask array (see :mod:`pwcpu.dask`). x,
+        residual and out may be bfloat16 arrays, as in :func:`conv1x1`."""
         if _is_dask_array(x):
             if out is not None:
                 raise ValueError("out= cannot be used with a Dask array: the result is a lazy Dask array")
             from . import dask as pwcpu_dask
 
             return pwcpu_dask.apply(self, x, residual=residual)
-        return self._plan.conv(x, residual, out)
+        return _with_bfloat16_arrays(self._plan.conv, x, residual, out)
 
     def __reduce__(self):
-        options = (self._stride, self._padding, self._groups, self._activation, self._layout)
+        options = (self._stride, self._padding, self._groups, self._activation, self._layout, self._precision)
         return (_rebuild_pointwise_conv, (self.weight, self.bias) + options)
 
     def __repr__(self) -> str:
         return (
             f"PointwiseConv(in_channels={self.in_channels}, out_channels={self.out_channels}, "
             f"stride={self._stride}, padding={self._padding}, groups={self._groups}, "
-            f"activation={self._activation!r}, bias={self.bias is not None}, layout={self._layout!r})"
+            f"activation={self._activation!r}, bias={self.bias is not None}, layout={self._layout!r}, "
+            f"precision={self._precision!r})"
         )
 
 
@@ -425,9 +484,10 @@ def _frozen_copy(a: np.ndarray) -> np.ndarray:
     return np.frombuffer(np.ascontiguousarray(a).tobytes(), dtype=np.float32).reshape(a.shape)
 
 
-def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, layout="NHWC") -> PointwiseConv:
+def _rebuild_pointwise_conv(weight, bias, stride, padding, groups, activation, layout="NHWC",
+                            precision="fp32") -> PointwiseConv:
     return PointwiseConv(weight, bias, stride=stride, padding=padding, groups=groups, activation=activation,
-                         layout=layout)
+                         layout=layout, precision=precision)
 
 
 class _WindowLayer(_PackedLayer):

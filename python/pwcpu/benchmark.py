@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, reference
 from ._api import PointwiseConv
 from ._runtime import num_threads, runtime_info
 
@@ -109,10 +110,10 @@ class LayerData:
         bias = rng.standard_normal(layer.k, dtype=np.float32)
         return cls(layer, x, weight, bias)
 
-    def reference(self) -> np.ndarray:
+    def reference(self, precision: str = "fp32") -> np.ndarray:
         s = self.layer.stride
-        x = self.x[:, ::s, ::s, :].astype(np.float64)
-        return x @ self.weight.T.astype(np.float64) + self.bias
+        x = self.x[:, ::s, ::s, :]
+        return reference.conv1x1(x, self.weight, self.bias, precision=precision)
 
 
 def make_pwcpu(d: LayerData, threads: int) -> Runner:
@@ -238,8 +239,6 @@ PEER_MODULES = {"numpy": "numpy", "torch.mm": "torch", "torch.conv2d": "torch", 
 
 def available_peers(names: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
     """The peers among ``names`` that can be imported, and a note for each that cannot."""
-    import importlib.util
-
     found, missing = [], {}
     for name in names:
         if importlib.util.find_spec(PEER_MODULES[name]) is None:
@@ -308,14 +307,18 @@ def time_runners(runners: Dict[str, Runner], min_seconds: float, rounds: int, pa
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def check_result(name: str, result, d: LayerData) -> None:
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def check_result(name: str, result, d: LayerData, precision: str = "fp32") -> None:
     """Every implementation must compute the same layer, or its timing means nothing."""
     if name == "onnxruntime":
         result = result[0].transpose(0, 2, 3, 1)
     elif name == "torch.conv2d":
         result = result.numpy().transpose(0, 2, 3, 1)
     result = np.asarray(result)
-    expected = d.reference()
+    expected = d.reference(precision)
     error = np.abs(result.reshape(expected.shape) - expected).max()
     if not error <= 1e-3 * max(1.0, float(np.abs(expected).max())):
         raise RuntimeError(f"{name} computed a different result on {d.layer.label} (max error {error:.3g})")
@@ -402,6 +405,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask-gib", type=float, default=1.0, help="with --dask: input size in GiB (default 1)")
     parser.add_argument("--overhead", action="store_true",
                         help="the PyTorch bridge's cost per call: converted layers against PointwiseConv from NumPy")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: instead of peers, pwcpu with precision='bf16' against its fp32 and against "
+                             "PyTorch's bf16 conv2d (channels_last), when installed")
     parser.add_argument("--epilogue", action="store_true",
                         help="instead of peers: the cost of the fused epilogue, conv1x1 with bias + relu + "
                              "residual (out is residual) against the plain convolution")
@@ -434,7 +440,6 @@ def _model_builders() -> Dict[str, Callable]:
 def _onnx_export(model, x) -> Optional[bytes]:
     """The model exported to ONNX (TorchScript exporter), or None without ONNX Runtime to run it
     or where the exporter cannot take the model."""
-    import importlib.util
     import io
 
     import torch
@@ -472,8 +477,6 @@ KERAS_MODELS = {"mobilenet_v2": "MobileNetV2", "mobilenet_v3_large": "MobileNetV
 def _tflite_model(name: str) -> Optional[bytes]:
     """Keras' definition of the same network (random weights, 224x224x3 input) converted to
     TFLite, or None without TensorFlow or a Keras counterpart."""
-    import importlib.util
-
     if name not in KERAS_MODELS or importlib.util.find_spec("tensorflow") is None:
         return None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -552,7 +555,7 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
     for threads in threads_list:
         speedups = [min(r["speedup"], r["speedup_channels_last_model"]) for r in results if r["threads"] == threads]
         if speedups:
-            geomean = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
+            geomean = _geomean(speedups)
             print(f"{threads} thread(s): converted against PyTorch (the lower of the two conversions): "
                   f"geometric mean {geomean:.2f}x, lowest {min(speedups):.2f}x over {len(speedups)} models")
         against = {r["model"]: r["against_fastest_runtime"] for r in results
@@ -657,8 +660,6 @@ def bench_windows(dense: bool, threads_list: Sequence[int], peers: Sequence[str]
     bias and no activation (what every peer fuses alike): pwcpu against PyTorch's conv2d on
     channels_last, ONNX Runtime's Conv and TFLite (XNNPACK); each checked against the float64
     reference, then timed alternating in rounds."""
-    from . import reference
-
     peers = [p for p in peers if p in ("torch.conv2d", "onnxruntime", "tflite")]
     rng = np.random.default_rng(0)
     kind = "dense" if dense else "depthwise"
@@ -690,7 +691,7 @@ def bench_windows(dense: bool, threads_list: Sequence[int], peers: Sequence[str]
                                   for n, t in seconds.items())
                 print(f"{label:<40} {line}", flush=True)
         if speedups:
-            geomean = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
+            geomean = _geomean(speedups)
             print(f"{threads} thread(s): pwcpu over the fastest peer: geometric mean {geomean:.2f}x, "
                   f"lowest {min(speedups):.2f}x, {sum(v >= 1 for v in speedups)} of {len(speedups)} layers at or above")
     return results
@@ -755,6 +756,54 @@ def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_sec
         extras = [r["extra"] for r in results if r["threads"] == threads]
         print(f"median {100 * statistics.median(extras):+.1f}%, largest {100 * max(extras):+.1f}%; "
               f"within 5%: {sum(e <= 0.05 for e in extras)} of {len(extras)} layers")
+    return results
+
+
+def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precision: str, min_seconds: float,
+                    rounds: int, pause: float) -> List[Dict]:
+    """pwcpu at ``precision`` against pwcpu's fp32 on the same layer (float32 arrays in and out, weights
+    packed beforehand), and against PyTorch's conv2d on tensors of that precision (channels_last,
+    oneDNN) where PyTorch is installed."""
+    torch = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+    results = []
+    for threads in threads_list:
+        print(f"\n{threads} thread(s): GFLOP/s of pwcpu {precision} and fp32"
+              + (f", PyTorch conv2d {precision} (channels_last)" if torch is not None else ""))
+        with fixed_threads(threads):
+            for layer in layers:
+                d = LayerData.random(layer)
+                s = layer.stride
+                fast, exact = (PointwiseConv(d.weight, d.bias, stride=s, precision=p) for p in (precision, "fp32"))
+                y, y32 = fast(d.x), exact(d.x)
+                check_result(f"pwcpu {precision}", y, d, precision)
+                runners = {precision: lambda: fast(d.x, out=y), "fp32": lambda: exact(d.x, out=y32)}
+                if torch is not None:
+                    dtype = {"bf16": torch.bfloat16}[precision]
+                    tx = torch.from_numpy(d.x).permute(0, 3, 1, 2).to(dtype)  # keeps channels_last memory
+                    tw = torch.from_numpy(d.weight)[:, :, None, None].to(dtype).contiguous(memory_format=torch.channels_last)
+                    tb = torch.from_numpy(d.bias).to(dtype)
+
+                    def torch_run(tx=tx, tw=tw, tb=tb):
+                        with torch.inference_mode():
+                            return torch.nn.functional.conv2d(tx, tw, tb, stride=s)
+
+                    runners["torch"] = torch_run
+                seconds = time_runners(runners, min_seconds, rounds, pause if threads > 1 else 0.0)
+                gflops = {n: layer.flops / t / 1e9 for n, t in seconds.items()}
+                row = {"layer": layer.label, "threads": threads, "gflops": gflops,
+                       "over_fp32": gflops[precision] / gflops["fp32"]}
+                if "torch" in gflops:
+                    row["over_torch"] = gflops[precision] / gflops["torch"]
+                results.append(row)
+                line = "   ".join(f"{n} {g:6.1f}" for n, g in gflops.items())
+                torch_ratio = f"   {row['over_torch']:.2f}x PyTorch" if "over_torch" in row else ""
+                print(f"{layer.label:<36} {line}   {precision} {row['over_fp32']:.2f}x fp32{torch_ratio}", flush=True)
+        rows = [r for r in results if r["threads"] == threads]
+        print(f"geometric mean {precision} over fp32: {_geomean([r['over_fp32'] for r in rows]):.2f}x"
+              + (f", over PyTorch {precision}: {_geomean([r['over_torch'] for r in rows]):.2f}x"
+                 if torch is not None else ""))
     return results
 
 
@@ -872,6 +921,14 @@ def run(args: argparse.Namespace) -> int:
     if args.isa:
         info["peer_isa_limits"] = ISA_PEER_LIMITS[args.isa]
     threads_list = [int(t) for t in args.threads.split(",")] if args.threads else [info["threads"]]
+    if args.precision != "fp32":
+        print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
+        results = bench_precision(SUITES[args.suite], threads_list, args.precision, args.seconds, args.rounds,
+                                  args.pause)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"runtime": info, "precision": args.precision, "results": results}, f, indent=1)
+        return 0
     if args.epilogue:
         results = bench_epilogue(SUITES[args.suite], threads_list, args.seconds, args.rounds)
         if args.json:
@@ -941,7 +998,7 @@ def run(args: argparse.Namespace) -> int:
                 print(row + f"{100 * r['peak_share']:>6.0f}%" + ratio, flush=True)
         if peers:
             ratios = [r["ratio"] for r in results if r["threads"] == threads]
-            geomean = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+            geomean = _geomean(ratios)
             print(f"GFLOP/s shown; geometric mean of pwcpu / fastest peer: {geomean:.2f}x, "
                   f"slowest layer {min(ratios):.2f}x")
     if 1 in threads_list and len(threads_list) > 1:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "pointwise"]
+__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "pointwise", "round_to_bf16"]
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -31,20 +31,39 @@ ACTIVATION_FUNCTIONS = {
 }
 
 
+def round_to_bf16(a) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32: NaN stays NaN
+    (quiet), values beyond the largest bfloat16 become infinities."""
+    bits = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    quiet_nan = ((bits | 0x00400000) & 0xFFFF0000).astype(np.uint32)
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return np.where(is_nan, quiet_nan, rounded).view(np.float32)
+
+
+def _inputs(x, weight, precision):
+    """x and weight as the precision reads them, in float64."""
+    if precision == "bf16":
+        x, weight = round_to_bf16(x), round_to_bf16(weight)
+    elif precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}")
+    return np.asarray(x, dtype=np.float64), np.asarray(weight, dtype=np.float64)
+
+
 def _pair(v):
     return (v, v) if np.isscalar(v) else tuple(v)
 
 
 @np.errstate(all="ignore")
-def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None, layout="NHWC"):
+def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None, layout="NHWC",
+            precision="fp32"):
     if layout == "NCHW":
         to_nhwc = (0, 2, 3, 1)
         r = None if residual is None else np.moveaxis(np.asarray(residual), 1, -1)
         y = conv1x1(np.transpose(x, to_nhwc), weight, bias, stride=stride, padding=padding, groups=groups,
-                    activation=activation, residual=r)
+                    activation=activation, residual=r, precision=precision)
         return np.moveaxis(y, -1, 1)
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(weight, dtype=np.float64)
+    x, w = _inputs(x, weight, precision)
     w = w.reshape(w.shape[0], w.shape[1])
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
@@ -57,9 +76,8 @@ def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=N
 
 
 @np.errstate(all="ignore")
-def pointwise(x, weight, bias=None, *, activation=None, residual=None):
-    x = np.asarray(x, dtype=np.float64)
-    w = np.asarray(weight, dtype=np.float64)
+def pointwise(x, weight, bias=None, *, activation=None, residual=None, precision="fp32"):
+    x, w = _inputs(x, weight, precision)
     z = x @ w.reshape(w.shape[0], w.shape[1]).T
     return _epilogue(z, bias, residual, activation)
 

@@ -20,6 +20,11 @@ namespace pwcpu {
 enum class Activation : int { none = 0, relu, relu6, silu, gelu, hardswish, sigmoid, hardsigmoid };
 constexpr Activation kLastActivation = Activation::hardsigmoid;
 
+// What a 1x1 convolution multiplies. fp32: float32 inputs and weights. bf16: inputs and weights
+// rounded to bfloat16 (to nearest, ties to even; the weights once, when packed, the inputs as they
+// are read), products summed in float32; bias, residual, activation and output stay float32.
+enum class Precision : int { fp32 = 0, bf16 = 1 };
+
 // Memory order of activations. NHWC: channels last (the kernels' native order). NCHW: each image
 // is C planes of H x W, computed directly as W[K, C] x X[C, H*W].
 enum class Layout : int { nhwc = 0, nchw = 1 };
@@ -70,7 +75,7 @@ public:
     // bias: K values or nullptr.
     PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
                   int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups,
-                  Layout layout = Layout::nhwc);
+                  Layout layout = Layout::nhwc, Precision precision = Precision::fp32);
     ~PackedWeights();
     PackedWeights(const PackedWeights&) = delete;
     PackedWeights& operator=(const PackedWeights&) = delete;
@@ -79,6 +84,7 @@ public:
     int64_t in_channels() const;  // C = groups * C/groups
     int64_t groups() const;
     Layout layout() const;
+    Precision precision() const;
     // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512").
     const char* isa() const;
     const char* kernel_name() const;
@@ -104,6 +110,7 @@ struct ConvOptions {
     int64_t groups = 1;
     Activation activation = Activation::none;
     Layout layout = Layout::nhwc;
+    Precision precision = Precision::fp32;
 };
 
 // One call, packing the weights on the way: weight is K x (C / groups), row-major and contiguous

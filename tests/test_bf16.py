@@ -1,0 +1,158 @@
+"""precision="bf16": inputs and weights rounded to bfloat16, products summed in float32.
+
+Every ISA path is held to the float32-accumulation bound on the rounded inputs (the products of two
+bfloat16 values are exact in float32), and, stronger, to the float32 path's own result on inputs
+that are already bfloat16 values: the rounding is all that differs.
+"""
+
+import pickle
+
+import numpy as np
+import pytest
+
+import pwcpu
+from pwcpu import _core, reference
+
+from helpers import check_conv, pointwise_bound, assert_within, randn
+
+
+
+def bf16_values(a):
+    return reference.round_to_bf16(a)
+
+
+def test_rounding_is_to_nearest_even_with_nan_and_overflow():
+    one_ulp = 2.0**-7  # bfloat16 has 8 significand bits: 1 + 2^-7 is the next value after 1
+    x = np.array([1.0, 1 + one_ulp / 2, 1 + 3 * one_ulp / 2, 1 + one_ulp / 2 + 2**-20, -1 - one_ulp / 2, 3.4e38,
+                  np.inf, -np.inf, np.nan, 1e-39], np.float32)
+    r = reference.round_to_bf16(x)
+    expected = [1.0, 1.0, 1 + 2 * one_ulp, 1 + one_ulp, -1.0, np.inf, np.inf, -np.inf]
+    np.testing.assert_array_equal(r[:8], np.array(expected, np.float32))
+    assert np.isnan(r[8])
+    assert r[9] != 0 and abs(r[9] - 1e-39) <= 2.0**-134  # a denormal rounds like any other value (half its ulp)
+    assert np.all(r.view(np.uint32)[np.isfinite(r)] & 0xFFFF == 0)
+
+
+@pytest.mark.parametrize("c", [1, 7, 16, 37, 300])
+@pytest.mark.parametrize("k", [1, 5, 16, 33])
+def test_conv1x1_bf16_against_the_rounded_reference(isa, rng, c, k):
+    x, weight, bias, residual = randn(rng, 2, 5, 7, c), randn(rng, k, c), randn(rng, k), randn(rng, 2, 5, 7, k)
+    y = pwcpu.conv1x1(x, weight, bias, activation="silu", residual=residual, precision="bf16")
+    check_conv(y, x, weight, bias, activation="silu", residual=residual, precision="bf16",
+               context=f"{isa} c={c} k={k}")
+    # The rounding is all that differs from the float32 path: on inputs that are bfloat16 values
+    # already, both compute the very same sums.
+    same = pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, activation="silu", residual=residual)
+    np.testing.assert_array_equal(y, same)
+    if c > 1:
+        # And the rounding happens: float32 inputs give another result than the float32 path's.
+        assert not np.array_equal(y, pwcpu.conv1x1(x, weight, bias, activation="silu", residual=residual))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_stride_padding_groups_and_views(isa, rng, layout):
+    big = randn(rng, 2, 11, 13, 24)
+    x = big[:, 1:10:2, ::-1, 2:22]  # strided, reversed, a channel slice: read in place (NHWC)
+    if layout == "NCHW":
+        x = x.transpose(0, 3, 1, 2)
+    weight, bias = randn(rng, 12, 5), randn(rng, 12)
+    options = dict(stride=2, padding=1, groups=4, activation="relu", layout=layout)
+    y = pwcpu.conv1x1(x, weight, bias, precision="bf16", **options)
+    check_conv(y, x, weight, bias, precision="bf16", **options)
+    np.testing.assert_array_equal(y, pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, **options))
+
+
+@pytest.mark.parametrize("block", [8, 13])
+def test_split_reduction(isa, rng, block):
+    _core.set_max_reduction_block(block)
+    try:
+        x, weight, bias = randn(rng, 1, 3, 9, 100), randn(rng, 33, 100), randn(rng, 33)
+        y = pwcpu.conv1x1(x, weight, bias, activation="gelu", precision="bf16")
+        check_conv(y, x, weight, bias, activation="gelu", precision="bf16")
+    finally:
+        _core.set_max_reduction_block(0)
+
+
+def test_pointwise_and_the_packed_layer(isa, rng):
+    x, weight, bias = randn(rng, 3, 4, 6, 40), randn(rng, 24, 40), randn(rng, 24)
+    y = pwcpu.pointwise(x, weight, bias, activation="relu6", precision="bf16")
+    expected, tolerance = pointwise_bound(x, weight, bias, activation="relu6", precision="bf16")
+    assert_within(y, expected, tolerance, isa)
+    layer = pwcpu.PointwiseConv(weight, bias, activation="relu6", precision="bf16")
+    assert layer.precision == "bf16" and "precision='bf16'" in repr(layer)
+    np.testing.assert_array_equal(layer(x), y)
+    out = np.empty_like(y)
+    assert layer(x, out=out) is out
+    np.testing.assert_array_equal(out, y)
+    # The weights the layer reports are the float32 ones it was given; only the packing is rounded.
+    np.testing.assert_array_equal(layer.weight, weight)
+    again = pickle.loads(pickle.dumps(layer))
+    assert again.precision == "bf16"
+    np.testing.assert_array_equal(again(x), y)
+
+
+def test_multithreaded_results_do_not_depend_on_the_thread_count(rng):
+    x, weight = randn(rng, 1, 33, 17, 64), randn(rng, 96, 64)
+    results = []
+    for threads in (1, 2, 3):
+        with pwcpu.num_threads(threads):
+            results.append(pwcpu.conv1x1(x, weight, precision="bf16"))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_bfloat16_arrays_in_and_out(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    x, weight, bias, residual = randn(rng, 2, 3, 5, 20), randn(rng, 8, 20), randn(rng, 8), randn(rng, 2, 3, 5, 8)
+    xb, rb = x.astype(bf16), residual.astype(bf16)
+    # The reference's rounding is ml_dtypes' rounding.
+    np.testing.assert_array_equal(reference.round_to_bf16(x), xb.astype(np.float32))
+    expected = pwcpu.conv1x1(xb.astype(np.float32), weight, bias, residual=rb.astype(np.float32), precision="bf16")
+    # bfloat16 inputs are widened exactly; the result is float32 unless out says otherwise.
+    y = pwcpu.conv1x1(xb, weight, bias, residual=rb, precision="bf16")
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, expected)
+    # A bfloat16 out gets the float32 result rounded to nearest even, as ml_dtypes rounds.
+    out = np.empty((2, 3, 5, 8), bf16)
+    assert pwcpu.conv1x1(xb, weight, bias, residual=rb, precision="bf16", out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint16), expected.astype(bf16).view(np.uint16))
+    # The same through the packed layer and pointwise, and with float32 arithmetic.
+    layer = pwcpu.PointwiseConv(weight, bias, precision="bf16")
+    np.testing.assert_array_equal(layer(xb, residual=rb), expected)
+    out2 = np.empty_like(out)
+    layer(xb, residual=rb, out=out2)
+    np.testing.assert_array_equal(out2.view(np.uint16), out.view(np.uint16))
+    np.testing.assert_array_equal(pwcpu.pointwise(xb, weight, bias, residual=rb, precision="bf16"), expected)
+    np.testing.assert_array_equal(pwcpu.conv1x1(xb, weight), pwcpu.conv1x1(xb.astype(np.float32), weight))
+    # A bfloat16 out that is also the residual: accumulated in place.
+    acc = residual.astype(bf16)
+    pwcpu.conv1x1(xb, weight, bias, residual=acc, out=acc, precision="bf16")
+    np.testing.assert_array_equal(acc.view(np.uint16), expected.astype(bf16).view(np.uint16))
+
+
+def test_bfloat16_out_errors(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x, weight = randn(rng, 1, 2, 2, 4), randn(rng, 3, 4)
+    with pytest.raises(ValueError, match="shape"):
+        pwcpu.conv1x1(x, weight, out=np.empty((1, 2, 2, 4), ml_dtypes.bfloat16), precision="bf16")
+    readonly = np.empty((1, 2, 2, 3), ml_dtypes.bfloat16)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        pwcpu.conv1x1(x, weight, out=readonly, precision="bf16")
+
+
+@pytest.mark.parametrize("call", ["conv1x1", "pointwise", "PointwiseConv"])
+def test_precision_errors(rng, call):
+    x, weight = randn(rng, 1, 2, 2, 4), randn(rng, 3, 4)
+
+    def run(precision):
+        if call == "PointwiseConv":
+            return pwcpu.PointwiseConv(weight, precision=precision)(x)
+        return getattr(pwcpu, call)(x, weight, precision=precision)
+
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16'; got 'fp16'"):
+        run("fp16")
+    with pytest.raises(TypeError, match="precision must be a string"):
+        run(16)
+    assert run("fp32").dtype == np.float32
