@@ -770,6 +770,7 @@ PYBIND11_MODULE(_core, m) {
         d["supported_isas"] = info.supported_isas;
         d["kernel_main"] = info.kernel_main;
         d["gemm_kernels"] = info.gemm_kernels;
+        d["bf16_gemm_kernels"] = info.bf16_gemm_kernels;
         d["kernel_depthwise"] = info.kernel_depthwise;
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;

@@ -108,7 +108,8 @@ struct PackedWeights::Impl {
     int64_t k = 0, cg = 0, groups = 1;
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
-    // their biases in front.
+    // their biases in front (float), then C x NR weights (float, or bfloat16 for bf16: half the
+    // bytes to stream, widened by the kernel).
     int64_t panels_per_group = 0, panel_stride = 0;
     AlignedBuffer panels;
     // NCHW: the weights are the kernel's left operand, read in place as K rows of C/groups (a
@@ -117,6 +118,12 @@ struct PackedWeights::Impl {
 
     int64_t panel_count() const { return groups * panels_per_group; }
     const float* panel(int64_t p) const { return panels.get() + p * panel_stride; }
+    // Panel p's weights from channel k0 on, after its NR biases: floats, or bfloat16 bits.
+    const void* panel_weights(int64_t p, int64_t k0) const {
+        const float* after_bias = panel(p) + kernel.nr;
+        if (precision == Precision::bf16) return reinterpret_cast<const uint16_t*>(after_bias) + kernel.nr * k0;
+        return after_bias + kernel.nr * k0;
+    }
 
     void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
              Activation act) const;
@@ -157,11 +164,13 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         }
         return;
     }
-    w.kernel = w.isa->gemm_for(w.kg);
+    w.kernel = w.isa->gemm_for(w.kg, bf16);
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
     const char* what = "weight (K x C/groups), packed";
-    w.panel_stride = checked_mul(nr, 1 + w.cg, what);
+    // In floats: NR biases, then the weights (two bfloat16 values per float, rounded up).
+    const int64_t weight_values = checked_mul(nr, w.cg, what);
+    w.panel_stride = nr + (bf16 ? ceil_div(weight_values, 2) : weight_values);
     w.panels = allocate_floats(checked_floats(checked_mul(w.panel_count(), w.panel_stride, what), what), what);
 
     const int64_t panel_count = w.panel_count();
@@ -174,6 +183,8 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         float* dst = w.panels.get() + p * w.panel_stride;
         if (width < nr) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
         for (int64_t n = 0; n < width; ++n) dst[n] = bias != nullptr ? bias[first + n] : 0.0f;
+        float* const dst_f32 = dst + nr;
+        uint16_t* const dst_bf16 = reinterpret_cast<uint16_t*>(dst + nr);
         // Transposed in blocks of kPackBlock channels: each source line is read once and the
         // block of panel rows being written stays in L1 (rows of a large weight matrix lie a
         // multiple of 4 KiB apart, so walking down a column would thrash L1's sets).
@@ -181,7 +192,16 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         for (int64_t c0 = 0; c0 < w.cg; c0 += kPackBlock) {
             const int64_t c1 = std::min(w.cg, c0 + kPackBlock);
             for (int64_t n = 0; n < width; ++n) {
-                for (int64_t c = c0; c < c1; ++c) dst[nr * (1 + c) + n] = weight_at(first + n, c);
+                for (int64_t c = c0; c < c1; ++c) {
+                    const float value = weight_at(first + n, c);
+                    if (bf16) {
+                        uint32_t bits;
+                        std::memcpy(&bits, &value, sizeof bits);
+                        dst_bf16[nr * c + n] = static_cast<uint16_t>(bits >> 16);  // exact: rounded above
+                    } else {
+                        dst_f32[nr * c + n] = value;
+                    }
+                }
             }
         }
     }
@@ -327,7 +347,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                             args.nr = static_cast<size_t>(std::min<int64_t>(kernel.nr, (group + 1) * kg - col));
                             args.col = static_cast<size_t>(col);
                             args.bias = kb == 0 ? panel(p) : nullptr;
-                            args.w = panel(p) + kernel.nr * (1 + k0);
+                            args.w = panel_weights(p, k0);
                             for (int64_t row = 0; row < rows_in_band; row += mr) {
                                 const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
                                 args.a = a_rows + row;

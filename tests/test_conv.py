@@ -316,20 +316,22 @@ def test_channels_a_multiple_of_4_kib_take_shorter_tiles(isa, rng, c, stride, k)
 
 
 def _kernel_shape(name):
-    """(mr, nr) from a kernel name, f32_gemm_bias_act_<mr>x<nr>_<isa>."""
+    """(mr, nr) from a kernel name, [bf16_]f32_gemm_bias_act_<mr>x<nr>_<isa>."""
     mr, nr = name.rsplit("_", 2)[-2].split("x")
     return int(mr), int(nr)
 
 
-def test_every_gemm_kernel_over_its_tile_shapes(isa, rng):
-    """Kernel-level sweep: each of the ISA's GEMM kernels, found through the layer widths that
-    select it, over every row count 1..MR+1, output widths around its NR (full panels and tails),
-    reductions with tails, bias and an activation, against the float64 reference."""
-    kernels = pwcpu.runtime_info()["gemm_kernels"]
+@pytest.mark.parametrize("precision,kernel_list", [("fp32", "gemm_kernels"), ("bf16", "bf16_gemm_kernels")])
+def test_every_gemm_kernel_over_its_tile_shapes(isa, rng, precision, kernel_list):
+    """Kernel-level sweep: each of the ISA's GEMM kernels (float weights, and bfloat16 weights for
+    precision "bf16"), found through the layer widths that select it, over every row count
+    1..MR+1, output widths around its NR (full panels and tails), reductions with tails, bias and
+    an activation, against the float64 reference (on bf16-rounded inputs for bf16)."""
+    kernels = pwcpu.runtime_info()[kernel_list]
     assert len(kernels) >= 2 and all(k.endswith("_" + isa) for k in kernels)
     widths = {}
     for k in range(1, 3 * max(_kernel_shape(name)[1] for name in kernels) + 1):
-        widths.setdefault(pwcpu.PointwiseConv(np.zeros((k, 3), np.float32)).kernel, []).append(k)
+        widths.setdefault(pwcpu.PointwiseConv(np.zeros((k, 3), np.float32), precision=precision).kernel, []).append(k)
     assert set(widths) == set(kernels), f"kernels no layer width selects: {set(kernels) - set(widths)}"
     for name, ks in widths.items():
         mr, nr = _kernel_shape(name)
@@ -337,8 +339,9 @@ def test_every_gemm_kernel_over_its_tile_shapes(isa, rng):
         for k in chosen:
             for c in (1, 5, 33):
                 weight, bias = randn(rng, k, c), randn(rng, k)
-                layer = pwcpu.PointwiseConv(weight, bias, activation="relu")
+                layer = pwcpu.PointwiseConv(weight, bias, activation="relu", precision=precision)
                 assert layer.kernel == name
                 for m in range(1, mr + 2):
                     x = randn(rng, 1, 1, m, c)
-                    check_conv(layer(x), x, weight, bias, activation="relu", context=f"{name} m={m} k={k} c={c}")
+                    check_conv(layer(x), x, weight, bias, activation="relu", precision=precision,
+                               context=f"{name} m={m} k={k} c={c}")

@@ -18,6 +18,11 @@ struct Vec {
     static __mmask16 mask(size_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
     static R set1(float x) { return _mm512_set1_ps(x); }
     static R load(const float* p) { return _mm512_loadu_ps(p); }
+    // W bfloat16 values widened to float: each one's bits moved to the top half of a lane.
+    static R load_bf16(const uint16_t* p) {
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
     static R load_n(const float* p, size_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
     static void store_n(float* p, R x, size_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
     static void store_stream_n(float* p, R x, size_t n) {
@@ -54,6 +59,7 @@ const IsaKernels& avx512_kernels() {
     static const IsaKernels table{
         "avx512",
         {avx512::gemm_kernel<14, 2>(1.0f), avx512::gemm_kernel<14, 1>(0.8f)},
+        {avx512::gemm_kernel<14, 2, uint16_t>(1.0f), avx512::gemm_kernel<14, 1, uint16_t>(0.8f)},
         {avx512::f32_dwconv_row, avx512::Vec::W, "f32_dwconv_bias_act_avx512"},
         avx512::fma_peak_probe,
         avx512::kFmaChains * avx512::Vec::W,

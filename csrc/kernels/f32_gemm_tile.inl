@@ -5,7 +5,8 @@
 // every instantiation is a distinct symbol compiled with that unit's flags: an AVX-512 copy can
 // never be picked by the linker for the scalar path.
 //
-// Vec provides: isa (its name), W (lanes), R (register type), set1, load (aligned to nothing), load_n/store_n
+// Vec provides: isa (its name), W (lanes), R (register type), set1, load (aligned to nothing),
+// load_bf16 (W bfloat16 values, widened), load_n/store_n
 // (first n lanes, 0 <= n <= W), store_stream_n (as store_n, non-temporal for a whole aligned
 // vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
 // max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
@@ -14,9 +15,14 @@
 // lane<j>(v) (lane j of every group of four, broadcast within the group).
 // The ISA's unit includes f32_epilogue.inl (activations) before this file.
 
+// A vector of weights as the kernel's weight type stores them: float, or bfloat16 widened.
+PWCPU_INLINE R load_weights(const float* p) { return Vec::load(p); }
+PWCPU_INLINE R load_weights(const uint16_t* p) { return Vec::load_bf16(p); }
+
 // Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
 // live across the whole K block; the N tail costs nothing here because panels are zero-padded.
-template <int MR, int NV>
+// WeightT: float, or uint16_t for bfloat16 weights (widened as they are loaded: half the bytes).
+template <int MR, int NV, class WeightT>
 void f32_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
     size_t lanes[NV];
@@ -58,14 +64,15 @@ void f32_gemm_tile(const GemmTileArgs& p) {
     const float* a[MR];
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m) a[m] = p.a[m];
-    const float* w = p.w;
+    const WeightT* w = static_cast<const WeightT*>(p.w);
     size_t kk = 0;
     if constexpr (NV == 1) {
         // With one weight vector per k, broadcasting every a[m][k] from memory saturates the load
         // ports before the FMA units. Half the rows instead load four k at once and broadcast in
         // registers (shuffle ports): both kinds of port share the work.
         for (; kk + 4 <= p.kc; kk += 4) {
-            const R b0 = Vec::load(w), b1 = Vec::load(w + W), b2 = Vec::load(w + 2 * W), b3 = Vec::load(w + 3 * W);
+            const R b0 = load_weights(w), b1 = load_weights(w + W), b2 = load_weights(w + 2 * W),
+                    b3 = load_weights(w + 3 * W);
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) {
                 if (m % 2 == 0) {
@@ -87,7 +94,7 @@ void f32_gemm_tile(const GemmTileArgs& p) {
     for (; kk < p.kc; ++kk) {
         R b[NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) b[v] = Vec::load(w + v * W);
+        for (int v = 0; v < NV; ++v) b[v] = load_weights(w + v * W);
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m) {
             const R am = Vec::set1(a[m][kk]);
@@ -120,17 +127,17 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 }
 
 // The kernel for every row count 1..sizeof(R): the table a GemmKernel points to.
-template <int NV, int... R>
+template <int NV, class WeightT, int... R>
 constexpr std::array<GemmTileFn, sizeof...(R)> tiles_by_rows(std::integer_sequence<int, R...>) {
-    return {{&f32_gemm_tile<R + 1, NV>...}};
+    return {{&f32_gemm_tile<R + 1, NV, WeightT>...}};
 }
 
-template <int MR, int NV>
+template <int MR, int NV, class WeightT>
 constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
-    return tiles_by_rows<NV>(std::make_integer_sequence<int, MR>{});
+    return tiles_by_rows<NV, WeightT>(std::make_integer_sequence<int, MR>{});
 }
 
-// "f32_gemm_bias_act_<MR>x<NR>_<isa>", built at compile time (no std::string here: library code
+// "f32_gemm_bias_act_<MR>x<NR>_<isa>" ("bf16_f32_..." for bfloat16 weights), built at compile time (no std::string here: library code
 // instantiated in this unit would be compiled with its ISA's flags).
 using KernelName = std::array<char, 48>;
 
@@ -150,10 +157,10 @@ constexpr int append_number(KernelName& out, int at, int value) {
     return at;
 }
 
-template <int MR, int NR>
+template <int MR, int NR, class WeightT>
 constexpr KernelName gemm_kernel_name() {
     KernelName out{};
-    int at = append_text(out, 0, "f32_gemm_bias_act_");
+    int at = append_text(out, 0, std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
     at = append_number(out, at, MR);
     at = append_text(out, at, "x");
     at = append_number(out, at, NR);
@@ -164,10 +171,10 @@ constexpr KernelName gemm_kernel_name() {
 
 // The GEMM kernel of MR x (NV vectors) tiles: its shape and name follow from the template
 // arguments, so they cannot disagree with the code that runs.
-template <int MR, int NV>
+template <int MR, int NV, class WeightT = float>
 GemmKernel gemm_kernel(float throughput) {
-    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV>();
-    static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W>();
+    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, WeightT>();
+    static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W, WeightT>();
     return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
 }
 

@@ -26,6 +26,14 @@ struct Vec {
     }
     static R set1(float x) { return map([&](int) { return x; }); }
     static R load(const float* p) { return map([&](int i) { return p[i]; }); }
+    static R load_bf16(const uint16_t* p) {
+        return map([&](int i) {
+            const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+            float value;
+            std::memcpy(&value, &bits, sizeof value);
+            return value;
+        });
+    }
     static R load_n(const float* p, size_t n) {
         return map([&](int i) { return static_cast<size_t>(i) < n ? p[i] : 0.0f; });
     }
@@ -68,6 +76,7 @@ const IsaKernels& scalar_kernels() {
     static const IsaKernels table{
         "scalar",
         {scalar::gemm_kernel<4, 2>(1.0f), scalar::gemm_kernel<4, 1>(0.8f)},
+        {scalar::gemm_kernel<4, 2, uint16_t>(1.0f), scalar::gemm_kernel<4, 1, uint16_t>(0.8f)},
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::fma_peak_probe,
         scalar::kFmaChains * scalar::Vec::W,

@@ -10,7 +10,8 @@
 //
 // - a[m] points at row m's first channel of this K block. Every kernel is instantiated for each
 //   row count 1..MR, so the M tail is a kernel of its own and no row is computed in vain.
-// - w is the panel's kc x NR block, zero-padded to NR columns.
+// - w is the panel's kc x NR block, zero-padded to NR columns: floats, or for the bf16_f32 kernels
+//   bfloat16 values (their bits, uint16_t), widened to float as they are loaded.
 // - bias (the panel's NR biases, one per column) or row_bias (one per row, for NCHW, where rows
 //   are output channels) starts a tile; without either the tile continues a previous K block by
 //   reading c. The driver passes the residual with the first K block only, and the kernel
@@ -26,6 +27,8 @@
 #include <array>
 
 #include <cstddef>
+#include <cstdint>
+#include <type_traits>
 
 #include "pwcpu/pwcpu.hpp"
 
@@ -35,7 +38,7 @@ struct GemmTileArgs {
     size_t nr;  // valid columns, 1..NR
     size_t kc;  // reduction length of this K block
     const float* const* a;
-    const float* w;
+    const void* w;  // the kernel's weight type: float, or bfloat16 bits (uint16_t)
     const float* bias;               // per column; null: row_bias or accumulate onto c
     const float* row_bias;           // per row; null: accumulate onto c (when bias is null too)
     const float* const* residual;    // null: none
@@ -97,22 +100,26 @@ struct DwKernel {
 using FmaProbeFn = float (*)(size_t iterations);
 
 // What one ISA's translation unit offers: GEMM kernels of several panel widths (the first the
-// main one, which NCHW layers use), the depthwise kernel, and its FMA peak probe.
+// main one, which NCHW layers use), the same with bfloat16 weights, the depthwise kernel, and its
+// FMA peak probe.
 struct IsaKernels {
     static constexpr int kMaxGemmKernels = 3;
+    using GemmKernels = std::array<GemmKernel, kMaxGemmKernels>;  // unused entries have no by_rows
     const char* isa;
-    std::array<GemmKernel, kMaxGemmKernels> gemm;  // unused entries have no by_rows
+    GemmKernels gemm;
+    GemmKernels gemm_bf16_weights;
     DwKernel depthwise;
     FmaProbeFn fma_probe;
     int fma_per_iteration;
 
     const GemmKernel& main() const { return gemm[0]; }
-    // The kernel that computes `columns` output channels (a layer's, or a group's) fastest; ties
-    // go to the earlier one.
-    const GemmKernel& gemm_for(int64_t columns) const {
-        const GemmKernel* best = &gemm[0];
+    // The kernel that computes `columns` output channels (a layer's, or a group's) fastest, with
+    // float or bfloat16 weights; ties go to the earlier one.
+    const GemmKernel& gemm_for(int64_t columns, bool bf16_weights = false) const {
+        const GemmKernels& kernels = bf16_weights ? gemm_bf16_weights : gemm;
+        const GemmKernel* best = &kernels[0];
         double best_cost = -1.0;
-        for (const GemmKernel& k : gemm) {
+        for (const GemmKernel& k : kernels) {
             if (k.by_rows == nullptr) continue;
             const double cost = static_cast<double>((columns + k.nr - 1) / k.nr * k.nr) / k.throughput;
             if (best_cost < 0.0 || cost < best_cost) {

@@ -268,6 +268,7 @@ struct RuntimeInfo {
     std::vector<std::string> supported_isas;  // compiled in and supported by this CPU
     std::string kernel_main;                // the main GEMM kernel (NCHW layers use it)
     std::vector<std::string> gemm_kernels;  // every GEMM kernel; each layer takes the best fit for its width
+    std::vector<std::string> bf16_gemm_kernels;  // the same with bfloat16 weights (precision bf16, NHWC)
     std::string kernel_depthwise;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
