@@ -156,3 +156,17 @@ def test_precision_errors(rng, call):
     with pytest.raises(TypeError, match="precision must be a string"):
         run(16)
     assert run("fp32").dtype == np.float32
+
+
+def test_pointwise_conv_block_folds_then_rounds(rng):
+    block = pwcpu.PointwiseConvBlock(16, 8, activation="relu", precision="bf16")
+    assert block.precision == "bf16" and block.layer.precision == "bf16" and "precision='bf16'" in repr(block)
+    state = {"conv.weight": randn(rng, 8, 16, 1, 1), "bn.weight": randn(rng, 8), "bn.bias": randn(rng, 8),
+             "bn.running_mean": randn(rng, 8), "bn.running_var": np.abs(randn(rng, 8)) + 0.5}
+    block.load_state_dict(state)
+    x = randn(rng, 1, 4, 4, 16)
+    # BatchNorm is folded in float64 first; the folded float32 weights are what bf16 rounds.
+    folded = pwcpu.PointwiseConv(block.layer.weight, block.layer.bias, activation="relu", precision="bf16")
+    np.testing.assert_array_equal(block(x), folded(x))
+    with pytest.raises(ValueError, match="precision"):
+        pwcpu.PointwiseConvBlock(16, 8, precision="int8")

@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-from ._api import IntPair, PointwiseConv, _activation_code, _int, _layout_code, _pair
+from ._api import IntPair, PointwiseConv, _activation_code, _int, _layout_code, _pair, _precision_code
 
 __all__ = ["PointwiseConvBlock", "fold_batchnorm"]
 
@@ -95,6 +95,7 @@ class PointwiseConvBlock:
         activation: Optional[str] = "relu",
         eps: float = 1e-5,
         layout: str = "NHWC",
+        precision: str = "fp32",
     ) -> None:
         self.in_channels = _int("in_channels", in_channels, 0)
         self.out_channels = _int("out_channels", out_channels, 0)
@@ -108,6 +109,8 @@ class PointwiseConvBlock:
         self.eps = _eps(eps)
         _layout_code(layout)
         self.layout = layout
+        _precision_code(precision)
+        self.precision = precision  # of the fused convolution: BatchNorm is folded in float64 first
         k, cg = self.out_channels, self.in_channels // self.groups
         bound = 1.0 / np.sqrt(cg) if cg else 0.0
         params: Dict[str, np.ndarray] = {
@@ -163,7 +166,7 @@ class PointwiseConvBlock:
         weight, bias = fold_batchnorm(p["conv.weight"][:, :, 0, 0], p.get("conv.bias"), p["bn.weight"], p["bn.bias"],
                                       p["bn.running_mean"], p["bn.running_var"], self.eps)
         return PointwiseConv(weight, bias, stride=self.stride, padding=self.padding, groups=self.groups,
-                             activation=self.activation, layout=self.layout)
+                             activation=self.activation, layout=self.layout, precision=self.precision)
 
     @property
     def layer(self) -> PointwiseConv:
@@ -176,4 +179,4 @@ class PointwiseConvBlock:
     def __repr__(self) -> str:
         return (f"PointwiseConvBlock({self.in_channels}, {self.out_channels}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, activation={self.activation!r}, eps={self.eps}, "
-                f"layout={self.layout!r})")
+                f"layout={self.layout!r}, precision={self.precision!r})")
