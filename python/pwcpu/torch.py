@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._api import DenseConv, DepthwiseConv, InvertedResidual, PointwiseConv
+from ._api import DenseConv, DepthwiseConv, InvertedResidual, PointwiseConv, _precision_code
 from ._block import fold_batchnorm
 
 __all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDenseConv2d", "PwcpuDepthwiseConv2d",
@@ -79,8 +79,9 @@ def _layer_for(weight: Tensor, bias: Optional[Tensor], options: tuple) -> Pointw
         return module._layer
     w = weight.detach().reshape(weight.shape[0], -1).numpy()
     b = None if bias is None else bias.detach().numpy()
-    stride, padding, groups, activation = options
-    return PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation)
+    stride, padding, groups, activation, precision = options
+    return PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation,
+                         precision=precision)
 
 
 def _check_operands(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
@@ -130,40 +131,43 @@ def _run_pointwise(layer: PointwiseConv, x: Tensor, residual: Optional[Tensor]) 
 @torch.library.custom_op(
     "pwcpu::conv1x1", mutates_args=(),
     schema="(Tensor x, Tensor weight, Tensor? bias=None, SymInt[2] stride=1, SymInt[2] padding=0, SymInt groups=1, "
-           "str? activation=None, Tensor? residual=None) -> Tensor")
+           "str? activation=None, Tensor? residual=None, str precision=\"fp32\") -> Tensor")
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1),
             padding: Sequence[int] = (0, 0), groups: int = 1, activation: Optional[str] = None,
-            residual: Optional[Tensor] = None) -> Tensor:
-    """1x1 convolution of an NCHW-shaped float32 CPU tensor: ``act(conv(x) + bias + residual)``."""
+            residual: Optional[Tensor] = None, precision: str = "fp32") -> Tensor:
+    """1x1 convolution of an NCHW-shaped float32 CPU tensor: ``act(conv(x) + bias + residual)``
+    (``precision`` as in :func:`pwcpu.conv1x1`)."""
     _check_operands("pwcpu::conv1x1", x, weight, bias, residual, 4, "(N, C, H, W)")
     if weight.dim() not in (2, 4):
         raise ValueError(f"pwcpu::conv1x1: weight must have shape (K, C // groups, 1, 1) or (K, C // groups), "
                          f"got {tuple(weight.shape)}")
-    layer = _layer_for(weight, bias, (tuple(stride), tuple(padding), groups, activation))
+    layer = _layer_for(weight, bias, (tuple(stride), tuple(padding), groups, activation, precision))
     return _run_conv(layer, x, residual)
 
 
 @conv1x1.register_fake
-def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), groups=1, activation=None, residual=None):
+def _(x, weight, bias=None, stride=(1, 1), padding=(0, 0), groups=1, activation=None, residual=None,
+      precision="fp32"):
     ho, wo = _output_hw(x, stride, padding)
     return x.new_empty((x.shape[0], ho, wo, weight.shape[0])).permute(0, 3, 1, 2)
 
 
 @torch.library.custom_op(
     "pwcpu::pointwise", mutates_args=(),
-    schema="(Tensor x, Tensor weight, Tensor? bias=None, str? activation=None, Tensor? residual=None) -> Tensor")
+    schema="(Tensor x, Tensor weight, Tensor? bias=None, str? activation=None, Tensor? residual=None, "
+           "str precision=\"fp32\") -> Tensor")
 def pointwise(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None,
-              residual: Optional[Tensor] = None) -> Tensor:
+              residual: Optional[Tensor] = None, precision: str = "fp32") -> Tensor:
     """``act(x @ weight.T + bias + residual)`` over any leading axes, as ``nn.Linear`` computes."""
     _check_operands("pwcpu::pointwise", x, weight, bias, residual, None, "(..., C)")
     if weight.dim() != 2:
         raise ValueError(f"pwcpu::pointwise: weight must have shape (K, C), got {tuple(weight.shape)}")
-    layer = _layer_for(weight, bias, ((1, 1), (0, 0), 1, activation))
+    layer = _layer_for(weight, bias, ((1, 1), (0, 0), 1, activation, precision))
     return _run_pointwise(layer, x, residual)
 
 
 @pointwise.register_fake
-def _(x, weight, bias=None, activation=None, residual=None):
+def _(x, weight, bias=None, activation=None, residual=None, precision="fp32"):
     return x.new_empty(tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
@@ -251,7 +255,7 @@ class _FrozenLayer(_FrozenModule):
     ``weight`` and ``bias``, read as copies) and packed for the kernels on first use."""
 
     def _init_layer(self, weight, bias, options: tuple) -> None:
-        object.__setattr__(self, "_options", options)  # (stride, padding, groups, activation)
+        object.__setattr__(self, "_options", options)  # (stride, padding, groups, activation, precision)
         self._set_state({"weight": _as_float32_array(weight), "bias": None if bias is None else _as_float32_array(bias)})
 
     def _state_names(self) -> Tuple[str, ...]:
@@ -260,8 +264,9 @@ class _FrozenLayer(_FrozenModule):
     def _pack(self, w: np.ndarray, b: Optional[np.ndarray]):
         """The NumPy-level layer for these weights and the module's options."""
         w = w.reshape(w.shape[0], -1) if w.ndim == 4 else w
-        stride, padding, groups, activation = self._options
-        return PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation)
+        stride, padding, groups, activation, precision = self._options
+        return PointwiseConv(w, b, stride=stride, padding=padding, groups=groups, activation=activation,
+                             precision=precision)
 
     def _set_state(self, values: Dict[str, Optional[np.ndarray]]) -> None:
         w, b = values["weight"], values.get("bias")
@@ -320,6 +325,17 @@ class _FrozenLayer(_FrozenModule):
     def activation(self) -> Optional[str]:
         return self._options[3]
 
+    @property
+    def precision(self) -> str:
+        """"fp32", or "bf16" (inputs and weights rounded to bfloat16, float32 sums: see pwcpu.conv1x1)."""
+        return self._options[4]
+
+    def _bfloat16_call(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """A call on bfloat16 tensors, as PyTorch returns them: computed on the values widened to
+        float32 (exactly), the result rounded back to bfloat16."""
+        y = self(x.float(), None if residual is None else residual.float())
+        return y.to(torch.bfloat16)
+
 
 class _ConvolutionLayer(_FrozenLayer):
     """A frozen layer with a convolution's geometry, and the eager fast lane its calls share."""
@@ -351,9 +367,10 @@ class PwcpuConv2d(_ConvolutionLayer):
     """An inference 1x1 convolution (BatchNorm folded in, activation fused) run by pwcpu."""
 
     def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), groups: int = 1,
-                 activation: Optional[str] = None) -> None:
+                 activation: Optional[str] = None, precision: str = "fp32") -> None:
         super().__init__()
-        self._init_layer(weight, bias, (_pair(stride), _pair(padding), int(groups), activation))
+        _precision_code(precision)
+        self._init_layer(weight, bias, (_pair(stride), _pair(padding), int(groups), activation, precision))
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         return shape + (1, 1)
@@ -364,12 +381,12 @@ class PwcpuConv2d(_ConvolutionLayer):
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None,
-                     activation: Optional[str] = None) -> "PwcpuConv2d":
+                     activation: Optional[str] = None, precision: str = "fp32") -> "PwcpuConv2d":
         weight = _as_float32_array(conv.weight)
         bias = None if conv.bias is None else _as_float32_array(conv.bias)
         if bn is not None:
             weight, bias = fold_batchnorm(weight, bias, *_batchnorm_state(bn), bn.eps)
-        return cls(weight, bias, conv.stride, conv.padding, conv.groups, activation)
+        return cls(weight, bias, conv.stride, conv.padding, conv.groups, activation, precision)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         out = self._known_shape_call(x) if residual is None else None
@@ -378,8 +395,10 @@ class PwcpuConv2d(_ConvolutionLayer):
     def _forward(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if type(x) is not Tensor or torch.compiler.is_compiling():
             return torch.ops.pwcpu.conv1x1(x, self._traced_weight, self._traced_bias, list(self.stride),
-                                           list(self.padding), self.groups, self.activation, residual)
+                                           list(self.padding), self.groups, self.activation, residual, self.precision)
         _check_inference("PwcpuConv2d", x, residual)
+        if x.dtype is torch.bfloat16:
+            return self._bfloat16_call(x, residual)
         if not _plain_operand(x, 4):
             _check_operands("PwcpuConv2d", x, self._traced_weight, None, None, 4, "(N, C, H, W)")
         if residual is not None and (not _plain_operand(residual, 4) or residual.shape != (
@@ -396,15 +415,16 @@ class PwcpuConv2d(_ConvolutionLayer):
     def extra_repr(self) -> str:
         k, cg = self._traced_weight.shape
         return (f"{cg * self.groups}, {k}, stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-                f"activation={self.activation!r}")
+                f"activation={self.activation!r}" + (f", precision={self.precision!r}" if self.precision != "fp32" else ""))
 
 
 class PwcpuLinear(_FrozenLayer):
     """An inference ``nn.Linear`` (activation fused) run by pwcpu over any leading axes."""
 
-    def __init__(self, weight, bias, activation: Optional[str] = None) -> None:
+    def __init__(self, weight, bias, activation: Optional[str] = None, precision: str = "fp32") -> None:
         super().__init__()
-        self._init_layer(weight, bias, ((1, 1), (0, 0), 1, activation))
+        _precision_code(precision)
+        self._init_layer(weight, bias, ((1, 1), (0, 0), 1, activation, precision))
 
     def _weight_shape(self, shape: Tuple[int, ...]) -> Tuple[int, ...]:
         return shape
@@ -418,13 +438,16 @@ class PwcpuLinear(_FrozenLayer):
         return self._traced_weight.shape[0]
 
     @classmethod
-    def from_module(cls, linear: nn.Linear, activation: Optional[str] = None) -> "PwcpuLinear":
-        return cls(linear.weight, linear.bias, activation)
+    def from_module(cls, linear: nn.Linear, activation: Optional[str] = None, precision: str = "fp32") -> "PwcpuLinear":
+        return cls(linear.weight, linear.bias, activation, precision)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if not _eager(x):
-            return torch.ops.pwcpu.pointwise(x, self._traced_weight, self._traced_bias, self.activation, residual)
+            return torch.ops.pwcpu.pointwise(x, self._traced_weight, self._traced_bias, self.activation, residual,
+                                             self.precision)
         _check_inference("PwcpuLinear", x, residual)
+        if x.dtype is torch.bfloat16:
+            return self._bfloat16_call(x, residual)
         if not _plain_operand(x, None):
             _check_operands("PwcpuLinear", x, self._traced_weight, None, None, None, "(..., C)")
         if residual is not None and (not _plain_operand(residual, None) or
@@ -434,7 +457,8 @@ class PwcpuLinear(_FrozenLayer):
         return _run_pointwise(self._layer, x, residual)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation!r}"
+                + (f", precision={self.precision!r}" if self.precision != "fp32" else ""))
 
 
 class _WindowLayer(_ConvolutionLayer):
@@ -444,7 +468,7 @@ class _WindowLayer(_ConvolutionLayer):
 
     def __init__(self, weight, bias, stride=(1, 1), padding=(0, 0), activation: Optional[str] = None) -> None:
         super().__init__()
-        self._init_layer(weight, bias, (_pair(stride), _pair(padding), 1, activation))
+        self._init_layer(weight, bias, (_pair(stride), _pair(padding), 1, activation, "fp32"))
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, activation: Optional[str] = None):
@@ -478,7 +502,7 @@ class _WindowLayer(_ConvolutionLayer):
         return out
 
     def _pack(self, w: np.ndarray, b: Optional[np.ndarray]):
-        stride, padding, _, activation = self._options
+        stride, padding, _, activation, _ = self._options
         return self._numpy_layer(w, b, stride=stride, padding=padding, activation=activation)
 
 
@@ -679,9 +703,10 @@ class PwcpuSequential(nn.Sequential):
             weight, bias = layer.weight.numpy(), None if layer.bias is None else layer.bias.numpy()
             if bn is not None:
                 weight, bias = fold_batchnorm(weight, bias, *bn.state(), bn.eps)
-            fused: nn.Module = PwcpuConv2d(weight, bias, layer.stride, layer.padding, layer.groups, activation)
+            fused: nn.Module = PwcpuConv2d(weight, bias, layer.stride, layer.padding, layer.groups, activation,
+                                           layer.precision)
         else:
-            fused = PwcpuLinear(layer.weight, layer.bias, activation)
+            fused = PwcpuLinear(layer.weight, layer.bias, activation, layer.precision)
         self._fused[start] = (generations, fused)
         return fused
 
@@ -798,7 +823,7 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> Optional[nn.Module]:
+def _convert_graph(model: nn.Module, report: List[str], skipped: List[str], precision: str) -> Optional[nn.Module]:
     """``model`` traced by torch.fx and rewritten, or None where it cannot be traced.
 
     The graph says exactly what feeds what, whatever the modules' own ``forward`` methods do, so
@@ -862,9 +887,9 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
         elif _is_dense(layer):
             converted = PwcpuDenseConv2d.from_module(layer, activation)
         elif isinstance(layer, nn.Conv2d):
-            converted = PwcpuConv2d.from_modules(layer, None, activation)
+            converted = PwcpuConv2d.from_modules(layer, None, activation, precision)
         else:
-            converted = PwcpuLinear.from_module(layer, activation)
+            converted = PwcpuLinear.from_module(layer, activation, precision)
         _set_submodule(graph_module, node.target, converted)
         with graph.inserting_after(chain[-1]):
             fused = graph.call_module(node.target, (node.args[0],) + ((residual,) if residual is not None else ()))
@@ -873,7 +898,11 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str]) -> O
             graph.erase_node(erased)
         parts = (["residual add"] if residual is not None else []) + ([activation] if activation else [])
         report.append(f"{node.target}: pwcpu" + (f" (fused {', '.join(parts)})" if parts else ""))
-    _fuse_inverted_residuals(graph_module, report)
+    if precision == "fp32":
+        _fuse_inverted_residuals(graph_module, report)
+    else:
+        report.append(f"inverted residual blocks: not fused (the fused block computes in fp32; their 1x1 layers "
+                      f"run in {precision} one by one)")
     graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
@@ -974,7 +1003,7 @@ def _drop_inference_identities(graph: fx.Graph, report: List[str]) -> None:
             report.append(f"{node.name}: stochastic depth in inference (the identity) removed")
 
 
-def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True, precision: str = "fp32") -> nn.Module:
     """An inference (eval) copy of ``model`` whose 1x1 convolutions and linear layers run on pwcpu.
 
     With ``trace`` (the default) the copy is traced with ``torch.fx`` where it can be: then every
@@ -995,12 +1024,16 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True)
     ``channels_last`` (the default) the copy's other 4-D weights are moved to channels_last
     memory, the format pwcpu's layers read in place and produce. The copy's ``pwcpu_report``
     lists what was converted and folded, and what was not (and why); layers left to PyTorch also
-    raise a ``PwcpuConversionWarning``.
+    raise a ``PwcpuConversionWarning``. ``precision="bf16"`` makes the 1x1 convolutions and linear
+    layers compute as ``pwcpu.conv1x1(..., precision="bf16")`` does (weights and inputs rounded to
+    bfloat16, float32 sums; the model still takes and returns float32 tensors, and they also take
+    bfloat16 ones), and leaves inverted residual blocks unfused (the fused block is float32 only).
     """
+    _precision_code(precision)
     converted = copy.deepcopy(model).eval()
     report: List[str] = []
     skipped: List[str] = []
-    traced = _convert_graph(converted, report, skipped) if trace else None
+    traced = _convert_graph(converted, report, skipped, precision) if trace else None
     if traced is not None:
         return _finish_conversion(traced, report, skipped, channels_last)
 
@@ -1022,8 +1055,8 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True)
                 skipped.append(f"{path}: left to PyTorch ({reason})")
                 i += 1
                 continue
-            module._modules[name] = PwcpuConv2d.from_modules(child) if isinstance(child, nn.Conv2d) \
-                else PwcpuLinear.from_module(child)
+            module._modules[name] = PwcpuConv2d.from_modules(child, precision=precision) \
+                if isinstance(child, nn.Conv2d) else PwcpuLinear.from_module(child, precision=precision)
             covered = 1
             if type(module) is nn.Sequential:  # a subclass may have its own forward
                 following = [module._modules[n] for n in names[i + 1:i + 3]]
