@@ -11,8 +11,8 @@
 #include <vector>
 
 #include "dispatch.hpp"
+#include "kernels/bf16.hpp"
 #include "pwcpu/pwcpu.hpp"
-#include "runtime/bf16.hpp"
 #include "runtime/memory.hpp"
 #include "runtime/rows.hpp"
 #include "runtime/threads.hpp"
@@ -37,6 +37,9 @@ std::atomic<int64_t> forced_reduction_block{0};
 constexpr int kMaxMR = 32;
 // Rows of a band (see Impl::run).
 constexpr int64_t kMaxBandRows = 256;
+// bf16: the most activations (floats) a thread rounds up front (see Impl::run); beyond, they are
+// rounded a band at a time for each block of panels.
+constexpr int64_t kMaxRoundedRangeFloats = int64_t{1} << 24;
 
 // ---- blocking -------------------------------------------------------------------------------
 
@@ -47,7 +50,8 @@ struct Blocking {
     int64_t mc_tiles;    // tiles per M block when the reduction is split
 };
 
-Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, int64_t tiles) {
+Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, int64_t tiles,
+                         int64_t weight_bytes = sizeof(float)) {
     const detail::CacheSizes& cache = detail::cache_sizes();
     const int64_t bytes = sizeof(float);
     // The reduction is split only when an MR x kc tile of activations would crowd L2: streaming
@@ -59,7 +63,7 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     b.k_blocks = cg <= kc_max ? 1 : ceil_div(cg, kc_max);
     b.kc = std::max<int64_t>(1, ceil_div(cg, b.k_blocks));
     // The weights of a block of panels stream from L2, shared by all tiles.
-    b.nc_panels = std::clamp<int64_t>(cache.l2 / 2 / (b.kc * kernel.nr * bytes), 1, std::max<int64_t>(panels, 1));
+    b.nc_panels = std::clamp<int64_t>(cache.l2 / 2 / (b.kc * kernel.nr * weight_bytes), 1, std::max<int64_t>(panels, 1));
     // With a split reduction, partial outputs of an M block must still be in L2 for the next K block.
     b.mc_tiles = b.k_blocks == 1
                      ? std::max<int64_t>(tiles, 1)
@@ -151,7 +155,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     const bool bf16 = precision == Precision::bf16;
     const auto weight_at = [&](int64_t row, int64_t col) {
         const float value = weight[row * row_stride + col * col_stride];
-        return bf16 ? runtime::round_to_bf16(value) : value;
+        return bf16 ? kernels::round_to_bf16(value) : value;
     };
     if (layout == Layout::nchw) {
         w.kernel = w.isa->main();  // its NR columns are pixels here
@@ -256,7 +260,8 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const int64_t mr = tile_rows(kernel, x, geo);
     const int64_t tiles = ceil_div(rows, mr);
     const int64_t panels_total = panel_count();
-    const Blocking blk = choose_blocking(kernel, cg, panels_total, tiles);
+    const bool bf16 = precision == Precision::bf16;
+    const Blocking blk = choose_blocking(kernel, cg, panels_total, tiles, bf16 ? sizeof(uint16_t) : sizeof(float));
 
     // Padding reads a row of zeros, so border pixels get bias, residual and activation only.
     const bool padded = geo.pad_h > 0 || geo.pad_w > 0;
@@ -285,12 +290,36 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const int64_t band_rows = std::clamp<int64_t>(
         detail::cache_sizes().l1d / 4 / (blk.kc * static_cast<int64_t>(sizeof(float))) / mr * mr, mr, kMaxBandRows / mr * mr);
 
-    const bool bf16 = precision == Precision::bf16;
-    const char* const what_rounded = "the band's activations rounded to bf16";
+    const char* const what_rounded = "activations rounded to bf16";
+    const int64_t channels = cg * groups;
     const auto work = [&](const WorkRange& range) {
-        // bf16: the band's activations, rounded once for all the panels that pass over them.
+        RowWalker walker = walker_template;
+        // bf16: activations are rounded once for all the panels that pass over them. Usually all
+        // of a thread's panels pass over a band while it is in L1, and the band is rounded there;
+        // where the weights take several blocks of panels (each read from L2 by all the rows), the
+        // thread's rows are rounded once, up front, into a buffer of their own.
+        const int64_t range_rows = range.m_end - range.m_begin;
+        const bool round_range = bf16 && range.n_end - range.n_begin > blk.nc_panels &&
+                                 range_rows * channels <= kMaxRoundedRangeFloats;
         runtime::AlignedBuffer rounded;
-        if (bf16) rounded = allocate_floats(checked_floats(checked_mul(band_rows, cg * groups, what_rounded), what_rounded), what_rounded);
+        if (round_range) {
+            rounded = allocate_floats(checked_floats(range_rows * channels, what_rounded), what_rounded);
+            const float* rows[kMaxBandRows];
+            float* unused_out[kMaxBandRows];
+            const float* unused_res[kMaxBandRows];
+            walker.seek(range.m_begin);
+            for (int64_t m0 = range.m_begin; m0 < range.m_end; m0 += kMaxBandRows) {
+                const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
+                walker.next(count, 0, rows, unused_out, unused_res);
+                for (int64_t m = 0; m < count; ++m) {
+                    isa->round_to_bf16(rows[m], rounded.get() + (m0 - range.m_begin + m) * channels,
+                                       static_cast<size_t>(channels));
+                }
+            }
+        } else if (bf16) {
+            rounded = allocate_floats(checked_floats(checked_mul(band_rows, channels, what_rounded), what_rounded),
+                                      what_rounded);
+        }
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
         // activations can be prefetched), used in turn.
         struct BandRows {
@@ -300,7 +329,6 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         } band_rows_of[2];
         GemmTileArgs args{};
 
-        RowWalker walker = walker_template;
         for (int64_t pb = range.n_begin; pb < range.n_end; pb += blk.nc_panels) {
             const int64_t pe = std::min(range.n_end, pb + blk.nc_panels);
             for (int64_t mb = range.m_begin; mb < range.m_end; mb += mc_rows) {
@@ -318,12 +346,16 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                         const float** a_rows = band_rows_of[current].a;
                         float** out_rows = band_rows_of[current].out;
                         const float** res_rows = band_rows_of[current].res;
-                        if (bf16) {
+                        if (round_range) {
+                            for (int64_t m = 0; m < rows_in_band; ++m) {
+                                a_rows[m] = rounded.get() + (band - range.m_begin + m) * channels + a_offset;
+                            }
+                        } else if (bf16) {
                             // The channels the panels pb..pe-1 read: their groups' from this K block on.
                             const int64_t span = ((pe - 1) / panels_per_group - first_group) * cg + kc_floats;
                             for (int64_t m = 0; m < rows_in_band; ++m) {
                                 float* row = rounded.get() + m * span;
-                                runtime::round_to_bf16(a_rows[m], row, span);
+                                isa->round_to_bf16(a_rows[m], row, static_cast<size_t>(span));
                                 a_rows[m] = row;
                             }
                         }
@@ -426,7 +458,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
                             const float* plane = image + static_cast<int64_t>(c) * x.strides[1];
                             float* dst = block.data() + c * static_cast<size_t>(nr);
                             for (int64_t t = 0; t < nr; ++t) dst[t] = offsets[t] != kPadding ? plane[offsets[t]] : 0.0f;
-                            if (precision == Precision::bf16) runtime::round_to_bf16(dst, dst, nr);
+                            if (precision == Precision::bf16) isa->round_to_bf16(dst, dst, static_cast<size_t>(nr));
                         }
                         packed_group = group;
                         packed_kb = kb;

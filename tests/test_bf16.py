@@ -170,3 +170,21 @@ def test_pointwise_conv_block_folds_then_rounds(rng):
     np.testing.assert_array_equal(block(x), folded(x))
     with pytest.raises(ValueError, match="precision"):
         pwcpu.PointwiseConvBlock(16, 8, precision="int8")
+
+
+@pytest.mark.parametrize("padding,groups,block", [(0, 1, 0), (1, 1, 0), (1, 2, 0), (0, 1, 300)])
+def test_weights_beyond_l2(isa, rng, padding, groups, block):
+    """Weights of several L2-sized blocks of panels (1-2 MiB in bf16): each thread rounds its rows
+    once, up front, for all the blocks (with groups, and with the reduction split)."""
+    assert 1024 * 1024 // groups * 2 > pwcpu.runtime_info()["l2_bytes"] // 2
+    x, weight, bias = randn(rng, 1, 3, 5, 1024), randn(rng, 1024, 1024 // groups), randn(rng, 1024)
+    options = dict(padding=padding, stride=2, groups=groups, activation="relu")
+    _core.set_max_reduction_block(block)
+    try:
+        for threads in (1, 2):
+            with pwcpu.num_threads(threads):
+                y = pwcpu.conv1x1(x, weight, bias, precision="bf16", **options)
+            check_conv(y, x, weight, bias, precision="bf16", **options)
+            np.testing.assert_array_equal(y, pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, **options))
+    finally:
+        _core.set_max_reduction_block(0)

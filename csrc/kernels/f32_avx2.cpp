@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "kernels/bf16.hpp"
 #include "kernels/ukernel.hpp"
 
 namespace pwcpu::kernels {
@@ -64,6 +65,7 @@ struct Vec {
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
+#include "kernels/bf16_round.inl"
 
 }  // namespace avx2
 
@@ -78,6 +80,7 @@ const IsaKernels& avx2_kernels() {
         {avx2::gemm_kernel<6, 2, uint16_t>(1.0f), avx2::gemm_kernel<4, 3, uint16_t>(1.0f),
          avx2::gemm_kernel<12, 1, uint16_t>(0.8f)},
         {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},
+        avx2::round_to_bf16_run,
         avx2::fma_peak_probe,
         avx2::kFmaChains * avx2::Vec::W,
     };

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "kernels/bf16.hpp"
 #include "kernels/ukernel.hpp"
 
 namespace pwcpu::kernels {
@@ -52,6 +53,7 @@ struct Vec {
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
+#include "kernels/bf16_round.inl"
 
 }  // namespace avx512
 
@@ -61,6 +63,7 @@ const IsaKernels& avx512_kernels() {
         {avx512::gemm_kernel<14, 2>(1.0f), avx512::gemm_kernel<14, 1>(0.8f)},
         {avx512::gemm_kernel<14, 2, uint16_t>(1.0f), avx512::gemm_kernel<14, 1, uint16_t>(0.8f)},
         {avx512::f32_dwconv_row, avx512::Vec::W, "f32_dwconv_bias_act_avx512"},
+        avx512::round_to_bf16_run,
         avx512::fma_peak_probe,
         avx512::kFmaChains * avx512::Vec::W,
     };

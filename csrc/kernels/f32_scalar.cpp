@@ -7,6 +7,7 @@
 #include <array>
 #include <utility>
 
+#include "kernels/bf16.hpp"
 #include "kernels/ukernel.hpp"
 
 namespace pwcpu::kernels {
@@ -69,6 +70,7 @@ struct Vec {
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
+#include "kernels/bf16_round.inl"
 
 }  // namespace scalar
 
@@ -78,6 +80,7 @@ const IsaKernels& scalar_kernels() {
         {scalar::gemm_kernel<4, 2>(1.0f), scalar::gemm_kernel<4, 1>(0.8f)},
         {scalar::gemm_kernel<4, 2, uint16_t>(1.0f), scalar::gemm_kernel<4, 1, uint16_t>(0.8f)},
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
+        scalar::round_to_bf16_run,
         scalar::fma_peak_probe,
         scalar::kFmaChains * scalar::Vec::W,
     };

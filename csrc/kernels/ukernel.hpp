@@ -96,12 +96,16 @@ struct DwKernel {
     const char* name = "";
 };
 
+// Activations rounded to bfloat16 (kept as floats) for the bf16 precision: dst[i] = round(src[i])
+// for i < n; dst may be src.
+using RoundRunFn = void (*)(const float* src, float* dst, size_t n);
+
 // kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
 using FmaProbeFn = float (*)(size_t iterations);
 
 // What one ISA's translation unit offers: GEMM kernels of several panel widths (the first the
-// main one, which NCHW layers use), the same with bfloat16 weights, the depthwise kernel, and its
-// FMA peak probe.
+// main one, which NCHW layers use), the same with bfloat16 weights, the depthwise kernel, the
+// rounding of activations to bfloat16, and its FMA peak probe.
 struct IsaKernels {
     static constexpr int kMaxGemmKernels = 3;
     using GemmKernels = std::array<GemmKernel, kMaxGemmKernels>;  // unused entries have no by_rows
@@ -109,6 +113,7 @@ struct IsaKernels {
     GemmKernels gemm;
     GemmKernels gemm_bf16_weights;
     DwKernel depthwise;
+    RoundRunFn round_to_bf16;
     FmaProbeFn fma_probe;
     int fma_per_iteration;
 

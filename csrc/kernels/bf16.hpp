@@ -1,14 +1,15 @@
-// bfloat16 rounding, shared by the packing of bf16 weights and the reading of bf16 activations.
+// bfloat16 rounding: of the weights when they are packed, and of activations as the kernels read them.
 #pragma once
 #include <cstdint>
 #include <cstring>
 
-namespace pwcpu::runtime {
+namespace pwcpu::kernels {
 
 // x rounded to the nearest bfloat16 (ties to even) and kept as a float: the value a bf16 store
 // and load give back. NaN stays NaN (quieted, sign kept), infinities stay, and values beyond the
 // largest bf16 become infinities, as in every float32 -> bfloat16 conversion (ml_dtypes, PyTorch).
-inline float round_to_bf16(float x) {
+// Internal linkage: each ISA's unit compiles (and vectorises) its own copy with its own flags.
+static inline float round_to_bf16(float x) {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
     const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
@@ -19,9 +20,4 @@ inline float round_to_bf16(float x) {
     return y;
 }
 
-// dst[i] = round_to_bf16(src[i]) for i < count (a loop the compiler vectorises); dst may be src.
-inline void round_to_bf16(const float* src, float* dst, int64_t count) {
-    for (int64_t i = 0; i < count; ++i) dst[i] = round_to_bf16(src[i]);
-}
-
-}  // namespace pwcpu::runtime
+}  // namespace pwcpu::kernels
