@@ -278,8 +278,13 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     runtime::CallGuard guard;
     // Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go
     // 25 + 24 rather than 28 + 21, at the price of one partial tile per thread.
-    const std::vector<WorkRange> ranges =
-        runtime::partition(rows, 1, rows, panels_total, kernel.nr, cg, runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg)));
+    // bf16: every thread rounds the activations it reads (a few vector operations each, like a few
+    // columns of multiply-adds), so threads split the rows rather than share them.
+    constexpr double kRoundingWork = 8.0;
+    const std::vector<WorkRange> ranges = runtime::partition(
+        rows, 1, rows, panels_total, kernel.nr, cg,
+        runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg)),
+        bf16 ? kRoundingWork : 0.0);
     const int64_t mc_rows = blk.mc_tiles * mr;
 
     // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a

@@ -70,7 +70,7 @@ int call_threads(double flops) {
 }
 
 std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
-                                 int64_t cg, int threads) {
+                                 int64_t cg, int threads, double activation_work) {
     struct Candidate {
         int tm, tn;
         double cost;
@@ -82,8 +82,10 @@ std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows,
         const int tn = threads / tm;
         if (tm > tiles || tn > panels) continue;
         const double rows_per_thread = static_cast<double>(ceil_div(tiles, tm) * tile_size);
-        const double slowest = std::min<double>(rows_per_thread, static_cast<double>(rows)) *
-                               static_cast<double>(ceil_div(panels, tn) * panel_size) * static_cast<double>(cg + 8);
+        const double thread_rows = std::min<double>(rows_per_thread, static_cast<double>(rows));
+        const double slowest = thread_rows * static_cast<double>(ceil_div(panels, tn) * panel_size) *
+                                   static_cast<double>(cg + 8) +
+                               thread_rows * static_cast<double>(cg) * activation_work;
         const double traffic = static_cast<double>(tn) * static_cast<double>(rows) * static_cast<double>(cg) +
                                static_cast<double>(tm) * static_cast<double>(panels * panel_size) * static_cast<double>(cg);
         const double cost = slowest + 0.25 * traffic;

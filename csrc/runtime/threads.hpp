@@ -37,9 +37,10 @@ struct WorkRange {
 // Split `tiles` units of `tile_size` rows (of `rows` in all) and `panels` units of `panel_size`
 // columns, over a reduction of length `cg`, on a threads_m x threads_n grid. Among grids of equal
 // balance, prefer the one that moves fewer bytes: each thread column reads all the weights of its
-// panels, each thread row all the activations of its tiles.
+// panels, each thread row all the activations of its tiles. `activation_work`: what each thread
+// spends on every activation it reads (bf16 rounding), in multiply-adds of one output column.
 std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
-                                 int64_t cg, int threads);
+                                 int64_t cg, int threads, double activation_work = 0.0);
 
 // The calling thread's count for the duration of a scope: operators called inside a worker of a
 // parallel region run on that worker alone.
