@@ -79,11 +79,7 @@ PRECISIONS = {"fp32": 0, "bf16": 1}
 
 
 def _precision_code(precision) -> int:
-    if not isinstance(precision, str):
-        raise TypeError(f"precision must be a string ('fp32' or 'bf16'), got {type(precision).__name__}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(repr(p) for p in PRECISIONS)}; got {precision!r}")
-    return PRECISIONS[precision]
+    return _choice_code("precision", precision, PRECISIONS)
 
 
 def _is_bfloat16(a) -> bool:
@@ -115,11 +111,18 @@ _LAYOUTS = {"NHWC": 0, "NCHW": 1}
 
 
 def _layout_code(layout) -> int:
-    if not isinstance(layout, str):
-        raise TypeError(f"layout must be 'NHWC' or 'NCHW', got {type(layout).__name__}")
-    if layout not in _LAYOUTS:
-        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
-    return _LAYOUTS[layout]
+    return _choice_code("layout", layout, _LAYOUTS)
+
+
+def _choice_code(name: str, value, codes: dict) -> int:
+    """The core's code for a string option (layout, precision): a TypeError for anything but a
+    string, a ValueError for an unknown one."""
+    choices = " or ".join(repr(c) for c in codes)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be {choices}, got {type(value).__name__}")
+    if value not in codes:
+        raise ValueError(f"{name} must be {choices}, got {value!r}")
+    return codes[value]
 
 
 def _weight_matrix(weight, groups: int, name: str = "weight") -> np.ndarray:
