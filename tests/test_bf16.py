@@ -174,10 +174,11 @@ def test_pointwise_conv_block_folds_then_rounds(rng):
 
 @pytest.mark.parametrize("padding,groups,block", [(0, 1, 0), (1, 1, 0), (1, 2, 0), (0, 1, 300)])
 def test_weights_beyond_l2(isa, rng, padding, groups, block):
-    """Weights of several L2-sized blocks of panels (1-2 MiB in bf16): each thread rounds its rows
+    """Weights of several L2-sized blocks of panels (2-4 MiB in bf16): each thread rounds its rows
     once, up front, for all the blocks (with groups, and with the reduction split)."""
-    assert 1024 * 1024 // groups * 2 > pwcpu.runtime_info()["l2_bytes"] // 2
-    x, weight, bias = randn(rng, 1, 3, 5, 1024), randn(rng, 1024, 1024 // groups), randn(rng, 1024)
+    c = k = 2048
+    assert k * c // groups * 2 > pwcpu.runtime_info()["l2_bytes"] // 2
+    x, weight, bias = randn(rng, 1, 3, 5, c), randn(rng, k, c // groups), randn(rng, k)
     options = dict(padding=padding, stride=2, groups=groups, activation="relu")
     _core.set_max_reduction_block(block)
     try:
