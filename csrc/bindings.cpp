@@ -573,8 +573,12 @@ public:
               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int expand_activation,
               int depthwise_activation, int project_activation, bool residual, const py::object& se_reduce_weight,
               const py::object& se_reduce_bias, const py::object& se_expand_weight, const py::object& se_expand_bias,
-              int se_activation, int se_gate)
+              int se_activation, int se_gate, int precision)
         : OperatorPlan(float32_array(project_weight, "project_weight"), py::none(), true, pwcpu::Layout::nhwc) {
+        if (precision != static_cast<int>(pwcpu::Precision::fp32) && precision != static_cast<int>(pwcpu::Precision::bf16)) {
+            throw py::value_error("invalid precision code");
+        }
+        w_.precision = static_cast<pwcpu::Precision>(precision);
         const auto contiguous = [](const py::object& a, const char* name) -> py::object {
             return a.is_none() ? py::object(py::none()) : numpy().attr("ascontiguousarray")(float32_array(a, name));
         };
@@ -738,13 +742,14 @@ PYBIND11_MODULE(_core, m) {
     py::class_<BlockPlan>(m, "BlockPlan")
         .def(py::init<const py::object&, const py::object&, const py::array&, const py::object&, const py::array&,
                       const py::object&, int64_t, int64_t, int64_t, int64_t, int, int, int, bool, const py::object&,
-                      const py::object&, const py::object&, const py::object&, int, int>(),
+                      const py::object&, const py::object&, const py::object&, int, int, int>(),
              py::arg("expand_weight"), py::arg("expand_bias"), py::arg("depthwise_weight"), py::arg("depthwise_bias"),
              py::arg("project_weight"), py::arg("project_bias"), py::arg("stride_h"), py::arg("stride_w"),
              py::arg("pad_h"), py::arg("pad_w"), py::arg("expand_activation"), py::arg("depthwise_activation"),
              py::arg("project_activation"), py::arg("residual"), py::arg("se_reduce_weight") = py::none(),
              py::arg("se_reduce_bias") = py::none(), py::arg("se_expand_weight") = py::none(),
-             py::arg("se_expand_bias") = py::none(), py::arg("se_activation") = 3, py::arg("se_gate") = 6)
+             py::arg("se_expand_bias") = py::none(), py::arg("se_activation") = 3, py::arg("se_gate") = 6,
+             py::arg("precision") = 0)
         .def("conv", &BlockPlan::conv, py::arg("x"), py::arg("out"))
         .def("conv_channels_last", &BlockPlan::conv_channels_last)
         .def_property_readonly("isa", [](const BlockPlan& p) { return p.block().isa(); })

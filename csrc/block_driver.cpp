@@ -62,8 +62,8 @@ InvertedResidual::InvertedResidual(const InvertedResidualWeights& w) : impl_(std
     }
     Impl& b = *impl_;
     b.options = w;
-    const auto pack_1x1 = [](const float* weight, const float* bias, int64_t k, int64_t c) {
-        return std::make_unique<PackedWeights>(weight, k, c, c, 1, bias, 1);
+    const auto pack_1x1 = [&w](const float* weight, const float* bias, int64_t k, int64_t c) {
+        return std::make_unique<PackedWeights>(weight, k, c, c, 1, bias, 1, Layout::nhwc, w.precision);
     };
     if (w.expand_weight != nullptr) b.expand = pack_1x1(w.expand_weight, w.expand_bias, w.hidden_channels, w.in_channels);
     b.depthwise = std::make_unique<DepthwiseWeights>(w.depthwise_weight, w.hidden_channels, w.kernel_h, w.kernel_w,

@@ -189,3 +189,25 @@ def test_weights_beyond_l2(isa, rng, padding, groups, block):
             np.testing.assert_array_equal(y, pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, **options))
     finally:
         _core.set_max_reduction_block(0)
+
+
+@pytest.mark.parametrize("n,h,w_,c,e,k,kernel,stride", [(2, 13, 15, 16, 96, 24, 3, 2), (1, 40, 40, 24, 144, 24, 3, 1),
+                                                         (2, 7, 7, 64, 384, 96, 3, 1), (1, 30, 30, 24, 144, 32, 5, 2)])
+def test_inverted_residual_bf16_is_its_stages_in_bf16(isa, rng, n, h, w_, c, e, k, kernel, stride):
+    """The fused block's 1x1 stages in bf16, its depthwise stage in float32: bitwise the three layers
+    called one after another at those precisions, whether it runs in bands or in turn."""
+    ew, eb, dw, db = randn(rng, e, c) / np.float32(c**0.5), randn(rng, e), randn(rng, e, kernel, kernel), randn(rng, e)
+    pw, pb = randn(rng, k, e) / np.float32(e**0.5), randn(rng, k)
+    x = randn(rng, n, h, w_, c)
+    block = pwcpu.InvertedResidual(ew, eb, dw, db, pw, pb, stride=stride, precision="bf16")
+    assert block.precision == "bf16" and "precision='bf16'" in repr(block)
+    h1 = pwcpu.conv1x1(x, ew, eb, activation="relu6", precision="bf16")
+    h2 = pwcpu.depthwise_conv2d(h1, dw, db, stride=stride, padding=kernel // 2, activation="relu6")
+    expected = pwcpu.conv1x1(h2, pw, pb, residual=x if block.residual else None, precision="bf16")
+    for threads in (1, 2):
+        with pwcpu.num_threads(threads):
+            np.testing.assert_array_equal(block(x), expected)
+    assert not np.array_equal(expected, pwcpu.InvertedResidual(ew, eb, dw, db, pw, pb, stride=stride)(x))
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(block))(x), expected)
+    with pytest.raises(ValueError, match="precision"):
+        pwcpu.InvertedResidual(ew, eb, dw, db, pw, pb, precision="bfloat16")

@@ -41,24 +41,41 @@ def test_converted_1x1_layers_compute_in_bf16():
         assert not torch.equal(got, pt.convert(model)(x))
 
 
-@pytest.mark.parametrize("trace", [True, False])
-def test_blocks_are_left_unfused_in_bf16(trace):
+def test_blocks_fuse_in_bf16():
     model = randomize_batchnorm(nn.Sequential(conv_bn(3, 16, 3, 2), InvertedResidual(16, 24, 2, 6),
                                               InvertedResidual(24, 24, 1, 6)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = pt.convert(model, precision="bf16", trace=trace)
-    assert not any(isinstance(m, pt.PwcpuInvertedResidual) for m in converted.modules())
+        converted = pt.convert(model, precision="bf16")
+    blocks = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
+    assert len(blocks) == 2 and all(b._block().precision == "bf16" for b in blocks)
     pointwise = [m for m in converted.modules() if isinstance(m, pt.PwcpuConv2d)]
     assert pointwise and all(m.precision == "bf16" for m in pointwise)
-    if trace:
-        assert any("not fused" in line for line in converted.pwcpu_report)
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    inputs = []
+    hooks = [block.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
+             for block in blocks]
     with torch.inference_mode():
         got, expected = converted(x), model(x)
+        for hook in hooks:
+            hook.remove()
+        # The fused call is its layers (1x1 in bf16, depthwise in float32) run one by one.
+        assert len(inputs) == 2
+        for block, h in inputs:
+            assert torch.equal(block(h), block._layer_by_layer(h))
     # bfloat16 keeps 8 significant bits: close to float32, not equal.
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
     assert not torch.equal(got, expected)
+
+
+def test_block_of_mixed_precisions_is_not_fused():
+    layers = [pt.PwcpuConv2d(torch.randn(32, 8, 1, 1), None, activation="relu6", precision="bf16"),
+              pt.PwcpuDepthwiseConv2d(torch.randn(32, 1, 3, 3), None, padding=(1, 1), activation="relu6"),
+              pt.PwcpuConv2d(torch.randn(8, 32, 1, 1), None)]
+    graph = torch.fx.symbolic_trace(nn.Sequential(*layers))
+    report = []
+    pt._fuse_inverted_residuals(graph, report)
+    assert not report and not any(isinstance(m, pt.PwcpuInvertedResidual) for m in graph.modules())
 
 
 def test_bfloat16_tensors_in_and_out():

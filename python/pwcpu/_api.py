@@ -651,7 +651,9 @@ class InvertedResidual(_LayerOptions):
         se_expand_bias=None,
         se_activation: Optional[str] = "silu",
         se_gate: Optional[str] = "sigmoid",
+        precision: str = "fp32",
     ) -> None:
+        precision_code = _precision_code(precision)
         dw = _frozen_copy(_depthwise_filters(depthwise_weight, "depthwise_weight"))
         hidden, kh, kw = dw.shape
         ew = None
@@ -686,8 +688,10 @@ class InvertedResidual(_LayerOptions):
         self._excitation = _excitation(hidden, se_reduce_weight, se_reduce_bias, se_expand_weight, se_expand_bias)
         self._se_activation, self._se_gate = se_activation, se_gate
         se_codes = (_activation_code(se_activation, "se_activation"), _activation_code(se_gate, "se_gate"))
+        self._precision = precision
         self._plan = _core.BlockPlan(ew, biases[0], dw, biases[1], pw, biases[2], *self._stride, *self._padding,
-                                     codes[0], codes[0], codes[1], self._residual, *self._excitation, *se_codes)
+                                     codes[0], codes[0], codes[1], self._residual, *self._excitation, *se_codes,
+                                     precision_code)
 
     @property
     def in_channels(self) -> int:
@@ -700,6 +704,11 @@ class InvertedResidual(_LayerOptions):
     @property
     def residual(self) -> bool:
         return self._residual
+
+    @property
+    def precision(self) -> str:
+        """Of the 1x1 stages (see :func:`conv1x1`); the depthwise stage computes in float32."""
+        return self._precision
 
     def __call__(self, x, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         return self._plan.conv(x, out)
@@ -714,7 +723,8 @@ class InvertedResidual(_LayerOptions):
         options = dict(stride=self._stride, padding=self._padding, activation=self._activation,
                        project_activation=self._project_activation, residual=self._residual,
                        se_reduce_weight=reduce_w, se_reduce_bias=reduce_b, se_expand_weight=expand_w,
-                       se_expand_bias=expand_b, se_activation=self._se_activation, se_gate=self._se_gate)
+                       se_expand_bias=expand_b, se_activation=self._se_activation, se_gate=self._se_gate,
+                       precision=self._precision)
         return (_rebuild_inverted_residual, (self._weights, options))
 
     def __repr__(self) -> str:
@@ -722,7 +732,7 @@ class InvertedResidual(_LayerOptions):
         se = f", se_channels={self.se_channels}" if self.se_channels else ""
         return (f"InvertedResidual(in_channels={self.in_channels}, hidden_channels={hidden}, "
                 f"out_channels={self.out_channels}, kernel_size=({kh}, {kw}), stride={self._stride}, "
-                f"activation={self._activation!r}, residual={self._residual}{se})")
+                f"activation={self._activation!r}, residual={self._residual}{se}, precision={self._precision!r})")
 
 
 def _excitation(hidden: int, reduce_weight, reduce_bias, expand_weight, expand_bias) -> tuple:

@@ -581,7 +581,7 @@ class PwcpuInvertedResidual(nn.Module):
                 se.update(se_activation=r.activation, se_gate=x.activation)
             self._fused = InvertedResidual(*arrays(e), *arrays(d), *arrays(p), stride=d.stride, padding=d.padding,
                                            activation=d.activation, project_activation=p.activation,
-                                           residual=self.residual, **se)
+                                           residual=self.residual, precision=p.precision, **se)
             self._fused_for = generations
         self._fused_at = _state_changes[0]
         return self._fused
@@ -898,11 +898,7 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str], prec
             graph.erase_node(erased)
         parts = (["residual add"] if residual is not None else []) + ([activation] if activation else [])
         report.append(f"{node.target}: pwcpu" + (f" (fused {', '.join(parts)})" if parts else ""))
-    if precision == "fp32":
-        _fuse_inverted_residuals(graph_module, report)
-    else:
-        report.append(f"inverted residual blocks: not fused (the fused block computes in fp32; their 1x1 layers "
-                      f"run in {precision} one by one)")
+    _fuse_inverted_residuals(graph_module, report)
     graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
@@ -974,6 +970,9 @@ def _fuse_inverted_residuals(graph_module: fx.GraphModule, report: List[str]) ->
         if residual and not same:
             continue
         excitation_layers = None if se is None else (modules[se[1].target], modules[se[2].target])
+        precisions = {m.precision for m in (expand, project) + (excitation_layers or ()) if m is not None}
+        if len(precisions) != 1:
+            continue  # the fused block computes all its 1x1 stages at one precision
         fused = PwcpuInvertedResidual(expand, depthwise, project, residual, excitation_layers)
         graph_module.add_submodule(node.target + "_block", fused)
         with graph.inserting_after(project_node):
@@ -1027,7 +1026,8 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True,
     raise a ``PwcpuConversionWarning``. ``precision="bf16"`` makes the 1x1 convolutions and linear
     layers compute as ``pwcpu.conv1x1(..., precision="bf16")`` does (weights and inputs rounded to
     bfloat16, float32 sums; the model still takes and returns float32 tensors, and they also take
-    bfloat16 ones), and leaves inverted residual blocks unfused (the fused block is float32 only).
+    bfloat16 ones); fused inverted residual blocks compute their 1x1 stages in bf16 and the depthwise
+    one in float32.
     """
     _precision_code(precision)
     converted = copy.deepcopy(model).eval()

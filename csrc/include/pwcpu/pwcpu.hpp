@@ -216,6 +216,8 @@ struct InvertedResidualWeights {
     const float* se_expand_bias = nullptr;    // E values or null
     int64_t se_channels = 0;                  // S
     Activation se_activation = Activation::silu, se_gate = Activation::sigmoid;
+    // Of the 1x1 stages (expand, squeeze-excitation, project); the depthwise stage computes in float32.
+    Precision precision = Precision::fp32;
 };
 
 class InvertedResidual {
