@@ -305,7 +305,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         // thread's rows are rounded once, up front, into a buffer of their own.
         const int64_t range_rows = range.m_end - range.m_begin;
         const bool round_range = bf16 && range.n_end - range.n_begin > blk.nc_panels &&
-                                 range_rows * channels <= kMaxRoundedRangeFloats;
+                                 range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(channels, 1);
         runtime::AlignedBuffer rounded;
         if (round_range) {
             rounded = allocate_floats(checked_floats(range_rows * channels, what_rounded), what_rounded);
