@@ -309,15 +309,15 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         runtime::AlignedBuffer rounded;
         if (round_range) {
             rounded = allocate_floats(checked_floats(range_rows * channels, what_rounded), what_rounded);
-            const float* rows[kMaxBandRows];
+            const float* source_rows[kMaxBandRows];
             float* unused_out[kMaxBandRows];
             const float* unused_res[kMaxBandRows];
             walker.seek(range.m_begin);
             for (int64_t m0 = range.m_begin; m0 < range.m_end; m0 += kMaxBandRows) {
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
-                walker.next(count, 0, rows, unused_out, unused_res);
+                walker.next(count, 0, source_rows, unused_out, unused_res);
                 for (int64_t m = 0; m < count; ++m) {
-                    isa->round_to_bf16(rows[m], rounded.get() + (m0 - range.m_begin + m) * channels,
+                    isa->round_to_bf16(source_rows[m], rounded.get() + (m0 - range.m_begin + m) * channels,
                                        static_cast<size_t>(channels));
                 }
             }
