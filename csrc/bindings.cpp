@@ -234,6 +234,14 @@ bool tensor_views(const py::array* const* arrays, TensorView* const* views, int 
     return true;
 }
 
+// A precision code from the Python API, checked.
+pwcpu::Precision precision_of(int code) {
+    if (code != static_cast<int>(pwcpu::Precision::fp32) && code != static_cast<int>(pwcpu::Precision::bf16)) {
+        throw py::value_error("invalid precision code");
+    }
+    return static_cast<pwcpu::Precision>(code);
+}
+
 // Packed weights plus the options of a layer: everything a call needs, checked once. A call
 // validates its arrays here (TypeError / ValueError naming the argument), before any memory is
 // written; an `out` the kernels cannot write in place is an error, never a hidden temporary.
@@ -371,10 +379,7 @@ public:
              int64_t pad_h, int64_t pad_w, int activation, bool weights_private, int layout, int precision)
         : OperatorPlan(float32_array(weight, "weight"), bias, weights_private, static_cast<pwcpu::Layout>(layout)),
           groups_(groups), geometry_{stride_h, stride_w, pad_h, pad_w}, activation_(activation),
-          precision_(static_cast<pwcpu::Precision>(precision)) {
-        if (precision != static_cast<int>(pwcpu::Precision::fp32) && precision != static_cast<int>(pwcpu::Precision::bf16)) {
-            throw py::value_error("invalid precision code");
-        }
+          precision_(precision_of(precision)) {
         if (layout != static_cast<int>(pwcpu::Layout::nhwc) && layout != static_cast<int>(pwcpu::Layout::nchw)) {
             throw py::value_error("invalid layout code");
         }
@@ -575,10 +580,7 @@ public:
               const py::object& se_reduce_bias, const py::object& se_expand_weight, const py::object& se_expand_bias,
               int se_activation, int se_gate, int precision)
         : OperatorPlan(float32_array(project_weight, "project_weight"), py::none(), true, pwcpu::Layout::nhwc) {
-        if (precision != static_cast<int>(pwcpu::Precision::fp32) && precision != static_cast<int>(pwcpu::Precision::bf16)) {
-            throw py::value_error("invalid precision code");
-        }
-        w_.precision = static_cast<pwcpu::Precision>(precision);
+        w_.precision = precision_of(precision);
         const auto contiguous = [](const py::object& a, const char* name) -> py::object {
             return a.is_none() ? py::object(py::none()) : numpy().attr("ascontiguousarray")(float32_array(a, name));
         };

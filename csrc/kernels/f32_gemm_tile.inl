@@ -137,8 +137,9 @@ constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
     return tiles_by_rows<NV, WeightT>(std::make_integer_sequence<int, MR>{});
 }
 
-// "f32_gemm_bias_act_<MR>x<NR>_<isa>" ("bf16_f32_..." for bfloat16 weights), built at compile time (no std::string here: library code
-// instantiated in this unit would be compiled with its ISA's flags).
+// "f32_gemm_bias_act_<MR>x<NR>_<isa>" ("bf16_f32_..." for bfloat16 weights), built at compile
+// time (no std::string here: library code instantiated in this unit would be compiled with its
+// ISA's flags).
 using KernelName = std::array<char, 48>;
 
 constexpr int append_text(KernelName& out, int at, const char* text) {

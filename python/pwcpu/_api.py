@@ -88,10 +88,25 @@ def _is_bfloat16(a) -> bool:
     return isinstance(a, np.ndarray) and a.dtype.name == "bfloat16"
 
 
+def _has_bfloat16(*arrays) -> bool:
+    return any(_is_bfloat16(a) for a in arrays)
+
+
+def _run(compute, x, residual, out):
+    """``compute(x, residual, out)``, float32 arrays straight through; where the core refuses the
+    dtypes (TypeError, before it touches any memory) and some array is bfloat16, the bfloat16 path.
+    The common call pays nothing for bfloat16: the dtypes are looked at only after a refusal."""
+    try:
+        return compute(x, residual, out)
+    except TypeError:
+        if not _has_bfloat16(x, residual, out):
+            raise
+    return _with_bfloat16_arrays(compute, x, residual, out)
+
+
 def _with_bfloat16_arrays(compute, x, residual, out):
-    """``compute(x, residual, out)`` where any of the arrays may be bfloat16: x and residual are
-    widened to float32 (exactly), a bfloat16 ``out`` receives the float32 result rounded to nearest
-    even. The float32 arrays go straight through."""
+    """``compute`` on bfloat16 arrays: x and residual are widened to float32 (exactly), a bfloat16
+    ``out`` receives the float32 result rounded to nearest even."""
     if _is_bfloat16(x):
         x = x.astype(np.float32)
     if _is_bfloat16(residual):
@@ -236,7 +251,7 @@ def conv1x1(
     w = _weight_matrix(weight, groups)
     b = _bias_vector(bias, w.shape[0])
     plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False, layout_code, precision_code)
-    return _with_bfloat16_arrays(plan.conv, x, residual, out)
+    return _run(plan.conv, x, residual, out)
 
 
 def pointwise(
@@ -261,7 +276,7 @@ def pointwise(
     w = _weight_matrix(weight, 1)
     b = _bias_vector(bias, w.shape[0])
     plan = _core.ConvPlan(w, b, 1, 1, 1, 0, 0, code, False, 0, precision_code)
-    return _with_bfloat16_arrays(plan.pointwise, x, residual, out)
+    return _run(plan.pointwise, x, residual, out)
 
 
 def depthwise_conv2d(
@@ -466,6 +481,12 @@ class PointwiseConv(_PackedLayer):
             from . import dask as pwcpu_dask
 
             return pwcpu_dask.apply(self, x, residual=residual)
+        # _run, written out: a function call less on the layer's hot path.
+        try:
+            return self._plan.conv(x, residual, out)
+        except TypeError:
+            if not _has_bfloat16(x, residual, out):
+                raise
         return _with_bfloat16_arrays(self._plan.conv, x, residual, out)
 
     def __reduce__(self):
