@@ -236,7 +236,7 @@ bool tensor_views(const py::array* const* arrays, TensorView* const* views, int 
 
 // A precision code from the Python API, checked.
 pwcpu::Precision precision_of(int code) {
-    if (code != static_cast<int>(pwcpu::Precision::fp32) && code != static_cast<int>(pwcpu::Precision::bf16)) {
+    if (code < static_cast<int>(pwcpu::Precision::fp32) || code > static_cast<int>(pwcpu::Precision::int8)) {
         throw py::value_error("invalid precision code");
     }
     return static_cast<pwcpu::Precision>(code);
@@ -778,6 +778,8 @@ PYBIND11_MODULE(_core, m) {
         d["kernel_main"] = info.kernel_main;
         d["gemm_kernels"] = info.gemm_kernels;
         d["bf16_gemm_kernels"] = info.bf16_gemm_kernels;
+        d["int8_gemm_kernels"] = info.int8_gemm_kernels;
+        d["int8_isa"] = info.int8_isa;
         d["kernel_depthwise"] = info.kernel_depthwise;
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;

@@ -146,6 +146,10 @@ RuntimeInfo runtime_info() {
     for (const kernels::GemmKernel& g : k.gemm_bf16_weights) {
         if (g.by_rows != nullptr) info.bf16_gemm_kernels.emplace_back(g.name);
     }
+    for (const kernels::GemmKernel& g : k.gemm_int8) {
+        if (g.by_rows != nullptr) info.int8_gemm_kernels.emplace_back(g.name);
+    }
+    info.int8_isa = k.int8_isa;
     info.kernel_depthwise = k.depthwise.name;
     for (const auto& isa : detail::known_isas()) {
         if (isa.cpu_has()) info.supported_isas.emplace_back(isa.name);

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -51,7 +52,7 @@ struct Blocking {
 };
 
 Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, int64_t tiles,
-                         int64_t weight_bytes = sizeof(float)) {
+                         int64_t weight_bytes = sizeof(float), bool splittable = true) {
     const detail::CacheSizes& cache = detail::cache_sizes();
     const int64_t bytes = sizeof(float);
     // The reduction is split only when an MR x kc tile of activations would crowd L2: streaming
@@ -60,7 +61,7 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     const int64_t forced = forced_reduction_block.load(std::memory_order_relaxed);
     const int64_t kc_max = forced > 0 ? forced : std::max<int64_t>(256, cache.l2 / 4 / (kernel.mr * bytes) / 16 * 16);
     Blocking b{};
-    b.k_blocks = cg <= kc_max ? 1 : ceil_div(cg, kc_max);
+    b.k_blocks = cg <= kc_max || !splittable ? 1 : ceil_div(cg, kc_max);
     b.kc = std::max<int64_t>(1, ceil_div(cg, b.k_blocks));
     // The weights of a block of panels stream from L2, shared by all tiles.
     b.nc_panels = std::clamp<int64_t>(cache.l2 / 2 / (b.kc * kernel.nr * weight_bytes), 1, std::max<int64_t>(panels, 1));
@@ -95,6 +96,29 @@ int64_t begin_k_block(GemmTileArgs& args, const Blocking& blk, int64_t kb, int64
     return k0;
 }
 
+// int8: the most input channels per group, so that sums of products of at most 255 x 127 stay exact
+// in int32 (see int8_gemm_tile.inl).
+constexpr int64_t kMaxInt8Channels = 65536;
+
+// An output channel's int8 weight scale: its largest magnitude over 127 (0 for a channel of zeros
+// or of values too small for a normal scale: its weights quantize to 0). Throws for a weight that
+// is NaN or infinite, which no scale represents.
+float int8_weight_scale(const float* row, int64_t count, int64_t stride) {
+    float largest = 0.0f;
+    for (int64_t c = 0; c < count; ++c) {
+        const float value = row[c * stride];
+        if (!std::isfinite(value)) throw std::invalid_argument("precision int8 needs finite weights");
+        largest = std::max(largest, std::fabs(value));
+    }
+    const float scale = largest / 127.0f;
+    return scale >= std::numeric_limits<float>::min() ? scale : 0.0f;
+}
+
+int16_t quantize_weight(float value, float scale) {
+    if (scale == 0.0f) return 0;
+    return static_cast<int16_t>(std::clamp(std::nearbyint(value / scale), -127.0f, 127.0f));
+}
+
 }  // namespace
 
 void set_max_reduction_block(int64_t channels) {
@@ -113,7 +137,8 @@ struct PackedWeights::Impl {
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
     // their biases in front (float), then C x NR weights (float, or bfloat16 for bf16: half the
-    // bytes to stream, widened by the kernel).
+    // bytes to stream, widened by the kernel). int8: the biases, the NR weight scales (float),
+    // then C/2 (rounded up) rows of NR pairs of quantized weights (int16, see ukernel.hpp).
     int64_t panels_per_group = 0, panel_stride = 0;
     AlignedBuffer panels;
     // NCHW: the weights are the kernel's left operand, read in place as K rows of C/groups (a
@@ -126,8 +151,10 @@ struct PackedWeights::Impl {
     const void* panel_weights(int64_t p, int64_t k0) const {
         const float* after_bias = panel(p) + kernel.nr;
         if (precision == Precision::bf16) return reinterpret_cast<const uint16_t*>(after_bias) + kernel.nr * k0;
+        if (precision == Precision::int8) return reinterpret_cast<const int16_t*>(after_bias + kernel.nr) + kernel.nr * k0;
         return after_bias + kernel.nr * k0;
     }
+    const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
 
     void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
              Activation act) const;
@@ -153,10 +180,22 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     // bf16 weights are rounded once, here; the kernels multiply the rounded values exactly (a product
     // of two bf16 values fits in a float) and sum in float32.
     const bool bf16 = precision == Precision::bf16;
+    const bool int8 = precision == Precision::int8;
+    if (int8 && layout == Layout::nchw) throw std::invalid_argument("precision int8 computes NHWC layers only");
+    if (int8 && w.cg > kMaxInt8Channels) {
+        throw std::invalid_argument("precision int8 sums at most " + std::to_string(kMaxInt8Channels) +
+                                    " input channels per group exactly; this layer has " + std::to_string(w.cg));
+    }
     const auto weight_at = [&](int64_t row, int64_t col) {
         const float value = weight[row * row_stride + col * col_stride];
         return bf16 ? kernels::round_to_bf16(value) : value;
     };
+    // int8: each output channel's weights over 127 steps of its largest magnitude (symmetric).
+    std::vector<float> int8_scales;
+    if (int8) {
+        int8_scales.resize(static_cast<size_t>(w.k));
+        for (int64_t r = 0; r < w.k; ++r) int8_scales[r] = int8_weight_scale(weight + r * row_stride, w.cg, col_stride);
+    }
     if (layout == Layout::nchw) {
         w.kernel = w.isa->main();  // its NR columns are pixels here
         const char* what = "weight (K x C/groups)";
@@ -168,13 +207,15 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         }
         return;
     }
-    w.kernel = w.isa->gemm_for(w.kg, bf16);
+    w.kernel = w.isa->gemm_for(w.kg, precision);
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
     const char* what = "weight (K x C/groups), packed";
-    // In floats: NR biases, then the weights (two bfloat16 values per float, rounded up).
+    // In floats: NR biases, then the weights (two bfloat16 values per float, rounded up; int8: NR
+    // scales, then pairs of int16, one pair per float).
     const int64_t weight_values = checked_mul(nr, w.cg, what);
-    w.panel_stride = nr + (bf16 ? ceil_div(weight_values, 2) : weight_values);
+    w.panel_stride = int8 ? 2 * nr + checked_mul(nr, ceil_div(w.cg, 2), what)
+                          : nr + (bf16 ? ceil_div(weight_values, 2) : weight_values);
     w.panels = allocate_floats(checked_floats(checked_mul(w.panel_count(), w.panel_stride, what), what), what);
 
     const int64_t panel_count = w.panel_count();
@@ -185,8 +226,20 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
         const int64_t width = std::min<int64_t>(nr, (g + 1) * w.kg - first);
         float* dst = w.panels.get() + p * w.panel_stride;
-        if (width < nr) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
+        if (width < nr || int8) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
         for (int64_t n = 0; n < width; ++n) dst[n] = bias != nullptr ? bias[first + n] : 0.0f;
+        if (int8) {
+            int16_t* const pairs = reinterpret_cast<int16_t*>(dst + 2 * nr);
+            for (int64_t n = 0; n < width; ++n) {
+                const float scale = int8_scales[first + n];
+                dst[nr + n] = scale;
+                const float* row = weight + (first + n) * row_stride;
+                for (int64_t c = 0; c < w.cg; ++c) {
+                    pairs[(c / 2) * 2 * nr + 2 * n + c % 2] = quantize_weight(row[c * col_stride], scale);
+                }
+            }
+            continue;
+        }
         float* const dst_f32 = dst + nr;
         uint16_t* const dst_bf16 = reinterpret_cast<uint16_t*>(dst + nr);
         // Transposed in blocks of kPackBlock channels: each source line is read once and the
@@ -261,7 +314,12 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const int64_t tiles = ceil_div(rows, mr);
     const int64_t panels_total = panel_count();
     const bool bf16 = precision == Precision::bf16;
-    const Blocking blk = choose_blocking(kernel, cg, panels_total, tiles, bf16 ? sizeof(uint16_t) : sizeof(float));
+    const bool int8 = precision == Precision::int8;
+    // int8 reads each group's channels padded to an even count, and never splits the reduction: a
+    // row's quantized values are made once, with one scale, for all of its channels.
+    const int64_t reduction = int8 ? ceil_div(cg, 2) * 2 : cg;
+    const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
+                                         bf16 || int8 ? sizeof(uint16_t) : sizeof(float), !int8);
 
     // Padding reads a row of zeros, so border pixels get bias, residual and activation only.
     const bool padded = geo.pad_h > 0 || geo.pad_w > 0;
@@ -284,7 +342,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const std::vector<WorkRange> ranges = runtime::partition(
         rows, 1, rows, panels_total, kernel.nr, cg,
         runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg)),
-        bf16 ? kRoundingWork : 0.0);
+        bf16 || int8 ? kRoundingWork : 0.0);
     const int64_t mc_rows = blk.mc_tiles * mr;
 
     // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a
@@ -292,23 +350,43 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     // weights come from L2 once per band rather than once per tile. Deep reductions leave room for
     // one tile only. Measured on Zen 3 (AVX2, 6x16), against a band of one tile, geometric mean of 16
     // MobileNet/ResNet layers: +2.5 % at 1 thread, +6 % at 2; 112x112x16->96 +36 %, 14x14x64->384 +18 % / +37 %.
+    const int64_t activation_bytes = int8 ? sizeof(int16_t) : sizeof(float);
     const int64_t band_rows = std::clamp<int64_t>(
-        detail::cache_sizes().l1d / 4 / (blk.kc * static_cast<int64_t>(sizeof(float))) / mr * mr, mr, kMaxBandRows / mr * mr);
+        detail::cache_sizes().l1d / 4 / (blk.kc * activation_bytes) / mr * mr, mr, kMaxBandRows / mr * mr);
 
     const char* const what_rounded = "activations rounded to bf16";
+    const char* const what_quantized = "activations quantized to int8";
     const int64_t channels = cg * groups;
+    const int64_t quantized_row = groups * reduction;  // int16 values of a quantized pixel row
+    // int8: a pixel row's values quantized, each group with its own scale; the scales of row i of a
+    // buffer of `capacity` rows are scales[g * capacity + i], so a tile's rows have them in a run.
+    const auto quantize_row = [&](const float* source, int16_t* values, float* scales, int64_t capacity) {
+        for (int64_t g = 0; g < groups; ++g) {
+            scales[g * capacity] = isa->quantize_row_int8(source + g * cg, static_cast<size_t>(cg),
+                                                          values + g * reduction, static_cast<size_t>(reduction));
+        }
+    };
     const auto work = [&](const WorkRange& range) {
         RowWalker walker = walker_template;
         // bf16: activations are rounded once for all the panels that pass over them. Usually all
         // of a thread's panels pass over a band while it is in L1, and the band is rounded there;
         // where the weights take several blocks of panels (each read from L2 by all the rows), the
         // thread's rows are rounded once, up front, into a buffer of their own.
+        // int8 likewise, with the quantized rows and their scales.
         const int64_t range_rows = range.m_end - range.m_begin;
-        const bool round_range = bf16 && range.n_end - range.n_begin > blk.nc_panels &&
-                                 range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(channels, 1);
-        runtime::AlignedBuffer rounded;
+        const int64_t row_floats = int8 ? ceil_div(quantized_row, 2) : channels;
+        const bool round_range = (bf16 || int8) && range.n_end - range.n_begin > blk.nc_panels &&
+                                 range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(row_floats, 1);
+        const int64_t buffer_rows = round_range ? range_rows : band_rows;
+        const char* const what_buffer = int8 ? what_quantized : what_rounded;
+        runtime::AlignedBuffer rounded, row_scales;
+        if (bf16 || int8) {
+            rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
+                                      what_buffer);
+        }
+        if (int8) row_scales = allocate_floats(checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer), what_buffer);
+        int16_t* const quantized = reinterpret_cast<int16_t*>(rounded.get());
         if (round_range) {
-            rounded = allocate_floats(checked_floats(range_rows * channels, what_rounded), what_rounded);
             const float* source_rows[kMaxBandRows];
             float* unused_out[kMaxBandRows];
             const float* unused_res[kMaxBandRows];
@@ -317,14 +395,17 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
                 walker.next(count, 0, source_rows, unused_out, unused_res);
                 for (int64_t m = 0; m < count; ++m) {
-                    isa->round_to_bf16(source_rows[m], rounded.get() + (m0 - range.m_begin + m) * channels,
-                                       static_cast<size_t>(channels));
+                    const int64_t i = m0 - range.m_begin + m;
+                    if (int8) {
+                        quantize_row(source_rows[m], quantized + i * quantized_row, row_scales.get() + i, buffer_rows);
+                    } else {
+                        isa->round_to_bf16(source_rows[m], rounded.get() + i * channels, static_cast<size_t>(channels));
+                    }
                 }
             }
-        } else if (bf16) {
-            rounded = allocate_floats(checked_floats(checked_mul(band_rows, channels, what_rounded), what_rounded),
-                                      what_rounded);
         }
+        const int16_t* quantized_rows[kMaxBandRows];
+        const float* band_scales = nullptr;  // int8: the band's first row's scale, of the current group
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
         // activations can be prefetched), used in turn.
         struct BandRows {
@@ -339,7 +420,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
             for (int64_t mb = range.m_begin; mb < range.m_end; mb += mc_rows) {
                 const int64_t me = std::min(range.m_end, mb + mc_rows);
                 for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
-                    const int64_t k0 = begin_k_block(args, blk, kb, cg, act, stream);
+                    const int64_t k0 = begin_k_block(args, blk, kb, reduction, act, stream);
                     walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
                     const int64_t a_offset = first_group * cg + k0, kc_floats = static_cast<int64_t>(args.kc);
@@ -351,7 +432,18 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                         const float** a_rows = band_rows_of[current].a;
                         float** out_rows = band_rows_of[current].out;
                         const float** res_rows = band_rows_of[current].res;
-                        if (round_range) {
+                        if (int8) {
+                            // The band's rows quantized (here, or up front), from the first panel's group on.
+                            const int64_t first_row = round_range ? band - range.m_begin : 0;
+                            for (int64_t m = 0; m < rows_in_band; ++m) {
+                                int16_t* values = quantized + (first_row + m) * quantized_row;
+                                if (!round_range) {
+                                    quantize_row(a_rows[m] - a_offset, values, row_scales.get() + m, buffer_rows);
+                                }
+                                quantized_rows[m] = values + first_group * reduction;
+                            }
+                            band_scales = row_scales.get() + first_group * buffer_rows + first_row;
+                        } else if (round_range) {
                             for (int64_t m = 0; m < rows_in_band; ++m) {
                                 a_rows[m] = rounded.get() + (band - range.m_begin + m) * channels + a_offset;
                             }
@@ -385,9 +477,12 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                             args.col = static_cast<size_t>(col);
                             args.bias = kb == 0 ? panel(p) : nullptr;
                             args.w = panel_weights(p, k0);
+                            args.col_scale = weight_scales(p);
                             for (int64_t row = 0; row < rows_in_band; row += mr) {
                                 const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
                                 args.a = a_rows + row;
+                                args.a_int16 = quantized_rows + row;
+                                args.row_scale = band_scales + row;
                                 args.c = out_rows + row;
                                 args.residual = kb == 0 && residual != nullptr ? res_rows + row : nullptr;
                                 kernel.by_rows[rows_in_tile - 1](args);
@@ -396,6 +491,10 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                                 j = 0;
                                 ++group;
                                 for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] += cg;  // the next group's channels
+                                if (int8) {
+                                    for (int64_t m = 0; m < rows_in_band; ++m) quantized_rows[m] += reduction;
+                                    band_scales += buffer_rows;
+                                }
                             }
                         }
                     }

@@ -23,8 +23,17 @@ def conv_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activatio
                layout="NHWC", precision="fp32"):
     """(expected, tolerance) for conv1x1 under the bound above. With precision "bf16" the reference
     reads x and weight rounded to bfloat16, as pwcpu does: their products are exact in float32, so
-    the same bound on the float32 sum applies."""
+    the same bound on the float32 sum applies. With "int8" it reads the quantized values times
+    their scales: pwcpu's integer sums are exact, and only the few roundings of dequantization
+    (the sum's conversion, the two scales' product, the multiply, bias and residual) remain."""
     w = np.asarray(weight).reshape(np.shape(weight)[0], np.shape(weight)[1])
+    if precision == "int8":
+        x, w = _int8_inputs(x, w, groups, layout)
+        geometry = dict(stride=stride, padding=padding, groups=groups, layout=layout)
+        z = reference.conv1x1(x, w, bias, residual=residual, **geometry)
+        magnitude = reference.conv1x1(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
+                                      residual=None if residual is None else np.abs(residual), **geometry)
+        return _finish(z, magnitude, INT8_ROUNDINGS, activation)
     geometry = dict(stride=stride, padding=padding, groups=groups, layout=layout, precision=precision)
     z = reference.conv1x1(x, w, bias, residual=residual, **geometry)
     magnitude = reference.conv1x1(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
@@ -33,6 +42,12 @@ def conv_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activatio
 
 
 def pointwise_bound(x, weight, bias=None, *, activation=None, residual=None, precision="fp32"):
+    if precision == "int8":
+        x, weight = _int8_inputs(x, weight, 1, "NHWC")
+        z = reference.pointwise(x, weight, bias, residual=residual)
+        magnitude = reference.pointwise(np.abs(x), np.abs(weight), None if bias is None else np.abs(bias),
+                                        residual=None if residual is None else np.abs(residual))
+        return _finish(z, magnitude, INT8_ROUNDINGS, activation)
     z = reference.pointwise(x, weight, bias, residual=residual, precision=precision)
     magnitude = reference.pointwise(np.abs(x), np.abs(weight), None if bias is None else np.abs(bias),
                                     residual=None if residual is None else np.abs(residual), precision=precision)
@@ -57,6 +72,18 @@ def dense_bound(x, weight, bias=None, *, stride=1, padding=0, groups=1, activati
     magnitude = reference.conv2d(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
                                  residual=None if residual is None else np.abs(residual), **geometry)
     return _finish(z, magnitude, w.shape[1] * w.shape[2] * w.shape[3], activation)
+
+
+# int8: the roundings after the exact integer sum, as a count of float32 additions for gamma().
+INT8_ROUNDINGS = 4
+
+
+def _int8_inputs(x, weight, groups, layout):
+    """x and weight as precision="int8" reads them (quantized values times scales), float64."""
+    if layout == "NCHW":
+        xq, wq = reference.int8_operands(np.moveaxis(np.asarray(x), 1, -1), weight, groups)
+        return np.moveaxis(xq, -1, 1), wq
+    return reference.int8_operands(x, weight, groups)
 
 
 @np.errstate(all="ignore")  # infinite inputs give infinite bounds, quietly

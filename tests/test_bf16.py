@@ -151,9 +151,9 @@ def test_precision_errors(rng, call):
             return pwcpu.PointwiseConv(weight, precision=precision)(x)
         return getattr(pwcpu, call)(x, weight, precision=precision)
 
-    with pytest.raises(ValueError, match="precision must be 'fp32' or 'bf16', got 'fp16'"):
+    with pytest.raises(ValueError, match="precision must be 'fp32', 'bf16' or 'int8', got 'fp16'"):
         run("fp16")
-    with pytest.raises(TypeError, match="precision must be 'fp32' or 'bf16', got int"):
+    with pytest.raises(TypeError, match="precision must be 'fp32', 'bf16' or 'int8', got int"):
         run(16)
     assert run("fp32").dtype == np.float32
 
@@ -169,7 +169,7 @@ def test_pointwise_conv_block_folds_then_rounds(rng):
     folded = pwcpu.PointwiseConv(block.layer.weight, block.layer.bias, activation="relu", precision="bf16")
     np.testing.assert_array_equal(block(x), folded(x))
     with pytest.raises(ValueError, match="precision"):
-        pwcpu.PointwiseConvBlock(16, 8, precision="int8")
+        pwcpu.PointwiseConvBlock(16, 8, precision="int4")
 
 
 @pytest.mark.parametrize("padding,groups,block", [(0, 1, 0), (1, 1, 0), (1, 2, 0), (0, 1, 300)])

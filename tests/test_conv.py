@@ -316,19 +316,24 @@ def test_channels_a_multiple_of_4_kib_take_shorter_tiles(isa, rng, c, stride, k)
 
 
 def _kernel_shape(name):
-    """(mr, nr) from a kernel name, [bf16_]f32_gemm_bias_act_<mr>x<nr>_<isa>."""
+    """(mr, nr) from a kernel name, [bf16_|int8_]f32_gemm_bias_act_<mr>x<nr>_<isa>."""
     mr, nr = name.rsplit("_", 2)[-2].split("x")
     return int(mr), int(nr)
 
 
-@pytest.mark.parametrize("precision,kernel_list", [("fp32", "gemm_kernels"), ("bf16", "bf16_gemm_kernels")])
+@pytest.mark.parametrize("precision,kernel_list",
+                         [("fp32", "gemm_kernels"), ("bf16", "bf16_gemm_kernels"), ("int8", "int8_gemm_kernels")])
 def test_every_gemm_kernel_over_its_tile_shapes(isa, rng, precision, kernel_list):
-    """Kernel-level sweep: each of the ISA's GEMM kernels (float weights, and bfloat16 weights for
-    precision "bf16"), found through the layer widths that select it, over every row count
-    1..MR+1, output widths around its NR (full panels and tails), reductions with tails, bias and
-    an activation, against the float64 reference (on bf16-rounded inputs for bf16)."""
-    kernels = pwcpu.runtime_info()[kernel_list]
-    assert len(kernels) >= 2 and all(k.endswith("_" + isa) for k in kernels)
+    """Kernel-level sweep: each of the ISA's GEMM kernels (float weights, bfloat16 weights for
+    precision "bf16", int8 ones for "int8"), found through the layer widths that select it, over
+    every row count 1..MR+1, output widths around its NR (full panels and tails), reductions with
+    tails (odd ones for int8's pairs), bias and an activation, against the float64 reference (on
+    the inputs as the precision reads them)."""
+    info = pwcpu.runtime_info()
+    kernels = info[kernel_list]
+    family_isa = info["int8_isa"] if precision == "int8" else isa
+    assert len(kernels) >= (1 if precision == "int8" else 2)
+    assert all(k.endswith("_" + family_isa) for k in kernels)
     widths = {}
     for k in range(1, 3 * max(_kernel_shape(name)[1] for name in kernels) + 1):
         widths.setdefault(pwcpu.PointwiseConv(np.zeros((k, 3), np.float32), precision=precision).kernel, []).append(k)

@@ -73,6 +73,8 @@ def test_runtime_info_and_show_runtime(capsys):
     assert f"ISA in use:     {info['isa']}" in printed and info["kernel_main"] in printed
     assert len(info["bf16_gemm_kernels"]) == len(info["gemm_kernels"])
     assert all(name in printed and name.startswith("bf16_f32_") for name in info["bf16_gemm_kernels"])
+    assert info["int8_isa"] in info["supported_isas"] and info["int8_gemm_kernels"]
+    assert all(name in printed and name.startswith("int8_f32_") for name in info["int8_gemm_kernels"])
 
 
 def test_module_info_command():

@@ -4,7 +4,9 @@
 #include <immintrin.h>
 
 #include <array>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "kernels/bf16.hpp"
@@ -62,8 +64,23 @@ struct Vec {
     static R select_neg(R x, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)); }
 };
 
+struct IVec {
+    using P = __m256i;
+    using I = __m256i;
+    static I zero() { return _mm256_setzero_si256(); }
+    static P load_pairs(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static P broadcast_pair(const int16_t* p) {
+        int32_t pair;
+        std::memcpy(&pair, p, sizeof pair);
+        return _mm256_set1_epi32(pair);
+    }
+    static I madd_add(I acc, P a, P b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+    static __m256 to_float(I x) { return _mm256_cvtepi32_ps(x); }
+};
+
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
 
@@ -79,6 +96,9 @@ const IsaKernels& avx2_kernels() {
          avx2::gemm_kernel<12, 1>(0.8f)},
         {avx2::gemm_kernel<6, 2, uint16_t>(1.0f), avx2::gemm_kernel<4, 3, uint16_t>(1.0f),
          avx2::gemm_kernel<12, 1, uint16_t>(0.8f)},
+        {avx2::int8_gemm_kernel<4, 2>(1.0f)},
+        avx2::quantize_row_int8,
+        "avx2",
         {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},
         avx2::round_to_bf16_run,
         avx2::fma_peak_probe,

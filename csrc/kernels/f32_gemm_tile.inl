@@ -19,6 +19,18 @@
 PWCPU_INLINE R load_weights(const float* p) { return Vec::load(p); }
 PWCPU_INLINE R load_weights(const uint16_t* p) { return Vec::load_bf16(p); }
 
+// How many of each of a tile's NV vectors' lanes hold its nr valid columns.
+template <int NV>
+PWCPU_INLINE void valid_lanes(size_t nr, size_t (&lanes)[NV]) {
+    for (int v = 0; v < NV; ++v) {
+        const size_t first = static_cast<size_t>(v) * Vec::W;
+        lanes[v] = nr > first ? (nr - first < Vec::W ? nr - first : Vec::W) : 0;
+    }
+}
+
+template <int MR, int NV>
+PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p);
+
 // Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
 // live across the whole K block; the N tail costs nothing here because panels are zero-padded.
 // WeightT: float, or uint16_t for bfloat16 weights (widened as they are loaded: half the bytes).
@@ -26,10 +38,7 @@ template <int MR, int NV, class WeightT>
 void f32_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
     size_t lanes[NV];
-    for (int v = 0; v < NV; ++v) {
-        const size_t first = static_cast<size_t>(v) * W;
-        lanes[v] = p.nr > first ? (p.nr - first < W ? p.nr - first : W) : 0;
-    }
+    valid_lanes(p.nr, lanes);
 
     R acc[MR][NV];
     if (p.bias != nullptr) {
@@ -104,7 +113,16 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         w += NV * W;
     }
 
-    // The residual joins after the sums, so its loads need not wait in front of the k loop.
+    store_tile<MR, NV>(acc, p);
+}
+
+// A tile's end, for every kernel family: the residual (joining after the sums, so that its loads
+// need not wait in front of the k loop), the activation of a final tile, and the stores.
+template <int MR, int NV>
+PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
+    constexpr int W = Vec::W;
+    size_t lanes[NV];
+    valid_lanes(p.nr, lanes);
     if (p.residual != nullptr) {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)
@@ -158,10 +176,10 @@ constexpr int append_number(KernelName& out, int at, int value) {
     return at;
 }
 
-template <int MR, int NR, class WeightT>
-constexpr KernelName gemm_kernel_name() {
+template <int MR, int NR>
+constexpr KernelName gemm_kernel_name(const char* prefix) {
     KernelName out{};
-    int at = append_text(out, 0, std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
+    int at = append_text(out, 0, prefix);
     at = append_number(out, at, MR);
     at = append_text(out, at, "x");
     at = append_number(out, at, NR);
@@ -175,7 +193,8 @@ constexpr KernelName gemm_kernel_name() {
 template <int MR, int NV, class WeightT = float>
 GemmKernel gemm_kernel(float throughput) {
     static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, WeightT>();
-    static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W, WeightT>();
+    static constexpr KernelName name =
+        gemm_kernel_name<MR, NV * Vec::W>(std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
     return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
 }
 

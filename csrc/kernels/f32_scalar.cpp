@@ -1,5 +1,6 @@
 // Portable microkernels: plain C++ over small fixed-size arrays, which the compiler may
 // auto-vectorise for the baseline target. Runs on every CPU; every test can force it.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -67,8 +68,39 @@ struct Vec {
     static R select_neg(R x, R a, R b) { return map([&](int i) { return x.lane[i] < 0.0f ? a.lane[i] : b.lane[i]; }); }
 };
 
+struct IVec {
+    struct P {
+        int16_t v[2 * Vec::W];
+    };
+    struct I {
+        int32_t lane[Vec::W];
+    };
+    static I zero() { return I{}; }
+    static P load_pairs(const int16_t* p) {
+        P r;
+        std::memcpy(r.v, p, sizeof r.v);
+        return r;
+    }
+    static P broadcast_pair(const int16_t* p) {
+        P r;
+        for (int i = 0; i < Vec::W; ++i) {
+            r.v[2 * i] = p[0];
+            r.v[2 * i + 1] = p[1];
+        }
+        return r;
+    }
+    static I madd_add(I acc, P a, P b) {
+        for (int i = 0; i < Vec::W; ++i) {
+            acc.lane[i] += int32_t{a.v[2 * i]} * b.v[2 * i] + int32_t{a.v[2 * i + 1]} * b.v[2 * i + 1];
+        }
+        return acc;
+    }
+    static Vec::R to_float(I x) { return Vec::map([&](int i) { return static_cast<float>(x.lane[i]); }); }
+};
+
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
 
@@ -79,6 +111,9 @@ const IsaKernels& scalar_kernels() {
         "scalar",
         {scalar::gemm_kernel<4, 2>(1.0f), scalar::gemm_kernel<4, 1>(0.8f)},
         {scalar::gemm_kernel<4, 2, uint16_t>(1.0f), scalar::gemm_kernel<4, 1, uint16_t>(0.8f)},
+        {scalar::int8_gemm_kernel<4, 2>(1.0f)},
+        scalar::quantize_row_int8,
+        "scalar",
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::round_to_bf16_run,
         scalar::fma_peak_probe,

@@ -21,6 +21,11 @@
 //   n < nr are read or written (masked).
 // - stream (final tiles only): store whole, aligned vectors with non-temporal stores, bypassing the
 //   caches (the output is too large to stay cached); the caller fences before the output is read.
+// - int8 kernels (dynamic quantization) read a_int16 instead of a: row m's quantized values less
+//   the row's zero point (in [-255, 255]), channels padded with zeros to an even count; kc is that
+//   even count, and w holds kc / 2 rows of NR pairs of int16 weights (w[2k][n], w[2k+1][n]),
+//   multiplied and summed exactly in int32. The tile's value before residual and activation is
+//   float(sum) * (row_scale[m] * col_scale[n]) + bias[n]: every tile starts with the bias.
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
@@ -47,6 +52,10 @@ struct GemmTileArgs {
     Activation act;                  // applied when final
     bool final;
     bool stream;                     // final stores may bypass the caches
+    // int8 kernels only
+    const int16_t* const* a_int16;
+    const float* row_scale;          // per row: the scale its values were quantized with
+    const float* col_scale;          // per column: its weights' scale
 };
 
 using GemmTileFn = void (*)(const GemmTileArgs&);
@@ -100,6 +109,12 @@ struct DwKernel {
 // for i < n; dst may be src.
 using RoundRunFn = void (*)(const float* src, float* dst, size_t n);
 
+// One pixel's n channels quantized for the int8 kernels (see GemmTileArgs): to int8 with the
+// row's own scale and zero point (its range, 0 included, over 255 steps), stored less the zero
+// point in dst[0..n), dst[n..padded) zeroed. Returns the scale; NaN when the row holds a NaN or an
+// infinity (its outputs are then NaN).
+using QuantizeRowFn = float (*)(const float* src, size_t n, int16_t* dst, size_t padded);
+
 // kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
 using FmaProbeFn = float (*)(size_t iterations);
 
@@ -112,16 +127,24 @@ struct IsaKernels {
     const char* isa;
     GemmKernels gemm;
     GemmKernels gemm_bf16_weights;
+    // The int8 family: its kernels, its row quantization, and the ISA they come from (AVX-512
+    // machines run the AVX2 ones: the AVX-512 unit is built for AVX512F, without BW's vpmaddwd).
+    GemmKernels gemm_int8;
+    QuantizeRowFn quantize_row_int8;
+    const char* int8_isa;
     DwKernel depthwise;
     RoundRunFn round_to_bf16;
     FmaProbeFn fma_probe;
     int fma_per_iteration;
 
     const GemmKernel& main() const { return gemm[0]; }
-    // The kernel that computes `columns` output channels (a layer's, or a group's) fastest, with
-    // float or bfloat16 weights; ties go to the earlier one.
-    const GemmKernel& gemm_for(int64_t columns, bool bf16_weights = false) const {
-        const GemmKernels& kernels = bf16_weights ? gemm_bf16_weights : gemm;
+    const GemmKernels& gemm_of(Precision precision) const {
+        return precision == Precision::bf16 ? gemm_bf16_weights : precision == Precision::int8 ? gemm_int8 : gemm;
+    }
+    // The kernel of a precision that computes `columns` output channels (a layer's, or a group's)
+    // fastest; ties go to the earlier one.
+    const GemmKernel& gemm_for(int64_t columns, Precision precision = Precision::fp32) const {
+        const GemmKernels& kernels = gemm_of(precision);
         const GemmKernel* best = &kernels[0];
         double best_cost = -1.0;
         for (const GemmKernel& k : kernels) {

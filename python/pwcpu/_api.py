@@ -75,7 +75,7 @@ def _activation_code(activation, name: str = "activation") -> int:
 
 
 #: Names accepted by ``precision=``, mapped to the core's codes.
-PRECISIONS = {"fp32": 0, "bf16": 1}
+PRECISIONS = {"fp32": 0, "bf16": 1, "int8": 2}
 
 
 def _precision_code(precision) -> int:
@@ -132,7 +132,8 @@ def _layout_code(layout) -> int:
 def _choice_code(name: str, value, codes: dict) -> int:
     """The core's code for a string option (layout, precision): a TypeError for anything but a
     string, a ValueError for an unknown one."""
-    choices = " or ".join(repr(c) for c in codes)
+    names = [repr(c) for c in codes]
+    choices = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
     if not isinstance(value, str):
         raise TypeError(f"{name} must be {choices}, got {type(value).__name__}")
     if value not in codes:

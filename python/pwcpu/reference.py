@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "pointwise", "round_to_bf16"]
+__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "int8_operands", "pointwise", "quantize_int8_rows",
+           "quantize_int8_weights", "round_to_bf16"]
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -41,8 +42,54 @@ def round_to_bf16(a) -> np.ndarray:
     return np.where(is_nan, quiet_nan, rounded).view(np.float32)
 
 
-def _inputs(x, weight, precision):
+@np.errstate(all="ignore")
+def quantize_int8_rows(x, groups=1):
+    """precision="int8"'s view of activations: each pixel's channels (each group's, with groups) as
+    int8 with a scale and zero point of their own, their range (0 included) over 255 steps, computed
+    in float32 as pwcpu does. Returns (values less the zero point, as float64; scales, float32 of
+    shape x.shape[:-1] + (groups,)). A group of zeros (or of values too small for a normal scale)
+    gets scale 0; one holding a NaN or an infinity gets NaN values."""
+    x = np.asarray(x, dtype=np.float32)
+    rows = x.reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+    low = np.minimum(rows.min(axis=-1, initial=np.inf), np.float32(0))
+    high = np.maximum(rows.max(axis=-1, initial=-np.inf), np.float32(0))
+    scale = (high - low) / np.float32(255)
+    finite = np.isfinite(rows).all(axis=-1)
+    usable = finite & (scale >= np.finfo(np.float32).tiny)
+    inverse = np.float32(1) / np.where(usable, scale, np.float32(1))
+    zero_point = np.clip(np.rint(np.float32(-128) - low * inverse), -128, 127).astype(np.float32)
+    t = np.clip(rows * inverse[..., None], (np.float32(-128) - zero_point)[..., None],
+                (np.float32(127) - zero_point)[..., None])
+    values = np.where(usable[..., None], np.rint(t), 0.0).astype(np.float64)
+    values = np.where(finite[..., None], values, np.nan)
+    scale = np.where(usable, scale, np.where(finite, np.float32(0), np.float32(np.nan))).astype(np.float32)
+    return values.reshape(x.shape), scale
+
+
+def quantize_int8_weights(weight):
+    """precision="int8"'s view of (K, C) weights: each output channel symmetric, over 127 steps of
+    its largest magnitude. Returns (int8 values as float64, scales float32 (K,))."""
+    w = np.asarray(weight, dtype=np.float32).reshape(np.shape(weight)[0], -1)
+    scale = np.abs(w).max(axis=1, initial=np.float32(0)) / np.float32(127)
+    scale = np.where(scale >= np.finfo(np.float32).tiny, scale, np.float32(0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    values = np.where(scale[:, None] > 0, np.clip(np.rint(w / safe[:, None]), -127, 127), 0.0)
+    return values.astype(np.float64), scale
+
+
+def int8_operands(x, weight, groups=1):
+    """x (channels last) and weight as precision="int8" multiplies them: the quantized values times
+    their scales, float64."""
+    values, scale = quantize_int8_rows(x, groups)
+    per_channel = np.repeat(scale.astype(np.float64), values.shape[-1] // groups, axis=-1)
+    w_values, w_scale = quantize_int8_weights(weight)
+    return values * per_channel, (w_values * w_scale.astype(np.float64)[:, None]).reshape(np.shape(weight))
+
+
+def _inputs(x, weight, precision, groups=1):
     """x and weight as the precision reads them, in float64."""
+    if precision == "int8":
+        return int8_operands(x, weight, groups)
     if precision == "bf16":
         x, weight = round_to_bf16(x), round_to_bf16(weight)
     elif precision != "fp32":
@@ -63,7 +110,7 @@ def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=N
         y = conv1x1(np.transpose(x, to_nhwc), weight, bias, stride=stride, padding=padding, groups=groups,
                     activation=activation, residual=r, precision=precision)
         return np.moveaxis(y, -1, 1)
-    x, w = _inputs(x, weight, precision)
+    x, w = _inputs(x, weight, precision, groups)
     w = w.reshape(w.shape[0], w.shape[1])
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))

@@ -23,7 +23,11 @@ constexpr Activation kLastActivation = Activation::hardsigmoid;
 // What a 1x1 convolution multiplies. fp32: float32 inputs and weights. bf16: inputs and weights
 // rounded to bfloat16 (to nearest, ties to even; the weights once, when packed, the inputs as they
 // are read), products summed in float32; bias, residual, activation and output stay float32.
-enum class Precision : int { fp32 = 0, bf16 = 1 };
+// int8: dynamic quantization (NHWC only). Weights quantized once, per output channel, to symmetric
+// int8; each input pixel's channels quantized as they are read, to int8 with a scale and zero
+// point of the pixel's own (its range, 0 included, over 255 steps); exact integer sums; the
+// float32 result dequantized with bias, residual and activation fused.
+enum class Precision : int { fp32 = 0, bf16 = 1, int8 = 2 };
 
 // Memory order of activations. NHWC: channels last (the kernels' native order). NCHW: each image
 // is C planes of H x W, computed directly as W[K, C] x X[C, H*W].
@@ -271,6 +275,8 @@ struct RuntimeInfo {
     std::string kernel_main;                // the main GEMM kernel (NCHW layers use it)
     std::vector<std::string> gemm_kernels;  // every GEMM kernel; each layer takes the best fit for its width
     std::vector<std::string> bf16_gemm_kernels;  // the same with bfloat16 weights (precision bf16, NHWC)
+    std::vector<std::string> int8_gemm_kernels;  // the int8 family's (precision int8, NHWC)
+    std::string int8_isa;                        // the ISA of the int8 family's kernels
     std::string kernel_depthwise;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)

@@ -1,0 +1,109 @@
+// The int8 GEMM tile microkernel (dynamic quantization) and the row quantizer that feeds it,
+// written once over the ISA's Vec (floats) and IVec (integers).
+//
+// Included inside the ISA's namespace after f32_gemm_tile.inl (whose store_tile it shares).
+// IVec provides: P (a register of W pairs of int16) and I (W int32 sums), zero(), load_pairs(p)
+// (2W int16), broadcast_pair(p) (p[0], p[1] in every pair), madd_add(acc, a, b) (acc plus, in each
+// lane, the two products of its pair, exactly in int32: vpmaddwd + vpaddd) and to_float(I).
+
+// Values less their zero point lie in [-255, 255] and weights in [-127, 127], so a pair's two
+// products sum to at most 64770 in magnitude: exact in int32 (no int16 saturation, unlike
+// vpmaddubsw) for reductions of up to 33000 pairs; the driver admits at most 65536 channels.
+template <int MR, int NV>
+void int8_gemm_tile(const GemmTileArgs& p) {
+    constexpr int W = Vec::W;
+    typename IVec::I sums[MR][NV];
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) sums[m][v] = IVec::zero();
+    const int16_t* a[MR];
+#pragma GCC unroll 32
+    for (int m = 0; m < MR; ++m) a[m] = p.a_int16[m];
+    const int16_t* w = static_cast<const int16_t*>(p.w);
+    for (size_t kk = 0; kk < p.kc; kk += 2) {
+        typename IVec::P b[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) b[v] = IVec::load_pairs(w + v * 2 * W);
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) {
+            const typename IVec::P am = IVec::broadcast_pair(a[m] + kk);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) sums[m][v] = IVec::madd_add(sums[m][v], am, b[v]);
+        }
+        w += NV * 2 * W;
+    }
+
+    R acc[MR][NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+        const R col_scale = Vec::load(p.col_scale + v * W), bias = Vec::load(p.bias + v * W);
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) {
+            const R scale = Vec::mul(Vec::set1(p.row_scale[m]), col_scale);
+            acc[m][v] = Vec::fma(IVec::to_float(sums[m][v]), scale, bias);
+        }
+    }
+    store_tile<MR, NV>(acc, p);
+}
+
+template <int NV, int... R>
+constexpr std::array<GemmTileFn, sizeof...(R)> int8_tiles_by_rows(std::integer_sequence<int, R...>) {
+    return {{&int8_gemm_tile<R + 1, NV>...}};
+}
+
+// The int8 kernel of MR x (NV vectors) tiles, named like the float ones.
+template <int MR, int NV>
+GemmKernel int8_gemm_kernel(float throughput) {
+    static constexpr std::array<GemmTileFn, MR> tiles = int8_tiles_by_rows<NV>(std::make_integer_sequence<int, MR>{});
+    static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W>("int8_f32_gemm_bias_act_");
+    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
+}
+
+// See QuantizeRowFn (ukernel.hpp). The range in vectors; the values by a loop the compiler
+// vectorises. Rounding to nearest even by adding and subtracting 1.5 * 2^23, after clamping to the
+// 256 levels (|t| <= 255, well inside the trick's range).
+float quantize_row_int8(const float* src, size_t n, int16_t* dst, size_t padded) {
+    constexpr int W = Vec::W;
+    R lo = Vec::set1(0.0f), hi = lo, not_finite = lo;
+    size_t i = 0;
+    for (; i + W <= n; i += W) {
+        const R x = Vec::load(src + i);
+        lo = Vec::min(lo, x);
+        hi = Vec::max(hi, x);
+        not_finite = Vec::add(not_finite, Vec::sub(x, x));  // NaN from a NaN or an infinity, then kept
+    }
+    if (i < n) {
+        const R x = Vec::load_n(src + i, n - i);
+        lo = Vec::min(lo, x);
+        hi = Vec::max(hi, x);
+        not_finite = Vec::add(not_finite, Vec::sub(x, x));
+    }
+    float lo_lanes[W], hi_lanes[W], check_lanes[W];
+    Vec::store_n(lo_lanes, lo, W);
+    Vec::store_n(hi_lanes, hi, W);
+    Vec::store_n(check_lanes, not_finite, W);
+    float row_min = 0.0f, row_max = 0.0f, check = 0.0f;
+    for (int j = 0; j < W; ++j) {
+        row_min = lo_lanes[j] < row_min ? lo_lanes[j] : row_min;
+        row_max = hi_lanes[j] > row_max ? hi_lanes[j] : row_max;
+        check += check_lanes[j];
+    }
+    const float scale = (row_max - row_min) / 255.0f;
+    // A row of zeros, or of values too small to tell apart (a scale under the normal range would be
+    // flushed to zero), quantizes to zeros; a row with a NaN or an infinity gives NaN outputs.
+    if (check != 0.0f || !(scale >= 1.17549435e-38f)) {
+        for (size_t j = 0; j < padded; ++j) dst[j] = 0;
+        return check != 0.0f ? check : 0.0f;
+    }
+    constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+    const float inverse = 1.0f / scale;
+    const float zero_point = std::min(std::max((-128.0f - row_min * inverse + kRound) - kRound, -128.0f), 127.0f);
+    const float low = -128.0f - zero_point, high = 127.0f - zero_point;
+    for (size_t j = 0; j < n; ++j) {
+        const float t = std::min(std::max(src[j] * inverse, low), high);
+        dst[j] = static_cast<int16_t>((t + kRound) - kRound);
+    }
+    for (size_t j = n; j < padded; ++j) dst[j] = 0;
+    return scale;
+}
