@@ -86,3 +86,15 @@ def test_bf16_precision_run(tmp_path):
         if importlib.util.find_spec("torch") is not None:
             assert row["over_torch"] == pytest.approx(row["gflops"]["bf16"] / row["gflops"]["torch"])
     assert "geometric mean bf16 over fp32" in stdout
+
+
+def test_int8_precision_run(tmp_path):
+    data, stdout = bench(tmp_path, "--suite", "resnet50", "--precision", "int8")
+    assert data["precision"] == "int8" and len(data["results"]) == 9
+    for row in data["results"]:
+        assert row["gflops"]["int8"] > 0 and row["gflops"]["fp32"] > 0 and "torch" not in row["gflops"]
+        # 8-bit quantization of N(0, 1) data: about 1 % RMS, and pwcpu adds nothing to the scheme's own
+        # error (its integer sums are exact).
+        assert 1e-3 < row["rms_error"] < 0.03
+        assert row["rms_error_over_exact_scheme"] == pytest.approx(1.0, abs=0.01)
+    assert "geometric mean int8 over fp32" in stdout and "RMS error" in stdout

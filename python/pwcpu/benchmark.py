@@ -311,6 +311,13 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _relative_rms(result, exact) -> float:
+    """The RMS of the error over that of the exact result."""
+    exact = np.asarray(exact, dtype=np.float64)
+    error = np.asarray(result, dtype=np.float64).reshape(exact.shape) - exact
+    return float(np.sqrt(np.mean(error**2) / np.mean(exact**2)))
+
+
 def check_result(name: str, result, d: LayerData, precision: str = "fp32") -> None:
     """Every implementation must compute the same layer, or its timing means nothing."""
     if name == "onnxruntime":
@@ -405,9 +412,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask-gib", type=float, default=1.0, help="with --dask: input size in GiB (default 1)")
     parser.add_argument("--overhead", action="store_true",
                         help="the PyTorch bridge's cost per call: converted layers against PointwiseConv from NumPy")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
                         help="bf16: instead of peers, pwcpu with precision='bf16' against its fp32 and against "
-                             "PyTorch's bf16 conv2d (channels_last), when installed")
+                             "PyTorch's bf16 conv2d (channels_last), when installed; int8: pwcpu with "
+                             "precision='int8' against its fp32, with its error against the fp32 result")
     parser.add_argument("--epilogue", action="store_true",
                         help="instead of peers: the cost of the fused epilogue, conv1x1 with bias + relu + "
                              "residual (out is residual) against the plain convolution")
@@ -762,10 +770,11 @@ def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_sec
 def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precision: str, min_seconds: float,
                     rounds: int, pause: float) -> List[Dict]:
     """pwcpu at ``precision`` against pwcpu's fp32 on the same layer (float32 arrays in and out, weights
-    packed beforehand), and against PyTorch's conv2d on tensors of that precision (channels_last,
-    oneDNN) where PyTorch is installed."""
+    packed beforehand), and for bf16 against PyTorch's conv2d on bf16 tensors (channels_last, oneDNN)
+    where PyTorch is installed. int8 rows carry the relative RMS error against the exact float32
+    result, and that of the same quantization computed exactly (float64), as a ratio."""
     torch = None
-    if importlib.util.find_spec("torch") is not None:
+    if precision == "bf16" and importlib.util.find_spec("torch") is not None:
         import torch
     results = []
     for threads in threads_list:
@@ -796,9 +805,16 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                        "over_fp32": gflops[precision] / gflops["fp32"]}
                 if "torch" in gflops:
                     row["over_torch"] = gflops[precision] / gflops["torch"]
+                if precision == "int8":
+                    exact_y = d.reference()
+                    row["rms_error"] = _relative_rms(y, exact_y)
+                    row["rms_error_over_exact_scheme"] = row["rms_error"] / _relative_rms(d.reference("int8"), exact_y)
                 results.append(row)
                 line = "   ".join(f"{n} {g:6.1f}" for n, g in gflops.items())
                 torch_ratio = f"   {row['over_torch']:.2f}x PyTorch" if "over_torch" in row else ""
+                if "rms_error" in row:
+                    torch_ratio += (f"   RMS error {100 * row['rms_error']:.2f} % "
+                                    f"({row['rms_error_over_exact_scheme']:.3f}x the scheme's, computed exactly)")
                 print(f"{layer.label:<36} {line}   {precision} {row['over_fp32']:.2f}x fp32{torch_ratio}", flush=True)
         rows = [r for r in results if r["threads"] == threads]
         print(f"geometric mean {precision} over fp32: {_geomean([r['over_fp32'] for r in rows]):.2f}x"
