@@ -232,12 +232,15 @@ def conv1x1(
         With "NCHW", x is (N, C, H, W) and the result (N, K, Ho, Wo), computed directly as
         ``W[K, C] @ X[C, H*W]`` per image (no transposing copy). ``out`` and ``residual`` then need
         contiguous (H, W) planes (other strides are free); x may have any strides.
-    precision : "fp32" or "bf16"
+    precision : "fp32", "bf16" or "int8"
         With "bf16", x and weight are rounded to bfloat16 (to nearest, ties to even: pwcpu rounds
         float32 inputs itself) and their products summed in float32; bias, residual, activation
         and the result stay float32. x, residual and out may also be bfloat16 arrays (ml_dtypes,
-        as JAX and TensorFlow make them), with either precision: inputs are widened exactly, and a
+        as JAX and TensorFlow make them), with any precision: inputs are widened exactly, and a
         bfloat16 out receives the float32 result rounded to nearest even.
+        With "int8" (NHWC only), dynamic quantization: weights per output channel (symmetric int8),
+        each pixel's channels with their own scale and zero point, exact int32 sums, float32
+        result (see ``pwcpu.reference.quantize_int8_rows`` and the README's "Accuracy").
 
     Returns
     -------
@@ -470,7 +473,8 @@ class PointwiseConv(_PackedLayer):
 
     @property
     def precision(self) -> str:
-        """"fp32", or "bf16": inputs and weights rounded to bfloat16, sums in float32 (see :func:`conv1x1`)."""
+        """"fp32"; "bf16": inputs and weights rounded to bfloat16, sums in float32; "int8": dynamic
+        quantization, exact integer sums (see :func:`conv1x1`)."""
         return self._precision
 
     def __call__(self, x, *, residual=None, out: Optional[np.ndarray] = None):
