@@ -1,5 +1,5 @@
-"""pwcpu.torch with precision="bf16": convert(model, precision=...), the modules and the operators,
-and bfloat16 tensors."""
+"""pwcpu.torch with precision="bf16" (and "int8" where the same holds): convert(model, precision=...),
+the modules and the operators, and bfloat16 tensors."""
 
 import pickle
 import warnings
@@ -19,38 +19,44 @@ def nhwc(t):
     return t.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def test_converted_1x1_layers_compute_in_bf16():
+REDUCED = ["bf16", "int8"]
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+def test_converted_1x1_layers_compute_in_reduced_precision(precision):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(24, 16, 1), nn.ReLU(), nn.Flatten(2), nn.Linear(25, 7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = pt.convert(model, precision="bf16")
+        converted = pt.convert(model, precision=precision)
     conv, linear = [m for m in converted.modules() if isinstance(m, (pt.PwcpuConv2d, pt.PwcpuLinear))]
-    assert conv.precision == linear.precision == "bf16" and "precision='bf16'" in repr(conv)
+    assert conv.precision == linear.precision == precision and f"precision='{precision}'" in repr(conv)
     x = torch.randn(2, 24, 5, 5).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         got = converted(x)
-    # Layer by layer, what pwcpu's NumPy API computes with precision="bf16".
+    # Layer by layer, what pwcpu's NumPy API computes at that precision.
     w, b = model[0].weight.detach().numpy()[:, :, 0, 0], model[0].bias.detach().numpy()
-    h = pwcpu.conv1x1(nhwc(x), w, b, activation="relu", precision="bf16")
+    h = pwcpu.conv1x1(nhwc(x), w, b, activation="relu", precision=precision)
     h = np.ascontiguousarray(h.transpose(0, 3, 1, 2).reshape(2, 16, 25))
-    expected = pwcpu.pointwise(h, model[3].weight.detach().numpy(), model[3].bias.detach().numpy(), precision="bf16")
+    expected = pwcpu.pointwise(h, model[3].weight.detach().numpy(), model[3].bias.detach().numpy(),
+                               precision=precision)
     np.testing.assert_array_equal(got.numpy(), expected)
     # And it is not the float32 result.
     with torch.inference_mode():
         assert not torch.equal(got, pt.convert(model)(x))
 
 
-def test_blocks_fuse_in_bf16():
+@pytest.mark.parametrize("precision", REDUCED)
+def test_blocks_fuse_in_reduced_precision(precision):
     model = randomize_batchnorm(nn.Sequential(conv_bn(3, 16, 3, 2), InvertedResidual(16, 24, 2, 6),
                                               InvertedResidual(24, 24, 1, 6)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = pt.convert(model, precision="bf16")
+        converted = pt.convert(model, precision=precision)
     blocks = [m for m in converted.modules() if isinstance(m, pt.PwcpuInvertedResidual)]
-    assert len(blocks) == 2 and all(b._block().precision == "bf16" for b in blocks)
+    assert len(blocks) == 2 and all(b._block().precision == precision for b in blocks)
     pointwise = [m for m in converted.modules() if isinstance(m, pt.PwcpuConv2d)]
-    assert pointwise and all(m.precision == "bf16" for m in pointwise)
+    assert pointwise and all(m.precision == precision for m in pointwise)
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     inputs = []
     hooks = [block.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
@@ -59,11 +65,11 @@ def test_blocks_fuse_in_bf16():
         got, expected = converted(x), model(x)
         for hook in hooks:
             hook.remove()
-        # The fused call is its layers (1x1 in bf16, depthwise in float32) run one by one.
+        # The fused call is its layers (1x1 in reduced precision, depthwise in float32) run one by one.
         assert len(inputs) == 2
         for block, h in inputs:
             assert torch.equal(block(h), block._layer_by_layer(h))
-    # bfloat16 keeps 8 significant bits: close to float32, not equal.
+    # bfloat16 keeps 8 significant bits, int8 256 levels: close to float32, not equal.
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
     assert not torch.equal(got, expected)
 
@@ -96,17 +102,18 @@ def test_bfloat16_tensors_in_and_out():
         assert torch.equal(plain(tokens), plain(tokens.float()).to(torch.bfloat16))
 
 
-def test_operators_take_the_precision():
+@pytest.mark.parametrize("precision", REDUCED)
+def test_operators_take_the_precision(precision):
     torch.manual_seed(2)
     x = torch.randn(1, 10, 3, 3).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(4, 10, 1, 1), torch.randn(4)
-    got = torch.ops.pwcpu.conv1x1(x, w, b, [1, 1], [0, 0], 1, None, None, "bf16")
-    expected = pwcpu.conv1x1(nhwc(x), w.numpy()[:, :, 0, 0], b.numpy(), precision="bf16")
+    got = torch.ops.pwcpu.conv1x1(x, w, b, [1, 1], [0, 0], 1, None, None, precision)
+    expected = pwcpu.conv1x1(nhwc(x), w.numpy()[:, :, 0, 0], b.numpy(), precision=precision)
     np.testing.assert_array_equal(nhwc(got), expected)
     t = torch.randn(5, 10)
-    got = torch.ops.pwcpu.pointwise(t, w[:, :, 0, 0], b, None, None, "bf16")
+    got = torch.ops.pwcpu.pointwise(t, w[:, :, 0, 0], b, None, None, precision)
     np.testing.assert_array_equal(got.numpy(), pwcpu.pointwise(t.numpy(), w.numpy()[:, :, 0, 0], b.numpy(),
-                                                               precision="bf16"))
+                                                               precision=precision))
     with pytest.raises(ValueError, match="precision"):
         torch.ops.pwcpu.pointwise(t, w[:, :, 0, 0], b, None, None, "fp8")
 

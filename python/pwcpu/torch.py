@@ -327,7 +327,8 @@ class _FrozenLayer(_FrozenModule):
 
     @property
     def precision(self) -> str:
-        """"fp32", or "bf16" (inputs and weights rounded to bfloat16, float32 sums: see pwcpu.conv1x1)."""
+        """"fp32", "bf16" (inputs and weights rounded to bfloat16, float32 sums) or "int8" (dynamic
+        quantization): see pwcpu.conv1x1."""
         return self._options[4]
 
     def _bfloat16_call(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
@@ -1027,7 +1028,7 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True,
     layers compute as ``pwcpu.conv1x1(..., precision="bf16")`` does (weights and inputs rounded to
     bfloat16, float32 sums; the model still takes and returns float32 tensors, and they also take
     bfloat16 ones); fused inverted residual blocks compute their 1x1 stages in bf16 and the depthwise
-    one in float32.
+    one in float32. ``precision="int8"`` does the same with dynamic int8 quantization.
     """
     _precision_code(precision)
     converted = copy.deepcopy(model).eval()
