@@ -698,6 +698,117 @@ private:
     std::shared_ptr<const pwcpu::InvertedResidual> block_;
 };
 
+// Static int8 (ONNX QLinearConv, 1x1, NHWC): 8-bit x and out, the layer's quantization
+// parameters fixed at construction. The Python API has checked the types of the weights and
+// parameters; the core checks their values.
+class QuantizedConvPlan {
+public:
+    QuantizedConvPlan(const py::array& weight, const py::array& w_scale, const py::array& w_zero_point,
+                      const py::object& bias, int64_t groups, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                      int64_t pad_w, float x_scale, int32_t x_zero_point, bool x_signed, float y_scale,
+                      int32_t y_zero_point, bool y_signed)
+        : groups_(groups), geometry_{stride_h, stride_w, pad_h, pad_w} {
+        weight_ = py::array(numpy().attr("ascontiguousarray")(weight));
+        w_scale_ = py::array_t<float, py::array::c_style | py::array::forcecast>(w_scale);
+        w_zero_point_ = py::array_t<int32_t, py::array::c_style | py::array::forcecast>(w_zero_point);
+        has_bias_ = !bias.is_none();
+        if (has_bias_) bias_ = py::array_t<int32_t, py::array::c_style | py::array::forcecast>(bias);
+        params_.weight_signed = weight_.dtype().equal(py::dtype::of<int8_t>());
+        params_.x_scale = x_scale;
+        params_.x_zero_point = x_zero_point;
+        params_.x_signed = x_signed;
+        params_.y_scale = y_scale;
+        params_.y_zero_point = y_zero_point;
+        params_.y_signed = y_signed;
+        pack();
+    }
+
+    py::array conv(const py::object& x_in, const py::object& out_in) {
+        if (packed_->isa() != pwcpu::active_isa()) pack();
+        const py::dtype x_type = params_.x_signed ? py::dtype::of<int8_t>() : py::dtype::of<uint8_t>();
+        const py::dtype y_type = params_.y_signed ? py::dtype::of<int8_t>() : py::dtype::of<uint8_t>();
+        const char* x_name = params_.x_signed ? "int8" : "uint8";
+        const char* y_name = params_.y_signed ? "int8" : "uint8";
+        if (!py::isinstance<py::array>(x_in)) throw py::type_error(std::string("x must be a NumPy ") + x_name + " array");
+        py::array x = py::reinterpret_borrow<py::array>(x_in);
+        if (!x.dtype().equal(x_type)) {
+            throw py::type_error(std::string("x must be ") + x_name + " (as x_zero_point), got " +
+                                 py::str(x.dtype()).cast<std::string>());
+        }
+        if (x.ndim() != 4) throw py::value_error("x must be 4-D (N, H, W, C), got shape " + text(x.attr("shape")));
+        if (x.shape(3) > 1 && x.strides(3) != 1) x = py::array(numpy().attr("ascontiguousarray")(x));
+        const pwcpu::QuantizedView xv = view_of(x);
+        const pwcpu::TensorView shape_only{nullptr, {xv.shape[0], xv.shape[1], xv.shape[2], xv.shape[3]}, {}};
+        if (xv.shape[3] != packed_->in_channels()) {
+            throw py::value_error("x has " + std::to_string(xv.shape[3]) + " channels; the weights take " +
+                                  std::to_string(packed_->in_channels()));
+        }
+        const std::array<int64_t, 4> shape = packed_->output_shape(shape_only, geometry_);
+        const std::vector<py::ssize_t> out_shape(shape.begin(), shape.end());
+        py::array out;
+        if (out_in.is_none()) {
+            out = py::array(y_type, out_shape);
+        } else {
+            if (!py::isinstance<py::array>(out_in)) throw py::type_error(std::string("out must be a NumPy ") + y_name + " array");
+            out = py::reinterpret_borrow<py::array>(out_in);
+            if (!out.dtype().equal(y_type)) {
+                throw py::type_error(std::string("out must be ") + y_name + " (as y_zero_point), got " +
+                                     py::str(out.dtype()).cast<std::string>());
+            }
+            if (shape_of(out) != out_shape) {
+                throw py::value_error("out must have shape " + text(shape_tuple(out_shape)) + ", got " + text(out.attr("shape")));
+            }
+            if (!out.writeable()) throw py::value_error("out must be writable");
+            if (out.shape(3) > 1 && out.strides(3) != 1) throw py::value_error("out must have a contiguous channel (last) axis");
+            if (overlaps_itself(out)) throw py::value_error("out must not overlap itself");
+            if (overlaps(out, x)) throw py::value_error("out overlaps x in memory; use a separate output array");
+        }
+        const pwcpu::QuantizedView ov = view_of(out);
+        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
+        {
+            py::gil_scoped_release release;
+            packed->run_quantized(xv, ov, geometry_);
+        }
+        return out;
+    }
+
+    const pwcpu::PackedWeights& packed() const { return *packed_; }
+
+private:
+    static pwcpu::QuantizedView view_of(const py::array& a) {
+        pwcpu::QuantizedView v;
+        v.data = static_cast<uint8_t*>(const_cast<void*>(a.data()));
+        for (int d = 0; d < 4; ++d) {
+            v.shape[d] = a.shape(d);
+            v.strides[d] = a.strides(d);  // bytes are elements
+        }
+        return v;
+    }
+
+    void pack() {
+        pwcpu::QuantizedConvParams params = params_;
+        const int64_t k = weight_.shape(0), cg = weight_.ndim() > 1 ? weight_.shape(1) : 0;
+        if (w_scale_.size() != k || w_zero_point_.size() != k || (has_bias_ && bias_.size() != k)) {
+            throw py::value_error("w_scale, w_zero_point and bias need one value per output channel");
+        }
+        params.weight = weight_.data();
+        params.weight_scale = w_scale_.data();
+        params.weight_zero_point = w_zero_point_.data();
+        params.bias = has_bias_ ? bias_.data() : nullptr;
+        packed_ = std::make_shared<const pwcpu::PackedWeights>(params, k, cg, groups_);
+    }
+
+    py::array weight_;
+    py::array_t<float> w_scale_;
+    py::array_t<int32_t> w_zero_point_;
+    py::array_t<int32_t> bias_;
+    bool has_bias_ = false;
+    int64_t groups_;
+    pwcpu::ConvGeometry geometry_;
+    pwcpu::QuantizedConvParams params_;
+    std::shared_ptr<const pwcpu::PackedWeights> packed_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -718,6 +829,17 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("precision", [](const ConvPlan& p) { return static_cast<int>(p.packed().precision()); })
         .def_property_readonly("out_channels", &ConvPlan::out_channels)
         .def_property_readonly("in_channels", &ConvPlan::in_channels);
+
+    py::class_<QuantizedConvPlan>(m, "QuantizedConvPlan")
+        .def(py::init<const py::array&, const py::array&, const py::array&, const py::object&, int64_t, int64_t,
+                      int64_t, int64_t, int64_t, float, int32_t, bool, float, int32_t, bool>(),
+             py::arg("weight"), py::arg("w_scale"), py::arg("w_zero_point"), py::arg("bias"), py::arg("groups"),
+             py::arg("stride_h"), py::arg("stride_w"), py::arg("pad_h"), py::arg("pad_w"), py::arg("x_scale"),
+             py::arg("x_zero_point"), py::arg("x_signed"), py::arg("y_scale"), py::arg("y_zero_point"),
+             py::arg("y_signed"))
+        .def("conv", &QuantizedConvPlan::conv, py::arg("x"), py::arg("out"))
+        .def_property_readonly("isa", [](const QuantizedConvPlan& p) { return p.packed().isa(); })
+        .def_property_readonly("kernel", [](const QuantizedConvPlan& p) { return p.packed().kernel_name(); });
 
     py::class_<DepthwisePlan>(m, "DepthwisePlan")
         .def(py::init<const py::array&, const py::object&, int64_t, int64_t, int64_t, int64_t, int, bool>(),

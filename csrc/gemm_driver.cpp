@@ -78,9 +78,10 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
 // has ways evicts its own rows on every k step. Such layers take tiles of half the rows: the
 // kernel has a variant for every row count. Measured on Zen 4 (AVX-512, 14x32 kernel, 1 thread):
 // 14x14x1024->256 82 -> 108 GFLOP/s, 7x7x2048->512 72 -> 106, ffn 512x3072->768 84 -> 110 (of 118).
-int64_t tile_rows(const GemmKernel& kernel, const TensorView& x, const ConvGeometry& geo) {
+template <class T>
+int64_t tile_rows(const GemmKernel& kernel, const BasicTensorView<T>& x, const ConvGeometry& geo) {
     constexpr int64_t kSetPeriodBytes = 4096, kFewestL1Ways = 8;
-    const int64_t pixel_bytes = std::abs(x.strides[2] * geo.stride_w) * static_cast<int64_t>(sizeof(float));
+    const int64_t pixel_bytes = std::abs(x.strides[2] * geo.stride_w) * static_cast<int64_t>(sizeof(T));
     const bool aliased = pixel_bytes != 0 && pixel_bytes % kSetPeriodBytes == 0;
     return aliased && kernel.mr >= kFewestL1Ways ? kernel.mr / 2 : kernel.mr;
 }
@@ -146,6 +147,29 @@ struct PackedWeights::Impl {
     AlignedBuffer weight_rows, row_bias;
 
     int64_t panel_count() const { return groups * panels_per_group; }
+
+    // int8 panels (see above) from value(row, c) (the int16 the kernel multiplies), bias(row) (the
+    // float stored in its slot: the bias, or static int8's int32 bias bits) and scale(row).
+    template <class Value, class Bias, class Scale>
+    void pack_int8(const Value& value, const Bias& bias, const Scale& scale) {
+        const int64_t nr = kernel.nr;
+        const char* what = "weight (K x C/groups), packed";
+        panel_stride = 2 * nr + checked_mul(nr, ceil_div(cg, 2), what);
+        panels = allocate_floats(checked_floats(checked_mul(panel_count(), panel_stride, what), what), what);
+        std::memset(panels.get(), 0, sizeof(float) * static_cast<size_t>(panel_count() * panel_stride));
+        for (int64_t p = 0; p < panel_count(); ++p) {
+            const int64_t g = p / panels_per_group;
+            const int64_t first = g * kg + (p % panels_per_group) * nr;
+            const int64_t width = std::min<int64_t>(nr, (g + 1) * kg - first);
+            float* dst = panels.get() + p * panel_stride;
+            int16_t* const pairs = reinterpret_cast<int16_t*>(dst + 2 * nr);
+            for (int64_t n = 0; n < width; ++n) {
+                dst[n] = bias(first + n);
+                dst[nr + n] = scale(first + n);
+                for (int64_t c = 0; c < cg; ++c) pairs[(c / 2) * 2 * nr + 2 * n + c % 2] = value(first + n, c);
+            }
+        }
+    }
     const float* panel(int64_t p) const { return panels.get() + p * panel_stride; }
     // Panel p's weights from channel k0 on, after its NR biases: floats, or bfloat16 bits.
     const void* panel_weights(int64_t p, int64_t k0) const {
@@ -156,8 +180,14 @@ struct PackedWeights::Impl {
     }
     const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
 
-    void run(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
-             Activation act) const;
+    // Static int8 (packed from QuantizedConvParams): the input's zero point and sign, the output's.
+    bool quantized_io = false;
+    QuantizedConvParams io;
+
+    // NHWC. T: float, or uint8_t for static int8's 8-bit tensors (no residual, no activation).
+    template <class T>
+    void run(const BasicTensorView<T>& x, const BasicTensorView<T>& out, const BasicTensorView<T>* residual,
+             const ConvGeometry& geo, Activation act) const;
     void run_nchw(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
                   Activation act) const;
 };
@@ -210,12 +240,16 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.kernel = w.isa->gemm_for(w.kg, precision);
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
+    if (int8) {
+        w.pack_int8([&](int64_t row, int64_t c) { return quantize_weight(weight[row * row_stride + c * col_stride], int8_scales[row]); },
+                    [&](int64_t row) { return bias != nullptr ? bias[row] : 0.0f; },
+                    [&](int64_t row) { return int8_scales[row]; });
+        return;
+    }
     const char* what = "weight (K x C/groups), packed";
-    // In floats: NR biases, then the weights (two bfloat16 values per float, rounded up; int8: NR
-    // scales, then pairs of int16, one pair per float).
+    // In floats: NR biases, then the weights (two bfloat16 values per float, rounded up).
     const int64_t weight_values = checked_mul(nr, w.cg, what);
-    w.panel_stride = int8 ? 2 * nr + checked_mul(nr, ceil_div(w.cg, 2), what)
-                          : nr + (bf16 ? ceil_div(weight_values, 2) : weight_values);
+    w.panel_stride = nr + (bf16 ? ceil_div(weight_values, 2) : weight_values);
     w.panels = allocate_floats(checked_floats(checked_mul(w.panel_count(), w.panel_stride, what), what), what);
 
     const int64_t panel_count = w.panel_count();
@@ -226,20 +260,8 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         const int64_t first = g * w.kg + (p % w.panels_per_group) * nr;
         const int64_t width = std::min<int64_t>(nr, (g + 1) * w.kg - first);
         float* dst = w.panels.get() + p * w.panel_stride;
-        if (width < nr || int8) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
+        if (width < nr) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
         for (int64_t n = 0; n < width; ++n) dst[n] = bias != nullptr ? bias[first + n] : 0.0f;
-        if (int8) {
-            int16_t* const pairs = reinterpret_cast<int16_t*>(dst + 2 * nr);
-            for (int64_t n = 0; n < width; ++n) {
-                const float scale = int8_scales[first + n];
-                dst[nr + n] = scale;
-                const float* row = weight + (first + n) * row_stride;
-                for (int64_t c = 0; c < w.cg; ++c) {
-                    pairs[(c / 2) * 2 * nr + 2 * n + c % 2] = quantize_weight(row[c * col_stride], scale);
-                }
-            }
-            continue;
-        }
         float* const dst_f32 = dst + nr;
         uint16_t* const dst_bf16 = reinterpret_cast<uint16_t*>(dst + nr);
         // Transposed in blocks of kPackBlock channels: each source line is read once and the
@@ -264,7 +286,66 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     }
 }
 
+PackedWeights::PackedWeights(const QuantizedConvParams& q, int64_t out_channels, int64_t in_channels_per_group,
+                             int64_t groups)
+    : impl_(std::make_unique<Impl>()) {
+    if (groups < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % groups != 0) {
+        throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
+    }
+    if (in_channels_per_group > kMaxInt8Channels) {
+        throw std::invalid_argument("int8 sums at most " + std::to_string(kMaxInt8Channels) +
+                                    " input channels per group exactly; this layer has " +
+                                    std::to_string(in_channels_per_group));
+    }
+    const auto positive = [](float scale) { return std::isfinite(scale) && scale > 0.0f; };
+    const auto check_zero_point = [](int32_t zero_point, bool is_signed, const char* name) {
+        if (zero_point < (is_signed ? -128 : 0) || zero_point > (is_signed ? 127 : 255)) {
+            throw std::invalid_argument(std::string(name) + " must lie in its type's range (" +
+                                        (is_signed ? "-128..127" : "0..255") + ")");
+        }
+    };
+    if (!positive(q.x_scale) || !positive(q.y_scale)) throw std::invalid_argument("x_scale and y_scale must be finite and > 0");
+    check_zero_point(q.x_zero_point, q.x_signed, "x_zero_point");
+    check_zero_point(q.y_zero_point, q.y_signed, "y_zero_point");
+    for (int64_t r = 0; r < out_channels; ++r) {
+        if (!positive(q.weight_scale[r])) throw std::invalid_argument("w_scale must be finite and > 0");
+        check_zero_point(q.weight_zero_point[r], q.weight_signed, "w_zero_point");
+    }
+    Impl& w = *impl_;
+    w.isa = &detail::active_kernels();
+    w.k = out_channels;
+    w.cg = in_channels_per_group;
+    w.groups = groups;
+    w.kg = out_channels / groups;
+    w.precision = Precision::int8;
+    w.quantized_io = true;
+    w.io = q;
+    w.io.weight = nullptr;  // the caller's arrays are not kept
+    w.io.weight_scale = nullptr;
+    w.io.weight_zero_point = nullptr;
+    w.io.bias = nullptr;
+    w.kernel = w.isa->gemm_for(w.kg, Precision::int8);
+    w.panels_per_group = ceil_div(w.kg, static_cast<int64_t>(w.kernel.nr));
+    const auto* weight_u8 = static_cast<const uint8_t*>(q.weight);
+    const auto* weight_s8 = static_cast<const int8_t*>(q.weight);
+    w.pack_int8(
+        [&](int64_t row, int64_t c) {
+            const int32_t value = q.weight_signed ? weight_s8[row * w.cg + c] : weight_u8[row * w.cg + c];
+            return static_cast<int16_t>(value - q.weight_zero_point[row]);
+        },
+        [&](int64_t row) {
+            const int32_t bias = q.bias != nullptr ? q.bias[row] : 0;
+            float slot;
+            std::memcpy(&slot, &bias, sizeof slot);
+            return slot;
+        },
+        // As ONNX Runtime computes it: (x_scale * w_scale) / y_scale in float32.
+        [&](int64_t row) { return q.x_scale * q.weight_scale[row] / q.y_scale; });
+}
+
 PackedWeights::~PackedWeights() = default;
+
+bool PackedWeights::quantized_io() const { return impl_->quantized_io; }
 
 int64_t PackedWeights::out_channels() const { return impl_->k; }
 int64_t PackedWeights::in_channels() const { return impl_->cg * impl_->groups; }
@@ -283,8 +364,18 @@ std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const Co
             conv_output_size(x.shape[2], geometry.pad_w, geometry.stride_w), out_channels()};
 }
 
+void PackedWeights::run_quantized(const QuantizedView& x, const QuantizedView& out, const ConvGeometry& geometry) const {
+    if (!impl_->quantized_io) throw std::invalid_argument("run_quantized: these weights were not packed for static int8");
+    runtime::check_conv_inputs("qlinear_conv1x1", x, out, geometry, Layout::nhwc, in_channels());
+    const TensorView shape_of_x{nullptr, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, {}};
+    runtime::check_conv_outputs("qlinear_conv1x1", out, static_cast<const QuantizedView*>(nullptr),
+                                output_shape(shape_of_x, geometry), Layout::nhwc);
+    impl_->run(x, out, static_cast<const QuantizedView*>(nullptr), geometry, Activation::none);
+}
+
 void PackedWeights::run(const TensorView& x, const TensorView& out, const TensorView* residual,
                         const ConvGeometry& geometry, Activation activation) const {
+    if (impl_->quantized_io) throw std::invalid_argument("run: these weights were packed for static int8 (run_quantized)");
     const Layout layout = impl_->layout;
     runtime::check_conv_inputs("conv1x1", x, out, geometry, layout, in_channels());
     runtime::check_conv_outputs("conv1x1", out, residual, output_shape(x, geometry), layout);
@@ -304,8 +395,10 @@ void conv1x1(const TensorView& x, const float* weight, const float* bias, const 
     packed.run(x, out, residual, options.geometry, options.activation);
 }
 
-void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const TensorView* residual,
-                              const ConvGeometry& geo, Activation act) const {
+template <class T>
+void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView<T>& out,
+                              const BasicTensorView<T>* residual, const ConvGeometry& geo, Activation act) const {
+    constexpr bool quantized = std::is_same_v<T, uint8_t>;
     const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2];
     const int64_t rows = batch * ho * wo;
     if (rows == 0 || k == 0) return;
@@ -321,16 +414,17 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
                                          bf16 || int8 ? sizeof(uint16_t) : sizeof(float), !int8);
 
-    // Padding reads a row of zeros, so border pixels get bias, residual and activation only.
+    // Padding reads a row of zeros (static int8: of the input's zero point), so border pixels get
+    // bias, residual and activation only.
     const bool padded = geo.pad_h > 0 || geo.pad_w > 0;
     AlignedBuffer zeros;
     if (padded) {
         const size_t count = static_cast<size_t>(std::max<int64_t>(cg * groups, 1));
-        zeros = allocate_floats(count, "the padding's row of zeros");
-        std::memset(zeros.get(), 0, count * sizeof(float));
+        zeros = allocate_floats(ceil_div(count * sizeof(T), sizeof(float)), "the padding's row of zeros");
+        std::memset(zeros.get(), quantized ? io.x_zero_point : 0, count * sizeof(T));
     }
 
-    const RowWalker walker_template(x, out, residual, geo, zeros.get());
+    const runtime::BasicRowWalker<T> walker_template(x, out, residual, geo, reinterpret_cast<const T*>(zeros.get()));
     const bool stream = runtime::streams_output(rows * k);
 
     runtime::CallGuard guard;
@@ -360,14 +454,19 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
     const int64_t quantized_row = groups * reduction;  // int16 values of a quantized pixel row
     // int8: a pixel row's values quantized, each group with its own scale; the scales of row i of a
     // buffer of `capacity` rows are scales[g * capacity + i], so a tile's rows have them in a run.
-    const auto quantize_row = [&](const float* source, int16_t* values, float* scales, int64_t capacity) {
+    // Static int8: the row's 8-bit values less the input's zero point (no scales).
+    const auto quantize_row = [&](const T* source, int16_t* values, float* scales, int64_t capacity) {
         for (int64_t g = 0; g < groups; ++g) {
-            scales[g * capacity] = isa->quantize_row_int8(source + g * cg, static_cast<size_t>(cg),
-                                                          values + g * reduction, static_cast<size_t>(reduction));
+            const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
+            if constexpr (quantized) {
+                isa->widen_row_int8(source + g * cg, n, io.x_signed, io.x_zero_point, values + g * reduction, padded_n);
+            } else {
+                scales[g * capacity] = isa->quantize_row_int8(source + g * cg, n, values + g * reduction, padded_n);
+            }
         }
     };
     const auto work = [&](const WorkRange& range) {
-        RowWalker walker = walker_template;
+        runtime::BasicRowWalker<T> walker = walker_template;
         // bf16: activations are rounded once for all the panels that pass over them. Usually all
         // of a thread's panels pass over a band while it is in L1, and the band is rounded there;
         // where the weights take several blocks of panels (each read from L2 by all the rows), the
@@ -384,20 +483,26 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
             rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
                                       what_buffer);
         }
-        if (int8) row_scales = allocate_floats(checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer), what_buffer);
-        int16_t* const quantized = reinterpret_cast<int16_t*>(rounded.get());
+        if (int8 && !quantized) {
+            row_scales = allocate_floats(checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer),
+                                         what_buffer);
+        }
+        int16_t* const quantized_values = reinterpret_cast<int16_t*>(rounded.get());
         if (round_range) {
-            const float* source_rows[kMaxBandRows];
-            float* unused_out[kMaxBandRows];
-            const float* unused_res[kMaxBandRows];
+            const T* source_rows[kMaxBandRows];
+            T* unused_out[kMaxBandRows];
+            const T* unused_res[kMaxBandRows];
             walker.seek(range.m_begin);
             for (int64_t m0 = range.m_begin; m0 < range.m_end; m0 += kMaxBandRows) {
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
                 walker.next(count, 0, source_rows, unused_out, unused_res);
                 for (int64_t m = 0; m < count; ++m) {
                     const int64_t i = m0 - range.m_begin + m;
-                    if (int8) {
-                        quantize_row(source_rows[m], quantized + i * quantized_row, row_scales.get() + i, buffer_rows);
+                    if constexpr (quantized) {
+                        quantize_row(source_rows[m], quantized_values + i * quantized_row, nullptr, buffer_rows);
+                    } else if (int8) {
+                        quantize_row(source_rows[m], quantized_values + i * quantized_row, row_scales.get() + i,
+                                     buffer_rows);
                     } else {
                         isa->round_to_bf16(source_rows[m], rounded.get() + i * channels, static_cast<size_t>(channels));
                     }
@@ -409,11 +514,18 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
         // activations can be prefetched), used in turn.
         struct BandRows {
-            float* out[kMaxBandRows];
-            const float* res[kMaxBandRows];
-            const float* a[kMaxBandRows];
+            T* out[kMaxBandRows];
+            const T* res[kMaxBandRows];
+            const T* a[kMaxBandRows];
         } band_rows_of[2];
         GemmTileArgs args{};
+        if constexpr (quantized) {
+            const int32_t low = io.y_signed ? -128 : 0, high = io.y_signed ? 127 : 255;
+            args.out_min = static_cast<float>(low - io.y_zero_point);
+            args.out_max = static_cast<float>(high - io.y_zero_point);
+            args.out_zero_point = io.y_zero_point;
+            args.out_signed = io.y_signed;
+        }
 
         for (int64_t pb = range.n_begin; pb < range.n_end; pb += blk.nc_panels) {
             const int64_t pe = std::min(range.n_end, pb + blk.nc_panels);
@@ -429,21 +541,23 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                                 band_rows_of[0].res);
                     for (int64_t band = mb; band < me; band += band_rows, current ^= 1) {
                         const int64_t rows_in_band = std::min(band_rows, me - band);
-                        const float** a_rows = band_rows_of[current].a;
-                        float** out_rows = band_rows_of[current].out;
-                        const float** res_rows = band_rows_of[current].res;
+                        const T** a_rows = band_rows_of[current].a;
+                        T** out_rows = band_rows_of[current].out;
+                        const T** res_rows = band_rows_of[current].res;
                         if (int8) {
                             // The band's rows quantized (here, or up front), from the first panel's group on.
                             const int64_t first_row = round_range ? band - range.m_begin : 0;
                             for (int64_t m = 0; m < rows_in_band; ++m) {
-                                int16_t* values = quantized + (first_row + m) * quantized_row;
+                                int16_t* values = quantized_values + (first_row + m) * quantized_row;
                                 if (!round_range) {
-                                    quantize_row(a_rows[m] - a_offset, values, row_scales.get() + m, buffer_rows);
+                                    quantize_row(a_rows[m] - a_offset, values, quantized ? nullptr : row_scales.get() + m,
+                                                 buffer_rows);
                                 }
                                 quantized_rows[m] = values + first_group * reduction;
                             }
-                            band_scales = row_scales.get() + first_group * buffer_rows + first_row;
-                        } else if (round_range) {
+                            if (!quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
+                        } else if constexpr (!quantized) {
+                          if (round_range) {
                             for (int64_t m = 0; m < rows_in_band; ++m) {
                                 a_rows[m] = rounded.get() + (band - range.m_begin + m) * channels + a_offset;
                             }
@@ -455,6 +569,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                                 isa->round_to_bf16(a_rows[m], row, static_cast<size_t>(span));
                                 a_rows[m] = row;
                             }
+                          }
                         }
                         // The next band's activations, fetched while this band computes: each row is
                         // a short run of cache lines (kc floats), too short for the hardware's
@@ -463,7 +578,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                         if (next_rows > 0) {
                             BandRows& next = band_rows_of[current ^ 1];
                             walker.next(next_rows, a_offset, next.a, next.out, next.res);
-                            const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(float));
+                            const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(T));
                             for (int64_t m = 0; m < next_rows; ++m) {
                                 const char* row = reinterpret_cast<const char*>(next.a[m]);
                                 for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
@@ -478,13 +593,18 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                             args.bias = kb == 0 ? panel(p) : nullptr;
                             args.w = panel_weights(p, k0);
                             args.col_scale = weight_scales(p);
+                            if constexpr (quantized) args.bias_int32 = reinterpret_cast<const int32_t*>(panel(p));
                             for (int64_t row = 0; row < rows_in_band; row += mr) {
                                 const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
-                                args.a = a_rows + row;
                                 args.a_int16 = quantized_rows + row;
-                                args.row_scale = band_scales + row;
-                                args.c = out_rows + row;
-                                args.residual = kb == 0 && residual != nullptr ? res_rows + row : nullptr;
+                                if constexpr (quantized) {
+                                    args.c_quantized = out_rows + row;
+                                } else {
+                                    args.a = a_rows + row;
+                                    args.row_scale = int8 ? band_scales + row : nullptr;
+                                    args.c = out_rows + row;
+                                    args.residual = kb == 0 && residual != nullptr ? res_rows + row : nullptr;
+                                }
                                 kernel.by_rows[rows_in_tile - 1](args);
                             }
                             if (++j == panels_per_group && p + 1 < pe) {
@@ -493,7 +613,7 @@ void PackedWeights::Impl::run(const TensorView& x, const TensorView& out, const 
                                 for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] += cg;  // the next group's channels
                                 if (int8) {
                                     for (int64_t m = 0; m < rows_in_band; ++m) quantized_rows[m] += reduction;
-                                    band_scales += buffer_rows;
+                                    if (!quantized) band_scales += buffer_rows;
                                 }
                             }
                         }

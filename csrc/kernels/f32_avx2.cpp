@@ -82,6 +82,21 @@ struct IVec {
         return acc;
     }
     static __m256 to_float(I x) { return _mm256_cvtepi32_ps(x); }
+    static I set1(int32_t x) { return _mm256_set1_epi32(x); }
+    static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+    static I load_i32(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static I round(__m256 x) { return _mm256_cvtps_epi32(x); }
+    static void store_bytes(uint8_t* p, I x, size_t n, bool is_signed) {
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+        const __m128i bytes = is_signed ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);
+        if (n == static_cast<size_t>(Vec::W)) {
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(p), bytes);
+        } else {
+            uint8_t all[16];
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(all), bytes);
+            std::memcpy(p, all, n);
+        }
+    }
 };
 
 #include "kernels/f32_epilogue.inl"
@@ -104,6 +119,7 @@ const IsaKernels& avx2_kernels() {
          avx2::gemm_kernel<12, 1, uint16_t>(0.8f)},
         {avx2::int8_gemm_kernel<6, 2>(1.0f)},
         avx2::quantize_row_int8,
+        avx2::widen_row_int8,
         "avx2",
         {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},
         avx2::round_to_bf16_run,

@@ -96,6 +96,30 @@ struct IVec {
         return acc;
     }
     static Vec::R to_float(I x) { return Vec::map([&](int i) { return static_cast<float>(x.lane[i]); }); }
+    static I set1(int32_t x) {
+        I r;
+        for (int32_t& lane : r.lane) lane = x;
+        return r;
+    }
+    static I add(I a, I b) {
+        for (int i = 0; i < Vec::W; ++i) a.lane[i] += b.lane[i];
+        return a;
+    }
+    static I load_i32(const int32_t* p) {
+        I r;
+        std::memcpy(r.lane, p, sizeof r.lane);
+        return r;
+    }
+    static I round(Vec::R x) {  // to nearest even: the default rounding mode
+        I r;
+        for (int i = 0; i < Vec::W; ++i) r.lane[i] = static_cast<int32_t>(std::nearbyint(x.lane[i]));
+        return r;
+    }
+    static void store_bytes(uint8_t* p, I x, size_t n, bool is_signed) {
+        for (size_t i = 0; i < n; ++i) {
+            p[i] = is_signed ? static_cast<uint8_t>(static_cast<int8_t>(x.lane[i])) : static_cast<uint8_t>(x.lane[i]);
+        }
+    }
 };
 
 #include "kernels/f32_epilogue.inl"
@@ -113,6 +137,7 @@ const IsaKernels& scalar_kernels() {
         {scalar::gemm_kernel<4, 2, uint16_t>(1.0f), scalar::gemm_kernel<4, 1, uint16_t>(0.8f)},
         {scalar::int8_gemm_kernel<4, 2>(1.0f)},
         scalar::quantize_row_int8,
+        scalar::widen_row_int8,
         "scalar",
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::round_to_bf16_run,

@@ -4,7 +4,32 @@
 // Included inside the ISA's namespace after f32_gemm_tile.inl (whose store_tile it shares).
 // IVec provides: P (a register of W pairs of int16) and I (W int32 sums), zero(), load_pairs(p)
 // (2W int16), broadcast_pair(p) (p[0], p[1] in every pair), madd_add(acc, a, b) (acc plus, in each
-// lane, the two products of its pair, exactly in int32: vpmaddwd + vpaddd) and to_float(I).
+// lane, the two products of its pair, exactly in int32: vpmaddwd + vpaddd), to_float(I), and for
+// static int8 add(I, I), load_i32(p), round(R) (to nearest even, as cvtps2dq) and
+// store_bytes(p, I, n, is_signed) (the first n lanes, already within the type's range, as bytes).
+
+// Static int8's end of a tile: the sums plus the int32 bias, requantized as ONNX Runtime does (in
+// float32: multiply, clamp to the output's range less its zero point, round to nearest even, add
+// the zero point), stored as bytes.
+template <int MR, int NV>
+PWCPU_INLINE void requantize_tile(const typename IVec::I (&sums)[MR][NV], const GemmTileArgs& p) {
+    constexpr int W = Vec::W;
+    size_t lanes[NV];
+    valid_lanes(p.nr, lanes);
+    const R low = Vec::set1(p.out_min), high = Vec::set1(p.out_max);
+    const typename IVec::I zero_point = IVec::set1(p.out_zero_point);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+        const typename IVec::I bias = IVec::load_i32(p.bias_int32 + v * W);
+        const R scale = Vec::load(p.col_scale + v * W);
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) {
+            const R scaled = Vec::mul(IVec::to_float(IVec::add(sums[m][v], bias)), scale);
+            const typename IVec::I q = IVec::round(Vec::min(high, Vec::max(low, scaled)));
+            IVec::store_bytes(p.c_quantized[m] + p.col + v * W, IVec::add(q, zero_point), lanes[v], p.out_signed);
+        }
+    }
+}
 
 // Values less their zero point lie in [-255, 255] and weights in [-127, 127], so a pair's two
 // products sum to at most 64770 in magnitude: exact in int32 (no int16 saturation, unlike
@@ -34,6 +59,10 @@ void int8_gemm_tile(const GemmTileArgs& p) {
         w += NV * 2 * W;
     }
 
+    if (p.c_quantized != nullptr) {
+        requantize_tile<MR, NV>(sums, p);
+        return;
+    }
     R acc[MR][NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
@@ -106,4 +135,16 @@ float quantize_row_int8(const float* src, size_t n, int16_t* dst, size_t padded)
     }
     for (size_t j = n; j < padded; ++j) dst[j] = 0;
     return scale;
+}
+
+// See WidenRowFn (ukernel.hpp).
+void widen_row_int8(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, int16_t* dst, size_t padded) {
+    const int16_t offset = static_cast<int16_t>(zero_point);
+    if (is_signed) {
+        const int8_t* values = reinterpret_cast<const int8_t*>(src);
+        for (size_t j = 0; j < n; ++j) dst[j] = static_cast<int16_t>(values[j] - offset);
+    } else {
+        for (size_t j = 0; j < n; ++j) dst[j] = static_cast<int16_t>(src[j] - offset);
+    }
+    for (size_t j = n; j < padded; ++j) dst[j] = 0;
 }

@@ -26,6 +26,9 @@
 //   even count, and w holds kc / 2 rows of NR pairs of int16 weights (w[2k][n], w[2k+1][n]),
 //   multiplied and summed exactly in int32. The tile's value before residual and activation is
 //   float(sum) * (row_scale[m] * col_scale[n]) + bias[n]: every tile starts with the bias.
+//   Static int8 (c_quantized set): the tile is requantized instead, no residual or activation:
+//   q = clamp(round_to_nearest_even(float(sum + bias_int32[n]) * col_scale[n]), out_min, out_max)
+//   + out_zero_point, stored as 8-bit values (int8 when out_signed) at c_quantized[m] + col.
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
@@ -55,7 +58,13 @@ struct GemmTileArgs {
     // int8 kernels only
     const int16_t* const* a_int16;
     const float* row_scale;          // per row: the scale its values were quantized with
-    const float* col_scale;          // per column: its weights' scale
+    const float* col_scale;          // per column: its weights' scale (static: the requantization scale)
+    // static int8 only
+    const int32_t* bias_int32;
+    uint8_t* const* c_quantized;
+    float out_min, out_max;          // the output type's range less its zero point
+    int32_t out_zero_point;
+    bool out_signed;
 };
 
 using GemmTileFn = void (*)(const GemmTileArgs&);
@@ -115,6 +124,11 @@ using RoundRunFn = void (*)(const float* src, float* dst, size_t n);
 // infinity (its outputs are then NaN).
 using QuantizeRowFn = float (*)(const float* src, size_t n, int16_t* dst, size_t padded);
 
+// Static int8: n 8-bit values (int8 when is_signed) less their zero point, as the int8 kernels
+// read them: dst[i] = src[i] - zero_point, dst[n..padded) zeroed.
+using WidenRowFn = void (*)(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, int16_t* dst,
+                            size_t padded);
+
 // kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
 using FmaProbeFn = float (*)(size_t iterations);
 
@@ -131,6 +145,7 @@ struct IsaKernels {
     // machines run the AVX2 ones: the AVX-512 unit is built for AVX512F, without BW's vpmaddwd).
     GemmKernels gemm_int8;
     QuantizeRowFn quantize_row_int8;
+    WidenRowFn widen_row_int8;
     const char* int8_isa;
     DwKernel depthwise;
     RoundRunFn round_to_bf16;

@@ -8,9 +8,9 @@
 
 namespace pwcpu::runtime {
 
-void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial) {
-    for (int64_t d : v.shape) {
-        if (d < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
+void check_view(const ViewShape& v, const char* name, Layout layout, bool contiguous_spatial) {
+    for (int d = 0; d < 4; ++d) {
+        if (v.shape[d] < 0) throw std::invalid_argument(std::string(name) + " has a negative extent");
     }
     const bool empty = v.shape[0] == 0 || v.shape[1] == 0 || v.shape[2] == 0 || v.shape[3] == 0;
     if (!empty) {
@@ -18,7 +18,7 @@ void check_view(const TensorView& v, const char* name, Layout layout, bool conti
         checked_mul(checked_mul(checked_mul(v.shape[0], v.shape[1], what.c_str()), v.shape[2], what.c_str()), v.shape[3],
                     what.c_str());
     }
-    if (!empty && v.data == nullptr) throw std::invalid_argument(std::string(name) + " has no data");
+    if (!empty && !v.has_data) throw std::invalid_argument(std::string(name) + " has no data");
     if (layout == Layout::nhwc && !empty && v.shape[3] > 1 && v.strides[3] != 1) {
         throw std::invalid_argument(std::string(name) + " must have a contiguous channel axis (strides[3] == 1)");
     }
@@ -28,7 +28,7 @@ void check_view(const TensorView& v, const char* name, Layout layout, bool conti
     }
 }
 
-void check_conv_inputs(const char* op, const TensorView& x, const TensorView& out, const ConvGeometry& geometry,
+void check_conv_inputs(const char* op, const ViewShape& x, const ViewShape& out, const ConvGeometry& geometry,
                        Layout layout, int64_t channels) {
     if (geometry.stride_h < 1 || geometry.stride_w < 1 || geometry.pad_h < 0 || geometry.pad_w < 0) {
         throw std::invalid_argument(std::string(op) + ": strides must be >= 1 and paddings >= 0");
@@ -40,7 +40,7 @@ void check_conv_inputs(const char* op, const TensorView& x, const TensorView& ou
     }
 }
 
-void check_conv_outputs(const char* op, const TensorView& out, const TensorView* residual,
+void check_conv_outputs(const char* op, const ViewShape& out, const ViewShape* residual,
                         const std::array<int64_t, 4>& shape, Layout layout) {
     for (int d = 0; d < 4; ++d) {
         if (out.shape[d] != shape[d]) throw std::invalid_argument(std::string(op) + ": out has the wrong shape");

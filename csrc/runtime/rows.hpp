@@ -11,11 +11,13 @@ namespace pwcpu::runtime {
 
 // Maps output pixels, in (n, oh, ow) order, to the rows a tile reads and writes: the input row
 // (or a row of zeros where the pixel falls in the padding), the output row and the residual row.
-// The first pixel's position costs divisions, the rest are increments.
-class RowWalker {
+// The first pixel's position costs divisions, the rest are increments. T: float, or uint8_t for
+// 8-bit quantized tensors.
+template <class T>
+class BasicRowWalker {
 public:
-    RowWalker(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
-              const float* zeros)
+    using View = BasicTensorView<T>;
+    BasicRowWalker(const View& x, const View& out, const View* residual, const ConvGeometry& geo, const T* zeros)
         : x_(x.data), out_(out.data), res_(residual != nullptr ? residual->data : nullptr), zeros_(zeros),
           h_(x.shape[1]), w_(x.shape[2]), ho_(out.shape[1]), wo_(out.shape[2]),
           xs0_(x.strides[0]), xs1_(x.strides[1]), xs2_(x.strides[2]),
@@ -35,7 +37,7 @@ public:
     // Rows of the next `count` pixels, input rows offset by `channel` (never steps past the output).
     // Pixels of one output row are equally spaced in every tensor, so each run of them along the
     // row is filled by strided loops; only pixels in the horizontal padding need a test.
-    void next(int64_t count, int64_t channel, const float** x_rows, float** out_rows, const float** res_rows) {
+    void next(int64_t count, int64_t channel, const T** x_rows, T** out_rows, const T** res_rows) {
         for (int64_t m = 0; m < count;) {
             if (ow_ == wo_) {
                 ow_ = 0;
@@ -46,15 +48,15 @@ public:
                 line_ = line_at(n_, oh_);
             }
             const int64_t run = std::min(count - m, wo_ - ow_);
-            float* const out = line_.out + ow_ * os2_;
+            T* const out = line_.out + ow_ * os2_;
             for (int64_t i = 0; i < run; ++i) out_rows[m + i] = out + i * os2_;
             if (res_ != nullptr) {
-                const float* const res = line_.res + ow_ * rs2_;
+                const T* const res = line_.res + ow_ * rs2_;
                 for (int64_t i = 0; i < run; ++i) res_rows[m + i] = res + i * rs2_;
             }
             const int64_t iw0 = ow_ * sw_ - pw_, iw_last = iw0 + (run - 1) * sw_;
             if (line_.x != nullptr && iw0 >= 0 && iw_last < w_) {
-                const float* const x = line_.x + iw0 * xs2_ + channel;
+                const T* const x = line_.x + iw0 * xs2_ + channel;
                 const int64_t step = sw_ * xs2_;
                 for (int64_t i = 0; i < run; ++i) x_rows[m + i] = x + i * step;
             } else {
@@ -70,9 +72,9 @@ public:
 
 private:
     struct Line {
-        const float* x;  // null: the whole output row lies in the vertical padding
-        float* out;
-        const float* res;
+        const T* x;  // null: the whole output row lies in the vertical padding
+        T* out;
+        const T* res;
     };
 
     Line line_at(int64_t n, int64_t oh) const {
@@ -81,10 +83,10 @@ private:
                 res_ != nullptr ? res_ + n * rs0_ + oh * rs1_ : nullptr};
     }
 
-    const float* x_;
-    float* out_;
-    const float* res_;
-    const float* zeros_;
+    const T* x_;
+    T* out_;
+    const T* res_;
+    const T* zeros_;
     int64_t h_, w_, ho_, wo_;
     int64_t xs0_, xs1_, xs2_, os0_, os1_, os2_, rs0_, rs1_, rs2_;
     int64_t sh_, sw_, ph_, pw_;
@@ -92,17 +94,35 @@ private:
     Line line_{};
 };
 
+using RowWalker = BasicRowWalker<float>;
+
+// A view's shape and strides, whatever its element type: what the checks below look at.
+struct ViewShape {
+    bool has_data;
+    const int64_t* shape;
+    const int64_t* strides;
+    template <class T>
+    ViewShape(const BasicTensorView<T>& v) : has_data(v.data != nullptr), shape(v.shape), strides(v.strides) {}  // NOLINT
+};
+
 // NHWC: the channel axis must be contiguous. NCHW: for out and residual (contiguous_spatial), the
 // (H, W) plane must be; x is gathered, so any strides do. Throws std::invalid_argument naming `name`.
-void check_view(const TensorView& v, const char* name, Layout layout, bool contiguous_spatial);
+void check_view(const ViewShape& v, const char* name, Layout layout, bool contiguous_spatial);
 
 // What every convolution checks before computing, in two steps around its output shape (which
 // needs a valid x): the geometry, x's and out's views and x's channel count; then out's and the
-// residual's shapes and the residual's view. Throws std::invalid_argument starting with `op`.
-void check_conv_inputs(const char* op, const TensorView& x, const TensorView& out, const ConvGeometry& geometry,
+// residual's shapes and the residual's view (null: none). Throws std::invalid_argument starting with `op`.
+void check_conv_inputs(const char* op, const ViewShape& x, const ViewShape& out, const ConvGeometry& geometry,
                        Layout layout, int64_t channels);
-void check_conv_outputs(const char* op, const TensorView& out, const TensorView* residual,
+void check_conv_outputs(const char* op, const ViewShape& out, const ViewShape* residual,
                         const std::array<int64_t, 4>& shape, Layout layout);
+template <class T>
+void check_conv_outputs(const char* op, const BasicTensorView<T>& out, const BasicTensorView<T>* residual,
+                        const std::array<int64_t, 4>& shape, Layout layout) {
+    if (residual == nullptr) return check_conv_outputs(op, ViewShape(out), nullptr, shape, layout);
+    const ViewShape residual_shape(*residual);
+    check_conv_outputs(op, ViewShape(out), &residual_shape, shape, layout);
+}
 
 // Rows [first, first + count) of image n of an NHWC view, as a one-image view.
 inline TensorView rows_of(const TensorView& v, int64_t n, int64_t first, int64_t count) {

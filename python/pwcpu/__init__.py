@@ -19,6 +19,7 @@ from ._api import (
     pointwise,
 )
 from ._block import PointwiseConvBlock, fold_batchnorm
+from ._quantized import QuantizedPointwiseConv, qlinear_conv1x1
 from ._runtime import get_num_threads, num_threads, runtime_info, set_num_threads, show_runtime
 
 __version__ = _core.__version__
@@ -34,6 +35,7 @@ __all__ = [
     "InvertedResidual",
     "PointwiseConv",
     "PointwiseConvBlock",
+    "QuantizedPointwiseConv",
     "__version__",
     "conv1x1",
     "conv2d",
@@ -42,6 +44,7 @@ __all__ = [
     "get_num_threads",
     "num_threads",
     "pointwise",
+    "qlinear_conv1x1",
     "reference",
     "runtime_info",
     "set_num_threads",

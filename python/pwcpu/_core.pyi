@@ -37,6 +37,33 @@ class ConvPlan:
     @property
     def out_channels(self) -> int: ...
 
+class QuantizedConvPlan:
+    """Static int8 weights and quantization parameters (ONNX QLinearConv, 1x1, NHWC)."""
+
+    def __init__(
+        self,
+        weight: np.ndarray,
+        w_scale: npt.NDArray[np.float32],
+        w_zero_point: npt.NDArray[np.int32],
+        bias: Optional[npt.NDArray[np.int32]],
+        groups: int,
+        stride_h: int,
+        stride_w: int,
+        pad_h: int,
+        pad_w: int,
+        x_scale: float,
+        x_zero_point: int,
+        x_signed: bool,
+        y_scale: float,
+        y_zero_point: int,
+        y_signed: bool,
+    ) -> None: ...
+    def conv(self, x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray: ...
+    @property
+    def isa(self) -> str: ...
+    @property
+    def kernel(self) -> str: ...
+
 class DepthwisePlan:
     """Packed depthwise filters plus a layer's options; validates and runs calls."""
 

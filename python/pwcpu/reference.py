@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "int8_operands", "pointwise", "quantize_int8_rows",
-           "quantize_int8_weights", "round_to_bf16"]
+__all__ = ["ACTIVATION_FUNCTIONS", "conv1x1", "conv2d", "depthwise_conv2d", "int8_operands", "pointwise",
+           "qlinear_conv1x1", "quantize_int8_rows", "quantize_int8_weights", "round_to_bf16"]
 
 _erf = np.frompyfunc(math.erf, 1, 1)
 
@@ -166,3 +166,29 @@ def _epilogue(z, bias, residual, activation):
     if residual is not None:
         z = z + np.asarray(residual, dtype=np.float64)
     return ACTIVATION_FUNCTIONS[activation](z)
+
+
+def qlinear_conv1x1(x, x_scale, x_zero_point, weight, w_scale, w_zero_point, y_scale, y_zero_point, bias=None, *,
+                    stride=1, padding=0, groups=1, y_dtype=None):
+    """ONNX QLinearConv with a 1x1 kernel on NHWC 8-bit x: the exact integer sums (int64 here),
+    requantized in float32 as ONNX Runtime does it (the sum converted to float32, multiplied by
+    (x_scale * w_scale) / y_scale, clamped to the output range less its zero point, rounded to
+    nearest even, the zero point added). y_dtype defaults to x's type. Padding reads x_zero_point."""
+    x = np.asarray(x)
+    y_dtype = np.dtype(y_dtype or x.dtype)
+    w = np.asarray(weight).reshape(np.shape(weight)[0], -1).astype(np.int64)
+    k = w.shape[0]
+    w = w - np.broadcast_to(np.asarray(w_zero_point, np.int64), (k,))[:, None]
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    shifted = np.pad(x.astype(np.int64) - int(x_zero_point), ((0, 0), (ph, ph), (pw, pw), (0, 0)))[:, ::sh, ::sw, :]
+    cg, kg = w.shape[1], k // groups
+    acc = np.concatenate([shifted[..., g * cg:(g + 1) * cg] @ w[g * kg:(g + 1) * kg].T for g in range(groups)], axis=-1)
+    if bias is not None:
+        acc = acc + np.asarray(bias, np.int64)
+    if np.abs(acc).max(initial=0) >= 2**31:
+        raise OverflowError("the sums exceed int32")
+    scale = (np.float32(x_scale) * np.broadcast_to(np.asarray(w_scale, np.float32), (k,))) / np.float32(y_scale)
+    info, zero = np.iinfo(y_dtype), int(y_zero_point)
+    scaled = acc.astype(np.float32) * scale.astype(np.float32)
+    q = np.rint(np.clip(scaled, np.float32(info.min - zero), np.float32(info.max - zero))).astype(np.int64) + zero
+    return q.astype(y_dtype)

@@ -36,10 +36,33 @@ enum class Layout : int { nhwc = 0, nchw = 1 };
 // A 4-D view: data + shape + element strides, in the layout's axis order. NHWC: strides[3]
 // (channels) must be 1 unless there is one channel. NCHW: out and residual need contiguous (H, W)
 // planes; x may have any strides.
-struct TensorView {
-    float* data = nullptr;
+template <class T>
+struct BasicTensorView {
+    T* data = nullptr;
     int64_t shape[4] = {0, 0, 0, 0};
     int64_t strides[4] = {0, 0, 0, 1};
+};
+using TensorView = BasicTensorView<float>;
+// 8-bit quantized values (uint8, or int8 seen as their bytes), NHWC.
+using QuantizedView = BasicTensorView<uint8_t>;
+
+// Static int8, as ONNX QLinearConv (1x1): x, weight and y are 8-bit integers with scales and zero
+// points (real = scale * (q - zero_point)), bias int32 in units of x_scale * weight_scale,
+//   acc = bias[k] + sum_c (x[c] - x_zero_point) (w[k][c] - w_zero_point[k])   (exact, int32)
+//   y = clamp(round_to_nearest_even(float(acc) * (x_scale * w_scale[k] / y_scale)) + y_zero_point)
+// in float32 as ONNX Runtime computes it, clamped to y's type. Padding reads x_zero_point.
+struct QuantizedConvParams {
+    const void* weight = nullptr;  // K rows of C / groups values, contiguous
+    bool weight_signed = true;     // int8, else uint8
+    const float* weight_scale = nullptr;          // K values
+    const int32_t* weight_zero_point = nullptr;   // K values
+    const int32_t* bias = nullptr;                // K values, or null
+    float x_scale = 1.0f;
+    int32_t x_zero_point = 0;
+    bool x_signed = false;
+    float y_scale = 1.0f;
+    int32_t y_zero_point = 0;
+    bool y_signed = false;
 };
 
 // Thrown when a buffer cannot be allocated (a std::bad_alloc whose what() names the buffer).
@@ -80,6 +103,10 @@ public:
     PackedWeights(const float* weight, int64_t out_channels, int64_t in_channels_per_group,
                   int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups,
                   Layout layout = Layout::nhwc, Precision precision = Precision::fp32);
+    // Static int8 weights (precision int8, NHWC), for run_quantized. Throws std::invalid_argument
+    // for scales that are not finite and positive, or zero points outside their type's range.
+    PackedWeights(const QuantizedConvParams& params, int64_t out_channels, int64_t in_channels_per_group,
+                  int64_t groups);
     ~PackedWeights();
     PackedWeights(const PackedWeights&) = delete;
     PackedWeights& operator=(const PackedWeights&) = delete;
@@ -102,6 +129,9 @@ public:
     // mismatched shapes or a non-contiguous channel axis. Thread-safe: concurrent runs are fine.
     void run(const TensorView& x, const TensorView& out, const TensorView* residual,
              const ConvGeometry& geometry, Activation activation) const;
+    // Static int8: out = the requantized convolution of x (see QuantizedConvParams).
+    void run_quantized(const QuantizedView& x, const QuantizedView& out, const ConvGeometry& geometry) const;
+    bool quantized_io() const;  // packed from QuantizedConvParams
 
     struct Impl;
 
