@@ -4,11 +4,14 @@ Every call must either match the reference or raise TypeError, ValueError or Mem
 must never crash, and it must leave every input (and, when it fails, ``out``) unchanged.
 """
 
+import functools
+
 import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pwcpu
+from pwcpu import reference
 from helpers import conv_bound, dense_bound, pointwise_bound
 
 FUZZ_EXAMPLES = 1500
@@ -142,6 +145,86 @@ def test_boundary_never_crashes_or_corrupts(call):
     def bound(x, weight, *args, **options):
         return conv_bound(x, weight.reshape(weight.shape[:2]), *args, **options)
     _check_boundary(pwcpu.conv1x1, call, bound)
+
+
+@settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(calls())
+def test_int8_boundary_never_crashes_or_corrupts(call):
+    def bound(x, weight, *args, **options):
+        return conv_bound(x, weight.reshape(weight.shape[:2]), *args, precision="int8", **options)
+    _check_boundary(functools.partial(pwcpu.conv1x1, precision="int8"), call, bound)
+
+
+@st.composite
+def qlinear_calls(draw):
+    """Arguments for qlinear_conv1x1: 8-bit x and weights of either type, valid and invalid."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x_type, w_type = draw(st.sampled_from([np.uint8, np.int8])), draw(st.sampled_from([np.uint8, np.int8]))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cg, kg = draw(st.integers(0, 9)), draw(st.integers(0, 9))
+    n, h, w = draw(st.integers(0, 2)), draw(st.integers(0, 6)), draw(st.integers(0, 6))
+    c, k = cg * groups, kg * groups
+    stride = draw(st.sampled_from([(1, 1), (2, 2), (1, 3)]))
+    padding = draw(st.sampled_from([(0, 0), (1, 1), (0, 2)]))
+    info, w_info = np.iinfo(x_type), np.iinfo(w_type)
+    x = rng.integers(info.min, info.max + 1, (n, 2 * h, w, 2 * c)).astype(x_type)
+    x = x[:, ::2, :, :c] if draw(st.booleans()) else np.ascontiguousarray(x[:, :h, :, c:])
+    x = variants(draw, x, [x.astype(np.float32), x.astype(np.int16), x.tolist(), None, x[0] if n else None])
+    weight = rng.integers(w_info.min, w_info.max + 1, (k, cg)).astype(w_type)
+    weight = variants(draw, weight, [weight.astype(np.float32), weight[None], None])
+    w_scale = (rng.random(k) + 0.01).astype(np.float32) if draw(st.booleans()) else 0.01
+    w_scale = variants(draw, w_scale, [0.0, -1.0, np.nan, np.ones(k + 1), "s"])
+    w_zero = rng.integers(w_info.min, w_info.max + 1, k) if draw(st.booleans()) else 0
+    w_zero = variants(draw, w_zero, [1000, np.full(k, 0.5), np.ones(k + 2, np.int64)])
+    bias = rng.integers(-(2**20), 2**20, k).astype(np.int32) if draw(st.booleans()) else None
+    bias = variants(draw, bias, [np.zeros(k, np.float32), np.zeros(k + 1, np.int32), [2**40] * k])
+    x_zero = variants(draw, x_type(rng.integers(info.min, info.max + 1)), [x_type(0).astype(np.int32), 999, None])
+    y_type = draw(st.sampled_from([np.uint8, np.int8]))
+    y_zero = variants(draw, y_type(rng.integers(np.iinfo(y_type).min, np.iinfo(y_type).max + 1)), [-1000, "z"])
+    scales = [variants(draw, float(rng.random() + 0.01), [0.0, np.inf, None]) for _ in range(2)]
+    stride = variants(draw, stride, [0, (1, 2, 3), None])
+    padding = variants(draw, padding, [-1, None])
+    groups = variants(draw, groups, [0, groups + 1, None])
+    out_shape = (n,) + tuple((s + 2 * p - 1) // st_ + 1 for s, p, st_ in zip((h, w), padding_of(padding),
+                                                                            stride_of(stride))) + (k,)
+    out = None
+    if draw(st.booleans()) and min(out_shape) >= 0:
+        out = np.full(out_shape, 7, y_type)
+        out = variants(draw, out, [out.astype(np.float32), out[..., ::-1][..., ::2], x if isinstance(x, np.ndarray) else None])
+    return dict(x=x, x_scale=scales[0], x_zero_point=x_zero, weight=weight, w_scale=w_scale, w_zero_point=w_zero,
+                y_scale=scales[1], y_zero_point=y_zero, bias=bias, stride=stride, padding=padding, groups=groups,
+                out=out)
+
+
+def padding_of(padding):
+    return padding if isinstance(padding, tuple) and len(padding) == 2 else (0, 0)
+
+
+def stride_of(stride):
+    return stride if isinstance(stride, tuple) and len(stride) == 2 else (1, 1)
+
+
+@settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qlinear_calls())
+def test_qlinear_boundary_never_crashes_or_corrupts(call):
+    """A clean error leaving every argument as it was, or exactly the integer reference."""
+    before = {name: _snapshot(value) for name, value in call.items()}
+    try:
+        y = pwcpu.qlinear_conv1x1(**call)
+    except ACCEPTED_ERRORS + (OverflowError,) as e:
+        event(f"raised {type(e).__name__}")
+        for name, value in call.items():
+            assert _unchanged(before[name], value), f"{name} changed by a call that failed"
+        return
+    event("computed")
+    for name in ("x", "weight", "bias"):
+        assert _unchanged(before[name], call[name]), f"{name} changed"
+    if call["out"] is not None:
+        assert y is call["out"]
+    if y.size == 0:
+        return
+    options = {name: before[name] for name in before if name != "out"}
+    np.testing.assert_array_equal(y, reference.qlinear_conv1x1(**options, y_dtype=y.dtype))
 
 
 @settings(max_examples=FUZZ_EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -176,7 +176,7 @@ def qlinear_conv1x1(x, x_scale, x_zero_point, weight, w_scale, w_zero_point, y_s
     nearest even, the zero point added). y_dtype defaults to x's type. Padding reads x_zero_point."""
     x = np.asarray(x)
     y_dtype = np.dtype(y_dtype or x.dtype)
-    w = np.asarray(weight).reshape(np.shape(weight)[0], -1).astype(np.int64)
+    w = np.asarray(weight).reshape(np.shape(weight)[:2]).astype(np.int64)
     k = w.shape[0]
     w = w - np.broadcast_to(np.asarray(w_zero_point, np.int64), (k,))[:, None]
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
