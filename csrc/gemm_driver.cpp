@@ -148,6 +148,29 @@ struct PackedWeights::Impl {
 
     int64_t panel_count() const { return groups * panels_per_group; }
 
+    // The layer's shape, checked, and the ISA whose kernels it is packed for.
+    void set_shape(int64_t out_channels, int64_t in_channels_per_group, int64_t group_count, Layout order,
+                   Precision kind) {
+        if (group_count < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % group_count != 0) {
+            throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
+        }
+        if (kind == Precision::int8 && order == Layout::nchw) {
+            throw std::invalid_argument("precision int8 computes NHWC layers only");
+        }
+        if (kind == Precision::int8 && in_channels_per_group > kMaxInt8Channels) {
+            throw std::invalid_argument("precision int8 sums at most " + std::to_string(kMaxInt8Channels) +
+                                        " input channels per group exactly; this layer has " +
+                                        std::to_string(in_channels_per_group));
+        }
+        isa = &detail::active_kernels();
+        k = out_channels;
+        cg = in_channels_per_group;
+        groups = group_count;
+        kg = out_channels / group_count;
+        layout = order;
+        precision = kind;
+    }
+
     // int8 panels (see above) from value(row, c) (the int16 the kernel multiplies), bias(row) (the
     // float stored in its slot: the bias, or static int8's int32 bias bits) and scale(row).
     template <class Value, class Bias, class Scale>
@@ -196,26 +219,12 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
                              int64_t row_stride, int64_t col_stride, const float* bias, int64_t groups, Layout layout,
                              Precision precision)
     : impl_(std::make_unique<Impl>()) {
-    if (groups < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % groups != 0) {
-        throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
-    }
     Impl& w = *impl_;
-    w.isa = &detail::active_kernels();
-    w.k = out_channels;
-    w.cg = in_channels_per_group;
-    w.groups = groups;
-    w.kg = out_channels / groups;
-    w.layout = layout;
-    w.precision = precision;
+    w.set_shape(out_channels, in_channels_per_group, groups, layout, precision);
     // bf16 weights are rounded once, here; the kernels multiply the rounded values exactly (a product
     // of two bf16 values fits in a float) and sum in float32.
     const bool bf16 = precision == Precision::bf16;
     const bool int8 = precision == Precision::int8;
-    if (int8 && layout == Layout::nchw) throw std::invalid_argument("precision int8 computes NHWC layers only");
-    if (int8 && w.cg > kMaxInt8Channels) {
-        throw std::invalid_argument("precision int8 sums at most " + std::to_string(kMaxInt8Channels) +
-                                    " input channels per group exactly; this layer has " + std::to_string(w.cg));
-    }
     const auto weight_at = [&](int64_t row, int64_t col) {
         const float value = weight[row * row_stride + col * col_stride];
         return bf16 ? kernels::round_to_bf16(value) : value;
@@ -289,14 +298,8 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
 PackedWeights::PackedWeights(const QuantizedConvParams& q, int64_t out_channels, int64_t in_channels_per_group,
                              int64_t groups)
     : impl_(std::make_unique<Impl>()) {
-    if (groups < 1 || out_channels < 0 || in_channels_per_group < 0 || out_channels % groups != 0) {
-        throw std::invalid_argument("PackedWeights: groups must be >= 1 and divide the output channels");
-    }
-    if (in_channels_per_group > kMaxInt8Channels) {
-        throw std::invalid_argument("int8 sums at most " + std::to_string(kMaxInt8Channels) +
-                                    " input channels per group exactly; this layer has " +
-                                    std::to_string(in_channels_per_group));
-    }
+    Impl& w = *impl_;
+    w.set_shape(out_channels, in_channels_per_group, groups, Layout::nhwc, Precision::int8);
     const auto positive = [](float scale) { return std::isfinite(scale) && scale > 0.0f; };
     const auto check_zero_point = [](int32_t zero_point, bool is_signed, const char* name) {
         if (zero_point < (is_signed ? -128 : 0) || zero_point > (is_signed ? 127 : 255)) {
@@ -311,13 +314,6 @@ PackedWeights::PackedWeights(const QuantizedConvParams& q, int64_t out_channels,
         if (!positive(q.weight_scale[r])) throw std::invalid_argument("w_scale must be finite and > 0");
         check_zero_point(q.weight_zero_point[r], q.weight_signed, "w_zero_point");
     }
-    Impl& w = *impl_;
-    w.isa = &detail::active_kernels();
-    w.k = out_channels;
-    w.cg = in_channels_per_group;
-    w.groups = groups;
-    w.kg = out_channels / groups;
-    w.precision = Precision::int8;
     w.quantized_io = true;
     w.io = q;
     w.io.weight = nullptr;  // the caller's arrays are not kept
