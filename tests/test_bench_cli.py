@@ -92,7 +92,10 @@ def test_int8_precision_run(tmp_path):
     data, stdout = bench(tmp_path, "--suite", "resnet50", "--precision", "int8")
     assert data["precision"] == "int8" and len(data["results"]) == 9
     for row in data["results"]:
-        assert row["gflops"]["int8"] > 0 and row["gflops"]["fp32"] > 0 and "torch" not in row["gflops"]
+        assert row["gflops"]["int8"] > 0 and row["gflops"]["fp32"] > 0 and row["gflops"]["qlinear"] > 0
+        assert "torch" not in row["gflops"]
+        if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
+            assert row["qlinear_over_ort"] == pytest.approx(row["gflops"]["qlinear"] / row["gflops"]["ort_qlinear"])
         # 8-bit quantization of N(0, 1) data: about 1 % RMS, and pwcpu adds nothing to the scheme's own
         # error (its integer sums are exact).
         assert 1e-3 < row["rms_error"] < 0.03

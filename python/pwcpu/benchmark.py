@@ -767,15 +767,62 @@ def bench_epilogue(layers: Sequence[Layer], threads_list: Sequence[int], min_sec
     return results
 
 
+def _static_int8_layer(d: LayerData):
+    """d's layer quantized statically (uint8 activations with a per-tensor scale and zero point,
+    int8 weights per output channel, int32 bias, uint8 output): pwcpu's QuantizedPointwiseConv
+    and the arguments of ONNX QLinearConv."""
+    from ._quantized import QuantizedPointwiseConv
+
+    low, high = min(float(d.x.min()), 0.0), max(float(d.x.max()), 0.0)
+    x_scale = (high - low) / 255 or 1.0
+    x_zero = np.uint8(round(-low / x_scale))
+    xq = np.clip(np.rint(d.x / x_scale) + int(x_zero), 0, 255).astype(np.uint8)
+    w_scale = (np.abs(d.weight).max(axis=1) / 127).astype(np.float32)
+    w_scale[w_scale == 0] = 1.0
+    wq = np.clip(np.rint(d.weight / w_scale[:, None]), -127, 127).astype(np.int8)
+    bias = np.rint(d.bias / (x_scale * w_scale)).astype(np.int32)
+    y = d.reference()
+    y_scale = (float(y.max()) - float(y.min())) / 255 or 1.0
+    y_zero = np.uint8(np.clip(round(-float(y.min()) / y_scale), 0, 255))
+    args = dict(w_scale=w_scale, w_zero_point=0, x_scale=x_scale, x_zero_point=x_zero, y_scale=y_scale,
+                y_zero_point=y_zero, bias=bias)
+    s = d.layer.stride
+    return QuantizedPointwiseConv(wq, stride=s, **args), xq, wq, args
+
+
+def _onnxruntime_qlinear_runner(xq, wq, args, stride: int, threads: int):
+    """ONNX Runtime's QLinearConv (MLAS) on the same quantized layer, NCHW as ONNX has it."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = wq.shape[0]
+    values = {"xs": np.array(args["x_scale"], np.float32), "xz": np.array(args["x_zero_point"]),
+              "w": wq.reshape(k, -1, 1, 1), "ws": args["w_scale"], "wz": np.zeros(k, np.int8),
+              "ys": np.array(args["y_scale"], np.float32), "yz": np.array(args["y_zero_point"]), "b": args["bias"]}
+    node = helper.make_node("QLinearConv", ["x", *values], ["y"], kernel_shape=[1, 1], strides=[stride, stride])
+    graph = helper.make_graph([node], "qlinear_conv1x1", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                              [numpy_helper.from_array(v, n) for n, v in values.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": np.ascontiguousarray(xq.transpose(0, 3, 1, 2))}
+    return lambda: session.run(None, feed)[0]
+
+
 def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precision: str, min_seconds: float,
                     rounds: int, pause: float) -> List[Dict]:
     """pwcpu at ``precision`` against pwcpu's fp32 on the same layer (float32 arrays in and out, weights
     packed beforehand), and for bf16 against PyTorch's conv2d on bf16 tensors (channels_last, oneDNN)
     where PyTorch is installed. int8 rows carry the relative RMS error against the exact float32
-    result, and that of the same quantization computed exactly (float64), as a ratio."""
+    result, and that of the same quantization computed exactly (float64), as a ratio; and the static
+    int8 layer (qlinear_conv1x1: uint8 in and out) against ONNX Runtime's QLinearConv where ONNX
+    Runtime and onnx are installed."""
     torch = None
     if precision == "bf16" and importlib.util.find_spec("torch") is not None:
         import torch
+    with_ort = precision == "int8" and all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
     results = []
     for threads in threads_list:
         print(f"\n{threads} thread(s): GFLOP/s of pwcpu {precision} and fp32"
@@ -788,6 +835,12 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                 y, y32 = fast(d.x), exact(d.x)
                 check_result(f"pwcpu {precision}", y, d, precision)
                 runners = {precision: lambda: fast(d.x, out=y), "fp32": lambda: exact(d.x, out=y32)}
+                if precision == "int8":
+                    static, xq, wq, args = _static_int8_layer(d)
+                    yq = static(xq)
+                    runners["qlinear"] = lambda: static(xq, out=yq)
+                    if with_ort:
+                        runners["ort_qlinear"] = _onnxruntime_qlinear_runner(xq, wq, args, s, threads)
                 if torch is not None:
                     dtype = {"bf16": torch.bfloat16}[precision]
                     tx = torch.from_numpy(d.x).permute(0, 3, 1, 2).to(dtype)  # keeps channels_last memory
@@ -805,6 +858,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                        "over_fp32": gflops[precision] / gflops["fp32"]}
                 if "torch" in gflops:
                     row["over_torch"] = gflops[precision] / gflops["torch"]
+                if "ort_qlinear" in gflops:
+                    row["qlinear_over_ort"] = gflops["qlinear"] / gflops["ort_qlinear"]
                 if precision == "int8":
                     exact_y = d.reference()
                     row["rms_error"] = _relative_rms(y, exact_y)
@@ -815,11 +870,15 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                 if "rms_error" in row:
                     torch_ratio += (f"   RMS error {100 * row['rms_error']:.2f} % "
                                     f"({row['rms_error_over_exact_scheme']:.3f}x the scheme's, computed exactly)")
+                if "qlinear_over_ort" in row:
+                    torch_ratio += f"   qlinear {row['qlinear_over_ort']:.2f}x ONNX Runtime"
                 print(f"{layer.label:<36} {line}   {precision} {row['over_fp32']:.2f}x fp32{torch_ratio}", flush=True)
         rows = [r for r in results if r["threads"] == threads]
         print(f"geometric mean {precision} over fp32: {_geomean([r['over_fp32'] for r in rows]):.2f}x"
               + (f", over PyTorch {precision}: {_geomean([r['over_torch'] for r in rows]):.2f}x"
-                 if torch is not None else ""))
+                 if torch is not None else "")
+              + (f", static int8 over ONNX Runtime QLinearConv: {_geomean([r['qlinear_over_ort'] for r in rows]):.2f}x"
+                 if with_ort else ""))
     return results
 
 
