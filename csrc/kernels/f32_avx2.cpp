@@ -62,6 +62,17 @@ struct Vec {
     template <int J>
     static R lane(R v) { return _mm256_permute_ps(v, J * 0x55); }
     static R select_neg(R x, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ)); }
+    // Across the 8 lanes, by halving (the order of an addition's terms is fixed: results are the same every call).
+    template <class Op>
+    static float reduce(R x, Op op) {
+        __m128 v = op(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        v = op(v, _mm_movehl_ps(v, v));
+        v = op(v, _mm_movehdup_ps(v));
+        return _mm_cvtss_f32(v);
+    }
+    static float reduce_min(R x) { return reduce(x, [](__m128 a, __m128 b) { return _mm_min_ps(a, b); }); }
+    static float reduce_max(R x) { return reduce(x, [](__m128 a, __m128 b) { return _mm_max_ps(a, b); }); }
+    static float reduce_add(R x) { return reduce(x, [](__m128 a, __m128 b) { return _mm_add_ps(a, b); }); }
 };
 
 struct IVec {

@@ -66,6 +66,21 @@ struct Vec {
     template <int J>
     static R lane(R v) { return set1(v.lane[J]); }
     static R select_neg(R x, R a, R b) { return map([&](int i) { return x.lane[i] < 0.0f ? a.lane[i] : b.lane[i]; }); }
+    static float reduce_min(R x) {
+        float m = x.lane[0];
+        for (float v : x.lane) m = v < m ? v : m;
+        return m;
+    }
+    static float reduce_max(R x) {
+        float m = x.lane[0];
+        for (float v : x.lane) m = v > m ? v : m;
+        return m;
+    }
+    static float reduce_add(R x) {
+        float sum = 0.0f;
+        for (float v : x.lane) sum += v;
+        return sum;
+    }
 };
 
 struct IVec {

@@ -89,8 +89,8 @@ GemmKernel int8_gemm_kernel(float throughput) {
     return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
 }
 
-// See QuantizeRowFn (ukernel.hpp). The range in vectors; the values by a loop the compiler
-// vectorises. Rounding to nearest even by adding and subtracting 1.5 * 2^23, after clamping to the
+// See QuantizeRowFn (ukernel.hpp). The range in vectors (Vec's reduce_min, reduce_max and
+// reduce_add end it); the values by a loop the compiler vectorises. Rounding to nearest even by adding and subtracting 1.5 * 2^23, after clamping to the
 // 256 levels (|t| <= 255, well inside the trick's range).
 float quantize_row_int8(const float* src, size_t n, int16_t* dst, size_t padded) {
     constexpr int W = Vec::W;
@@ -108,17 +108,10 @@ float quantize_row_int8(const float* src, size_t n, int16_t* dst, size_t padded)
         hi = Vec::max(hi, x);
         not_finite = Vec::add(not_finite, Vec::sub(x, x));
     }
-    float lo_lanes[W], hi_lanes[W], check_lanes[W];
-    Vec::store_n(lo_lanes, lo, W);
-    Vec::store_n(hi_lanes, hi, W);
-    Vec::store_n(check_lanes, not_finite, W);
-    float row_min = 0.0f, row_max = 0.0f, check = 0.0f;
-    for (int j = 0; j < W; ++j) {
-        row_min = lo_lanes[j] < row_min ? lo_lanes[j] : row_min;
-        row_max = hi_lanes[j] > row_max ? hi_lanes[j] : row_max;
-        check += check_lanes[j];
-    }
-    const float scale = (row_max - row_min) / 255.0f;
+    const float row_min = Vec::reduce_min(lo), row_max = Vec::reduce_max(hi), check = Vec::reduce_add(not_finite);
+    const float range = row_max - row_min;
+    // Two independent divisions rather than one after the other (1 / scale).
+    const float scale = range / 255.0f, inverse = 255.0f / range;
     // A row of zeros, or of values too small to tell apart (a scale under the normal range would be
     // flushed to zero), quantizes to zeros; a row with a NaN or an infinity gives NaN outputs.
     if (check != 0.0f || !(scale >= 1.17549435e-38f)) {
@@ -126,7 +119,6 @@ float quantize_row_int8(const float* src, size_t n, int16_t* dst, size_t padded)
         return check != 0.0f ? check : 0.0f;
     }
     constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-    const float inverse = 1.0f / scale;
     const float zero_point = std::min(std::max((-128.0f - row_min * inverse + kRound) - kRound, -128.0f), 127.0f);
     const float low = -128.0f - zero_point, high = 127.0f - zero_point;
     for (size_t j = 0; j < n; ++j) {

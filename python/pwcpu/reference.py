@@ -56,7 +56,7 @@ def quantize_int8_rows(x, groups=1):
     scale = (high - low) / np.float32(255)
     finite = np.isfinite(rows).all(axis=-1)
     usable = finite & (scale >= np.finfo(np.float32).tiny)
-    inverse = np.float32(1) / np.where(usable, scale, np.float32(1))
+    inverse = np.float32(255) / np.where(usable, high - low, np.float32(1))
     zero_point = np.clip(np.rint(np.float32(-128) - low * inverse), -128, 127).astype(np.float32)
     t = np.clip(rows * inverse[..., None], (np.float32(-128) - zero_point)[..., None],
                 (np.float32(127) - zero_point)[..., None])
