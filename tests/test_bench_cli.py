@@ -96,6 +96,8 @@ def test_int8_precision_run(tmp_path):
         assert "torch" not in row["gflops"]
         if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
             assert row["qlinear_over_ort"] == pytest.approx(row["gflops"]["qlinear"] / row["gflops"]["ort_qlinear"])
+        if importlib.util.find_spec("torch") is not None:
+            assert row["qlinear_over_torch"] == pytest.approx(row["gflops"]["qlinear"] / row["gflops"]["torch_qconv"])
         # 8-bit quantization of N(0, 1) data: about 1 % RMS, and pwcpu adds nothing to the scheme's own
         # error (its integer sums are exact).
         assert 1e-3 < row["rms_error"] < 0.03

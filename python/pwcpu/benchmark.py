@@ -811,6 +811,33 @@ def _onnxruntime_qlinear_runner(xq, wq, args, stride: int, threads: int):
     return lambda: session.run(None, feed)[0]
 
 
+def _torch_quantized_conv_runner(xq, wq, args, stride: int):
+    """PyTorch's quantized Conv2d (x86 engine: FBGEMM / oneDNN) on the same quantized layer,
+    channels_last; its float bias is the int32 bias in real units."""
+    import torch
+    from torch.ao.nn.quantized import Conv2d
+
+    torch.backends.quantized.engine = "x86"
+    k, c = wq.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch 2.13 marks its quantized tensors deprecated
+        conv = Conv2d(c, k, 1, stride=stride)
+        w_scale = torch.from_numpy(args["w_scale"]).double()
+        weight = torch._make_per_channel_quantized_tensor(torch.from_numpy(wq.reshape(k, c, 1, 1)), w_scale,
+                                                           torch.zeros(k, dtype=torch.int64), 0)
+        conv.set_weight_bias(weight, torch.from_numpy(args["bias"] * (args["x_scale"] * args["w_scale"])).float())
+        conv.scale, conv.zero_point = float(args["y_scale"]), int(args["y_zero_point"])
+        x = torch.from_numpy(xq).permute(0, 3, 1, 2)  # channels_last memory, NCHW shape
+        qx = torch._make_per_tensor_quantized_tensor(x, float(args["x_scale"]), int(args["x_zero_point"]))
+
+    def run():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return conv(qx)
+
+    return run
+
+
 def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precision: str, min_seconds: float,
                     rounds: int, pause: float) -> List[Dict]:
     """pwcpu at ``precision`` against pwcpu's fp32 on the same layer (float32 arrays in and out, weights
@@ -823,6 +850,7 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
     if precision == "bf16" and importlib.util.find_spec("torch") is not None:
         import torch
     with_ort = precision == "int8" and all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+    with_torch_int8 = precision == "int8" and importlib.util.find_spec("torch") is not None
     results = []
     for threads in threads_list:
         print(f"\n{threads} thread(s): GFLOP/s of pwcpu {precision} and fp32"
@@ -841,6 +869,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                     runners["qlinear"] = lambda: static(xq, out=yq)
                     if with_ort:
                         runners["ort_qlinear"] = _onnxruntime_qlinear_runner(xq, wq, args, s, threads)
+                    if with_torch_int8:
+                        runners["torch_qconv"] = _torch_quantized_conv_runner(xq, wq, args, s)
                 if torch is not None:
                     dtype = {"bf16": torch.bfloat16}[precision]
                     tx = torch.from_numpy(d.x).permute(0, 3, 1, 2).to(dtype)  # keeps channels_last memory
@@ -860,6 +890,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                     row["over_torch"] = gflops[precision] / gflops["torch"]
                 if "ort_qlinear" in gflops:
                     row["qlinear_over_ort"] = gflops["qlinear"] / gflops["ort_qlinear"]
+                if "torch_qconv" in gflops:
+                    row["qlinear_over_torch"] = gflops["qlinear"] / gflops["torch_qconv"]
                 if precision == "int8":
                     exact_y = d.reference()
                     row["rms_error"] = _relative_rms(y, exact_y)
@@ -872,13 +904,17 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                                     f"({row['rms_error_over_exact_scheme']:.3f}x the scheme's, computed exactly)")
                 if "qlinear_over_ort" in row:
                     torch_ratio += f"   qlinear {row['qlinear_over_ort']:.2f}x ONNX Runtime"
+                if "qlinear_over_torch" in row:
+                    torch_ratio += f", {row['qlinear_over_torch']:.2f}x PyTorch"
                 print(f"{layer.label:<36} {line}   {precision} {row['over_fp32']:.2f}x fp32{torch_ratio}", flush=True)
         rows = [r for r in results if r["threads"] == threads]
         print(f"geometric mean {precision} over fp32: {_geomean([r['over_fp32'] for r in rows]):.2f}x"
               + (f", over PyTorch {precision}: {_geomean([r['over_torch'] for r in rows]):.2f}x"
                  if torch is not None else "")
               + (f", static int8 over ONNX Runtime QLinearConv: {_geomean([r['qlinear_over_ort'] for r in rows]):.2f}x"
-                 if with_ort else ""))
+                 if with_ort else "")
+              + (f", over PyTorch's quantized Conv2d: {_geomean([r['qlinear_over_torch'] for r in rows]):.2f}x"
+                 if with_torch_int8 else ""))
     return results
 
 
