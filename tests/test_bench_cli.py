@@ -98,6 +98,8 @@ def test_int8_precision_run(tmp_path):
             assert row["qlinear_over_ort"] == pytest.approx(row["gflops"]["qlinear"] / row["gflops"]["ort_qlinear"])
         if importlib.util.find_spec("torch") is not None:
             assert row["qlinear_over_torch"] == pytest.approx(row["gflops"]["qlinear"] / row["gflops"]["torch_qconv"])
+        if importlib.util.find_spec("tensorflow") is not None:
+            assert row["qlinear_over_tflite"] == pytest.approx(row["gflops"]["qlinear"] / row["gflops"]["tflite_int8"])
         # 8-bit quantization of N(0, 1) data: about 1 % RMS, and pwcpu adds nothing to the scheme's own
         # error (its integer sums are exact).
         assert 1e-3 < row["rms_error"] < 0.03

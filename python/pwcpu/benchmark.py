@@ -210,7 +210,10 @@ def _tflite_runner(model_content: bytes, x: np.ndarray, threads: int) -> Runner:
     return run
 
 
-def make_tflite(d: LayerData, threads: int) -> Runner:
+def make_tflite(d: LayerData, threads: int, int8: bool = False) -> Runner:
+    """The layer as a one-layer TFLite model; with ``int8``, quantized by TFLite's converter from
+    the layer's own input as the representative data (int8 in and out, per-channel weights: XNNPACK's
+    qs8 kernels), its input quantized with the model's parameters."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -223,7 +226,19 @@ def make_tflite(d: LayerData, threads: int) -> Runner:
         return tf.nn.conv2d(x, w_hwio, strides=layer.stride, padding="VALID") + b
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions([conv.get_concrete_function()], conv)
-    return _tflite_runner(converter.convert(), d.x, threads)
+    if not int8:
+        return _tflite_runner(converter.convert(), d.x, threads)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: iter([[d.x]])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.int8
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        model = converter.convert()
+        details = tf.lite.Interpreter(model_content=model).get_input_details()[0]
+    scale, zero_point = details["quantization"]
+    xq = np.clip(np.rint(d.x / scale) + zero_point, -128, 127).astype(np.int8)
+    return _tflite_runner(model, xq, threads)
 
 
 PEERS: Dict[str, Callable[[LayerData, int], Runner]] = {
@@ -844,13 +859,14 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
     packed beforehand), and for bf16 against PyTorch's conv2d on bf16 tensors (channels_last, oneDNN)
     where PyTorch is installed. int8 rows carry the relative RMS error against the exact float32
     result, and that of the same quantization computed exactly (float64), as a ratio; and the static
-    int8 layer (qlinear_conv1x1: uint8 in and out) against ONNX Runtime's QLinearConv where ONNX
-    Runtime and onnx are installed."""
+    int8 layer (qlinear_conv1x1: uint8 in and out) against ONNX Runtime's QLinearConv, PyTorch's
+    quantized Conv2d and TFLite's int8 conv, each where installed."""
     torch = None
     if precision == "bf16" and importlib.util.find_spec("torch") is not None:
         import torch
     with_ort = precision == "int8" and all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
     with_torch_int8 = precision == "int8" and importlib.util.find_spec("torch") is not None
+    with_tflite_int8 = precision == "int8" and importlib.util.find_spec("tensorflow") is not None
     results = []
     for threads in threads_list:
         print(f"\n{threads} thread(s): GFLOP/s of pwcpu {precision} and fp32"
@@ -871,6 +887,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                         runners["ort_qlinear"] = _onnxruntime_qlinear_runner(xq, wq, args, s, threads)
                     if with_torch_int8:
                         runners["torch_qconv"] = _torch_quantized_conv_runner(xq, wq, args, s)
+                    if with_tflite_int8:
+                        runners["tflite_int8"] = make_tflite(d, threads, int8=True)
                 if torch is not None:
                     dtype = {"bf16": torch.bfloat16}[precision]
                     tx = torch.from_numpy(d.x).permute(0, 3, 1, 2).to(dtype)  # keeps channels_last memory
@@ -892,6 +910,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                     row["qlinear_over_ort"] = gflops["qlinear"] / gflops["ort_qlinear"]
                 if "torch_qconv" in gflops:
                     row["qlinear_over_torch"] = gflops["qlinear"] / gflops["torch_qconv"]
+                if "tflite_int8" in gflops:
+                    row["qlinear_over_tflite"] = gflops["qlinear"] / gflops["tflite_int8"]
                 if precision == "int8":
                     exact_y = d.reference()
                     row["rms_error"] = _relative_rms(y, exact_y)
@@ -906,6 +926,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                     torch_ratio += f"   qlinear {row['qlinear_over_ort']:.2f}x ONNX Runtime"
                 if "qlinear_over_torch" in row:
                     torch_ratio += f", {row['qlinear_over_torch']:.2f}x PyTorch"
+                if "qlinear_over_tflite" in row:
+                    torch_ratio += f", {row['qlinear_over_tflite']:.2f}x TFLite"
                 print(f"{layer.label:<36} {line}   {precision} {row['over_fp32']:.2f}x fp32{torch_ratio}", flush=True)
         rows = [r for r in results if r["threads"] == threads]
         print(f"geometric mean {precision} over fp32: {_geomean([r['over_fp32'] for r in rows]):.2f}x"
@@ -914,7 +936,9 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
               + (f", static int8 over ONNX Runtime QLinearConv: {_geomean([r['qlinear_over_ort'] for r in rows]):.2f}x"
                  if with_ort else "")
               + (f", over PyTorch's quantized Conv2d: {_geomean([r['qlinear_over_torch'] for r in rows]):.2f}x"
-                 if with_torch_int8 else ""))
+                 if with_torch_int8 else "")
+              + (f", over TFLite int8: {_geomean([r['qlinear_over_tflite'] for r in rows]):.2f}x"
+                 if with_tflite_int8 else ""))
     return results
 
 
