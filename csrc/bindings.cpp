@@ -435,7 +435,7 @@ private:
     std::array<int64_t, 4> output_shape_of(const TensorView& x) const override { return packed_->output_shape(x, geometry_); }
 
     void run(const TensorView& x, const TensorView& out, const TensorView* residual) override {
-        if (packed_->isa() != pwcpu::active_isa()) pack();  // the ISA was switched: pack for its kernels
+        if (!packed_->current()) pack();  // the ISA was switched: pack for its kernels
         const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
         py::gil_scoped_release release;
         packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
@@ -724,7 +724,7 @@ public:
     }
 
     py::array conv(const py::object& x_in, const py::object& out_in) {
-        if (packed_->isa() != pwcpu::active_isa()) pack();
+        if (!packed_->current()) pack();  // the ISA was switched: pack for its kernels
         const py::dtype x_type = params_.x_signed ? py::dtype::of<int8_t>() : py::dtype::of<uint8_t>();
         const py::dtype y_type = params_.y_signed ? py::dtype::of<int8_t>() : py::dtype::of<uint8_t>();
         const char* x_name = params_.x_signed ? "int8" : "uint8";
@@ -902,6 +902,9 @@ PYBIND11_MODULE(_core, m) {
         d["bf16_gemm_kernels"] = info.bf16_gemm_kernels;
         d["int8_gemm_kernels"] = info.int8_gemm_kernels;
         d["int8_isa"] = info.int8_isa;
+        d["int8_isa_reason"] = info.int8_isa_reason;
+        d["bf16_isa"] = info.bf16_isa;
+        d["bf16_isa_reason"] = info.bf16_isa_reason;
         d["kernel_depthwise"] = info.kernel_depthwise;
         d["l1d_bytes"] = info.l1d_bytes;
         d["l2_bytes"] = info.l2_bytes;

@@ -40,9 +40,13 @@ struct Selection {
     std::string reason;
 };
 
+// One selection per kernel family (Precision order: fp32, bf16, int8), each with its override.
+constexpr int kFamilies = 3;
+constexpr const char* kFamilyOverride[kFamilies] = {"PWCPU_ISA", "PWCPU_BF16_ISA", "PWCPU_INT8_ISA"};
+
 std::mutex selection_mutex;
-std::atomic<const kernels::IsaKernels*> selected{nullptr};
-std::string selection_reason;
+std::atomic<const kernels::IsaKernels*> selected[kFamilies] = {};
+std::string selection_reason[kFamilies];
 
 Selection choose(const std::string& requested, const char* source) {
     const auto& isas = known_isas();
@@ -91,21 +95,37 @@ int64_t cache_size(int sysconf_name, int level, const char* type, int64_t fallba
 }  // namespace
 
 const kernels::IsaKernels& active_kernels() {
-    const kernels::IsaKernels* current = selected.load(std::memory_order_acquire);
+    const kernels::IsaKernels* current = selected[0].load(std::memory_order_acquire);
     if (current != nullptr) return *current;
     std::lock_guard<std::mutex> lock(selection_mutex);
-    current = selected.load(std::memory_order_relaxed);
+    current = selected[0].load(std::memory_order_relaxed);
     if (current == nullptr) {
-        const char* env = std::getenv("PWCPU_ISA");
-        Selection s = choose(env != nullptr ? env : "", "PWCPU_ISA");
-        if (env == nullptr || std::string(env).empty() || std::string(env) == "auto") {
-            s.reason = "best ISA this CPU supports (PWCPU_ISA not set)";
+        // fp32 from PWCPU_ISA (or the CPU); bf16 and int8 from their own variable where it is set,
+        // else as fp32. Every variable is checked now, so a bad one is an error at import.
+        Selection chosen[kFamilies];
+        for (int f = 0; f < kFamilies; ++f) {
+            const char* env = std::getenv(kFamilyOverride[f]);
+            const bool set = env != nullptr && !std::string(env).empty() && std::string(env) != "auto";
+            if (f > 0 && !set) {
+                chosen[f] = {chosen[0].kernels, chosen[0].reason};
+                continue;
+            }
+            chosen[f] = choose(set ? env : "", kFamilyOverride[f]);
+            if (!set) chosen[f].reason = "best ISA this CPU supports (PWCPU_ISA not set)";
         }
-        selection_reason = s.reason;
-        current = s.kernels;
-        selected.store(current, std::memory_order_release);
+        for (int f = kFamilies - 1; f >= 0; --f) {  // fp32 last: it marks the choice as made
+            selection_reason[f] = chosen[f].reason;
+            selected[f].store(chosen[f].kernels, std::memory_order_release);
+        }
+        current = chosen[0].kernels;
     }
     return *current;
+}
+
+const kernels::IsaKernels& family_kernels(Precision precision) {
+    const kernels::IsaKernels& fp32 = active_kernels();
+    if (precision == Precision::fp32) return fp32;
+    return *selected[static_cast<int>(precision)].load(std::memory_order_acquire);
 }
 
 const CacheSizes& cache_sizes() {
@@ -125,8 +145,10 @@ void select_isa(const std::string& name) {
     detail::active_kernels();  // settle the initial choice first so it cannot overwrite this one
     detail::Selection s = detail::choose(name, "select_isa()");
     std::lock_guard<std::mutex> lock(detail::selection_mutex);
-    detail::selection_reason = s.reason;
-    detail::selected.store(s.kernels, std::memory_order_release);
+    for (int f = 0; f < detail::kFamilies; ++f) {  // every family
+        detail::selection_reason[f] = s.reason;
+        detail::selected[f].store(s.kernels, std::memory_order_release);
+    }
 }
 
 const char* active_isa() { return detail::active_kernels().isa; }
@@ -135,21 +157,26 @@ RuntimeInfo runtime_info() {
     RuntimeInfo info;
     const kernels::IsaKernels& k = detail::active_kernels();
     info.isa = k.isa;
+    const kernels::IsaKernels& bf16 = detail::family_kernels(Precision::bf16);
+    const kernels::IsaKernels& int8 = detail::family_kernels(Precision::int8);
     {
         std::lock_guard<std::mutex> lock(detail::selection_mutex);
-        info.isa_reason = detail::selection_reason;
+        info.isa_reason = detail::selection_reason[0];
+        info.bf16_isa_reason = detail::selection_reason[1];
+        info.int8_isa_reason = detail::selection_reason[2];
     }
+    info.bf16_isa = bf16.isa;
     info.kernel_main = k.main().name;
     for (const kernels::GemmKernel& g : k.gemm) {
         if (g.by_rows != nullptr) info.gemm_kernels.emplace_back(g.name);
     }
-    for (const kernels::GemmKernel& g : k.gemm_bf16_weights) {
+    for (const kernels::GemmKernel& g : bf16.gemm_bf16_weights) {
         if (g.by_rows != nullptr) info.bf16_gemm_kernels.emplace_back(g.name);
     }
-    for (const kernels::GemmKernel& g : k.gemm_int8) {
+    for (const kernels::GemmKernel& g : int8.gemm_int8) {
         if (g.by_rows != nullptr) info.int8_gemm_kernels.emplace_back(g.name);
     }
-    info.int8_isa = k.int8_isa;
+    info.int8_isa = int8.int8_isa;
     info.kernel_depthwise = k.depthwise.name;
     for (const auto& isa : detail::known_isas()) {
         if (isa.cpu_has()) info.supported_isas.emplace_back(isa.name);

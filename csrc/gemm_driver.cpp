@@ -162,7 +162,7 @@ struct PackedWeights::Impl {
                                         " input channels per group exactly; this layer has " +
                                         std::to_string(in_channels_per_group));
         }
-        isa = &detail::active_kernels();
+        isa = &detail::family_kernels(kind);
         k = out_channels;
         cg = in_channels_per_group;
         groups = group_count;
@@ -350,6 +350,7 @@ Layout PackedWeights::layout() const { return impl_->layout; }
 Precision PackedWeights::precision() const { return impl_->precision; }
 const char* PackedWeights::isa() const { return impl_->isa->isa; }
 const char* PackedWeights::kernel_name() const { return impl_->kernel.name; }
+bool PackedWeights::current() const { return impl_->isa == &detail::family_kernels(impl_->precision); }
 
 std::array<int64_t, 4> PackedWeights::output_shape(const TensorView& x, const ConvGeometry& geometry) const {
     if (impl_->layout == Layout::nchw) {

@@ -12,7 +12,7 @@ from pwcpu import _core
 
 
 def run_python(code, **env):
-    environment = {k: v for k, v in os.environ.items() if k not in ("PWCPU_ISA", "OMP_NUM_THREADS")}
+    environment = {k: v for k, v in os.environ.items() if k not in ("PWCPU_ISA", "PWCPU_BF16_ISA", "PWCPU_INT8_ISA", "OMP_NUM_THREADS")}
     environment.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120)
 
@@ -54,11 +54,38 @@ def test_pwcpu_isa_override(isa):
     assert "requested by PWCPU_ISA" in result.stdout
 
 
+@pytest.mark.parametrize("variable", ["PWCPU_ISA", "PWCPU_BF16_ISA", "PWCPU_INT8_ISA"])
 @pytest.mark.parametrize("value,message", [("avx9000", "not a known ISA"), ("SCALAR", "not a known ISA")])
-def test_bad_pwcpu_isa_fails_at_import(value, message):
-    result = run_python("import pwcpu", PWCPU_ISA=value)
+def test_bad_pwcpu_isa_fails_at_import(variable, value, message):
+    result = run_python("import pwcpu", **{variable: value})
     assert result.returncode != 0
-    assert message in result.stderr and "PWCPU_ISA" in result.stderr
+    assert message in result.stderr and variable in result.stderr
+
+
+def test_each_family_has_its_own_override():
+    """PWCPU_BF16_ISA and PWCPU_INT8_ISA choose those families' kernels alone (fp32 keeps the
+    CPU's best); select_isa() then switches every family."""
+    code = """
+import numpy as np, pwcpu
+from pwcpu import _core
+weight = np.ones((8, 8), np.float32)
+layers = {p: pwcpu.PointwiseConv(weight, precision=p) for p in ("fp32", "bf16", "int8")}
+i = pwcpu.runtime_info()
+print(i["isa"], i["bf16_isa"], i["int8_isa"], i["int8_isa_reason"].replace(" ", "_"), *(l.kernel for l in layers.values()))
+y = layers["int8"](np.ones((1, 2, 2, 8), np.float32))
+print(float(y.min()), float(y.max()))
+_core.select_isa(i["isa"])
+print(pwcpu.runtime_info()["bf16_isa"], pwcpu.PointwiseConv(weight, precision="int8").kernel)
+"""
+    best = pwcpu.runtime_info()["supported_isas"][0]
+    result = run_python(code, PWCPU_BF16_ISA="scalar", PWCPU_INT8_ISA="scalar")
+    assert result.returncode == 0, result.stderr
+    first, values, after = result.stdout.splitlines()
+    isa, bf16_isa, int8_isa, reason, fp32_kernel, bf16_kernel, int8_kernel = first.split()
+    assert (isa, bf16_isa, int8_isa, reason) == (best, "scalar", "scalar", "requested_by_PWCPU_INT8_ISA")
+    assert fp32_kernel.endswith("_" + best) and bf16_kernel.endswith("_scalar") and int8_kernel.endswith("_scalar")
+    assert values.split() == ["8.0", "8.0"]
+    assert after.split()[0] == best and after.split()[1].endswith("_" + pwcpu.runtime_info()["int8_isa"])
 
 
 def test_runtime_info_and_show_runtime(capsys):

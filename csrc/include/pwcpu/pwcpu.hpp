@@ -119,6 +119,8 @@ public:
     // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512").
     const char* isa() const;
     const char* kernel_name() const;
+    // False once select_isa() has switched the kernels of this packing's family: pack again.
+    bool current() const;
 
     // (N, Ho, Wo, K) for x (N, H, W, C), or (N, K, Ho, Wo) for x (N, C, H, W) in NCHW:
     // Ho = (H + 2 pad_h - 1) / stride_h + 1.
@@ -306,7 +308,8 @@ struct RuntimeInfo {
     std::vector<std::string> gemm_kernels;  // every GEMM kernel; each layer takes the best fit for its width
     std::vector<std::string> bf16_gemm_kernels;  // the same with bfloat16 weights (precision bf16, NHWC)
     std::vector<std::string> int8_gemm_kernels;  // the int8 family's (precision int8, NHWC)
-    std::string int8_isa;                        // the ISA of the int8 family's kernels
+    std::string bf16_isa, bf16_isa_reason;       // the bf16 family's ISA (PWCPU_BF16_ISA), and why
+    std::string int8_isa, int8_isa_reason;       // the ISA of the int8 family's kernels (PWCPU_INT8_ISA), and why
     std::string kernel_depthwise;
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
