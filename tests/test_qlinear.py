@@ -85,6 +85,21 @@ def test_packed_layer_out_and_threads(rng):
     assert not layer.weight.flags.writeable
 
 
+def test_pickling_keeps_the_layer(rng):
+    """The packed layer travels (to Dask workers, to disk) and computes the same afterwards."""
+    import pickle
+
+    args = layer_inputs(rng, np.int8, np.uint8, 20, 12)
+    x = args.pop("x")
+    args["y_zero_point"] = np.uint8(9)  # a uint8 output from int8 input
+    layer = pwcpu.QuantizedPointwiseConv(args["weight"], args["w_scale"], args["w_zero_point"], args["x_scale"],
+                                         args["x_zero_point"], args["y_scale"], args["y_zero_point"], args["bias"],
+                                         stride=2, padding=1)
+    again = pickle.loads(pickle.dumps(layer))
+    assert (again.x_dtype, again.y_dtype) == (np.int8, np.uint8) and repr(again) == repr(layer)
+    np.testing.assert_array_equal(again(x), layer(x))
+
+
 def test_output_type_follows_y_zero_point(rng):
     args = layer_inputs(rng, np.uint8, np.int8, 16, 8)
     args["y_zero_point"] = np.int8(-3)

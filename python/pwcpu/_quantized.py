@@ -109,6 +109,10 @@ class QuantizedPointwiseConv:
             y_scale=_scale("y_scale", y_scale), y_zero_point=_zero_point("y_zero_point", y_zero_point, self.y_dtype),
         )
         p = self._params
+        # What pickling rebuilds the layer from (typed zero points keep x's and y's types).
+        self._arguments = (self._weight, p["w_scale"], p["w_zero_point"], np.float32(p["x_scale"]),
+                           self.x_dtype.type(p["x_zero_point"]), np.float32(p["y_scale"]),
+                           self.y_dtype.type(p["y_zero_point"]), p["bias"])
         self._plan = _core.QuantizedConvPlan(
             self._weight, p["w_scale"], p["w_zero_point"], p["bias"], self._groups, *self._stride, *self._padding,
             p["x_scale"], p["x_zero_point"], _EIGHT_BIT[self.x_dtype], p["y_scale"], p["y_zero_point"],
@@ -117,6 +121,10 @@ class QuantizedPointwiseConv:
     def __call__(self, x, *, out: Optional[np.ndarray] = None) -> np.ndarray:
         """y for an (N, H, W, C) array x of ``x_dtype``, written into ``out`` (of ``y_dtype``) when given."""
         return self._plan.conv(x, out)
+
+    def __reduce__(self):
+        options = dict(stride=self._stride, padding=self._padding, groups=self._groups)
+        return _rebuild_quantized_pointwise_conv, (self._arguments, options)
 
     @property
     def weight(self) -> np.ndarray:
@@ -131,6 +139,10 @@ class QuantizedPointwiseConv:
         k, cg = self._weight.shape
         return (f"QuantizedPointwiseConv({cg * self._groups}, {k}, x={self.x_dtype}, y={self.y_dtype}, "
                 f"stride={self._stride}, padding={self._padding}, groups={self._groups})")
+
+
+def _rebuild_quantized_pointwise_conv(arguments, options) -> QuantizedPointwiseConv:
+    return QuantizedPointwiseConv(*arguments, **options)
 
 
 def qlinear_conv1x1(x, x_scale, x_zero_point, weight, w_scale, w_zero_point, y_scale, y_zero_point, bias=None, *,
