@@ -68,6 +68,25 @@ def test_pointwise_over_leading_axes(rng, shape, chunks):
     np.testing.assert_array_equal(compute(y), pwcpu.pointwise(x, weight, bias, activation="gelu", residual=residual))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precisions_whatever_the_chunking(rng, precision):
+    """A layer's precision survives its trip to the workers, stride and padding included; int8
+    quantizes each pixel on its own, so chunks do not change a bit."""
+    x, weight, bias = data(rng, 2, 9, 10, 24), data(rng, 16, 24), data(rng, 16)
+    options = dict(stride=2, padding=1, activation="relu", precision=precision)
+    expected = pwcpu.conv1x1(x, weight, bias, **options)
+    assert not np.array_equal(expected, pwcpu.conv1x1(x, weight, bias, stride=2, padding=1, activation="relu"))
+    for chunks in [(1, 4, 3, 24), (2, 9, 10, 24)]:
+        lazy = da.from_array(x, chunks=chunks)
+        np.testing.assert_array_equal(compute(pwcpu_dask.conv1x1(lazy, weight, bias, **options)), expected)
+        layer = pwcpu.PointwiseConv(weight, bias, **options)
+        np.testing.assert_array_equal(compute(layer(lazy)), expected)
+    tokens = data(rng, 40, 24)
+    np.testing.assert_array_equal(compute(pwcpu_dask.pointwise(da.from_array(tokens, chunks=(7, 24)), weight,
+                                                               precision=precision)),
+                                  pwcpu.pointwise(tokens, weight, precision=precision))
+
+
 def test_split_channels_are_rechunked_with_a_warning(rng):
     x, weight = data(rng, 1, 6, 6, 20), data(rng, 8, 20)
     with pytest.warns(pwcpu_dask.PwcpuDaskWarning, match="channel axis is split over 3 chunks"):

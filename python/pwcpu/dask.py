@@ -110,7 +110,8 @@ def _stride1_layer(layer: PointwiseConv) -> PointwiseConv:
     """The layer's weights and epilogue without its stride and padding (applied to the lazy input)."""
     if layer.stride == (1, 1) and layer.padding == (0, 0):
         return layer
-    return PointwiseConv(layer.weight, layer.bias, groups=layer.groups, activation=layer.activation)
+    return PointwiseConv(layer.weight, layer.bias, groups=layer.groups, activation=layer.activation,
+                         precision=layer.precision)
 
 
 def apply(layer: PointwiseConv, x, *, residual=None) -> da.Array:
@@ -140,33 +141,36 @@ def apply(layer: PointwiseConv, x, *, residual=None) -> da.Array:
 
 
 def conv1x1(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation: Optional[str] = None,
-            residual=None) -> da.Array:
+            residual=None, precision: str = "fp32") -> da.Array:
     """:func:`pwcpu.conv1x1` on a Dask array x (N, H, W, C), NHWC: a lazy (N, Ho, Wo, K) array.
 
     ``weight`` may also be a :class:`pwcpu.PointwiseConv` (then ``bias`` and the options must be
     left at their defaults: the layer has its own)."""
     if isinstance(weight, PointwiseConv):
-        if bias is not None or stride != 1 or padding != 0 or groups != 1 or activation is not None:
-            raise ValueError("with a PointwiseConv, pass bias, stride, padding, groups and activation to the layer")
+        if (bias is not None or stride != 1 or padding != 0 or groups != 1 or activation is not None
+                or precision != "fp32"):
+            raise ValueError("with a PointwiseConv, pass bias, stride, padding, groups, activation and precision "
+                             "to the layer")
         layer = weight
     else:
         layer = PointwiseConv(_float32_array("weight", weight), bias, stride=stride, padding=padding, groups=groups,
-                              activation=activation)
+                              activation=activation, precision=precision)
     return apply(layer, x, residual=residual)
 
 
-def pointwise(x, weight, bias=None, *, activation: Optional[str] = None, residual=None) -> da.Array:
+def pointwise(x, weight, bias=None, *, activation: Optional[str] = None, residual=None,
+              precision: str = "fp32") -> da.Array:
     """:func:`pwcpu.pointwise` on a Dask array x (..., C): a lazy (..., K) array, chunked as x
     along the leading axes. ``weight`` may be a :class:`pwcpu.PointwiseConv` without stride,
     padding or groups (then ``bias`` and ``activation`` belong to it)."""
     if isinstance(weight, PointwiseConv):
-        if bias is not None or activation is not None:
-            raise ValueError("with a PointwiseConv, pass bias and activation to the layer")
+        if bias is not None or activation is not None or precision != "fp32":
+            raise ValueError("with a PointwiseConv, pass bias, activation and precision to the layer")
         if weight.stride != (1, 1) or weight.padding != (0, 0) or weight.groups != 1:
             raise ValueError("pointwise takes a PointwiseConv without stride, padding or groups")
         layer = weight
     else:
-        layer = PointwiseConv(_float32_array("weight", weight), bias, activation=activation)
+        layer = PointwiseConv(_float32_array("weight", weight), bias, activation=activation, precision=precision)
     x = _channels_in_one_chunk(_check_array(x, "x"), "x")
     if x.shape[-1] != layer.in_channels:
         raise ValueError(f"x has {x.shape[-1]} channels but weight expects C = {layer.in_channels}")
