@@ -422,7 +422,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     }
 
     const runtime::BasicRowWalker<T> walker_template(x, out, residual, geo, reinterpret_cast<const T*>(zeros.get()));
-    const bool stream = runtime::streams_output(rows * k);
+    // (Static int8 writes bytes with plain stores.)
+    const bool stream = !quantized && runtime::streams_output(rows * k);
 
     runtime::CallGuard guard;
     // Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go

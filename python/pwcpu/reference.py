@@ -170,19 +170,20 @@ def _epilogue(z, bias, residual, activation):
 
 def qlinear_conv1x1(x, x_scale, x_zero_point, weight, w_scale, w_zero_point, y_scale, y_zero_point, bias=None, *,
                     stride=1, padding=0, groups=1, y_dtype=None):
-    """ONNX QLinearConv with a 1x1 kernel on NHWC 8-bit x: the exact integer sums (int64 here),
+    """ONNX QLinearConv with a 1x1 kernel on NHWC 8-bit x: the exact integer sums (float64 sums of
+    integers, exact below 2^53),
     requantized in float32 as ONNX Runtime does it (the sum converted to float32, multiplied by
     (x_scale * w_scale) / y_scale, clamped to the output range less its zero point, rounded to
     nearest even, the zero point added). y_dtype defaults to x's type. Padding reads x_zero_point."""
     x = np.asarray(x)
     y_dtype = np.dtype(y_dtype or x.dtype)
-    w = np.asarray(weight).reshape(np.shape(weight)[:2]).astype(np.int64)
-    k = w.shape[0]
-    w = w - np.broadcast_to(np.asarray(w_zero_point, np.int64), (k,))[:, None]
-    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
-    shifted = np.pad(x.astype(np.int64) - int(x_zero_point), ((0, 0), (ph, ph), (pw, pw), (0, 0)))[:, ::sh, ::sw, :]
-    cg, kg = w.shape[1], k // groups
-    acc = np.concatenate([shifted[..., g * cg:(g + 1) * cg] @ w[g * kg:(g + 1) * kg].T for g in range(groups)], axis=-1)
+    k = np.shape(weight)[0]
+    w = np.asarray(weight).reshape(np.shape(weight)[:2]).astype(np.float64)
+    w = w - np.broadcast_to(np.asarray(w_zero_point, np.float64), (k,))[:, None]
+    # The float64 convolution of integers below 2^53 in magnitude is exact; zero padding of the
+    # shifted input is padding with x_zero_point.
+    acc = np.rint(conv1x1(x.astype(np.float64) - int(x_zero_point), w, stride=stride, padding=padding,
+                          groups=groups)).astype(np.int64)
     if bias is not None:
         acc = acc + np.asarray(bias, np.int64)
     if np.abs(acc).max(initial=0) >= 2**31:
