@@ -142,6 +142,7 @@ def _windows(x, kernel, stride, padding):
             yield (i, j), padded[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :][:, :ho, :wo]
 
 
+@np.errstate(all="ignore")  # infinite inputs make NaN and inf quietly, as in conv1x1
 def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=None, residual=None):
     """NHWC depthwise convolution: ``weight`` (C, kh, kw) or (C, 1, kh, kw), zero padding."""
     w = np.asarray(weight, dtype=np.float64)
@@ -150,6 +151,7 @@ def depthwise_conv2d(x, weight, bias=None, *, stride=1, padding=0, activation=No
     return _epilogue(z, bias, residual, activation)
 
 
+@np.errstate(all="ignore")  # infinite inputs make NaN and inf quietly, as in conv1x1
 def conv2d(x, weight, bias=None, *, stride=1, padding=0, groups=1, activation=None, residual=None):
     """NHWC dense convolution: ``weight`` (K, C // groups, kh, kw) as PyTorch's, zero padding."""
     w = np.asarray(weight, dtype=np.float64)
