@@ -56,7 +56,7 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     const detail::CacheSizes& cache = detail::cache_sizes();
     const int64_t bytes = sizeof(float);
     // The reduction is split only when an MR x kc tile of activations would crowd L2: streaming
-    // each row of the tile from L2 costs less than re-reading and re-writing partial outputs, so
+    // each row of the tile from L2 costs less than storing and re-reading partial sums, so
     // on a 1 MiB L2 even ResNet's C = 2048 and a 3072-wide feed-forward layer run unsplit.
     const int64_t forced = forced_reduction_block.load(std::memory_order_relaxed);
     const int64_t kc_max = forced > 0 ? forced : std::max<int64_t>(256, cache.l2 / 4 / (kernel.mr * bytes) / 16 * 16);
@@ -65,7 +65,8 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     b.kc = std::max<int64_t>(1, ceil_div(cg, b.k_blocks));
     // The weights of a block of panels stream from L2, shared by all tiles.
     b.nc_panels = std::clamp<int64_t>(cache.l2 / 2 / (b.kc * kernel.nr * weight_bytes), 1, std::max<int64_t>(panels, 1));
-    // With a split reduction, partial outputs of an M block must still be in L2 for the next K block.
+    // With a split reduction, an M block's partial sums (a scratch tile beside the weights' half of
+    // L2) must still be in L2 for the next K block.
     b.mc_tiles = b.k_blocks == 1
                      ? std::max<int64_t>(tiles, 1)
                      : std::max<int64_t>(1, cache.l2 / 2 / (b.nc_panels * kernel.nr * kernel.mr * bytes));
@@ -447,6 +448,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         detail::cache_sizes().l1d / 4 / (blk.kc * activation_bytes) / mr * mr, mr, kMaxBandRows / mr * mr);
 
     const char* const what_rounded = "activations rounded to bf16";
+    const char* const what_partial = "partial sums of a split reduction";
     const char* const what_quantized = "activations quantized to int8";
     const int64_t channels = cg * groups;
     const int64_t quantized_row = groups * reduction;  // int16 values of a quantized pixel row
@@ -477,6 +479,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         const int64_t buffer_rows = round_range ? range_rows : band_rows;
         const char* const what_buffer = int8 ? what_quantized : what_rounded;
         runtime::AlignedBuffer rounded, row_scales;
+        GemmTileArgs args{};
         if (bf16 || int8) {
             rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
                                       what_buffer);
@@ -507,6 +510,11 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                 }
             }
         }
+        // A split reduction's partial sums: an M block's rows x the block of panels' columns.
+        const int64_t partial_stride = blk.nc_panels * kernel.nr;
+        const AlignedBuffer partial = blk.k_blocks > 1 ? allocate_floats(checked_floats(
+            checked_mul(mc_rows, partial_stride, what_partial), what_partial), what_partial) : AlignedBuffer{};
+        args.partial_stride = static_cast<size_t>(partial_stride);
         const int16_t* quantized_rows[kMaxBandRows];
         const float* band_scales = nullptr;  // int8: the band's first row's scale, of the current group
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
@@ -516,7 +524,6 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
             const T* res[kMaxBandRows];
             const T* a[kMaxBandRows];
         } band_rows_of[2];
-        GemmTileArgs args{};
         if constexpr (quantized) {
             const int32_t low = io.y_signed ? -128 : 0, high = io.y_signed ? 127 : 255;
             args.out_min = static_cast<float>(low - io.y_zero_point);
@@ -601,7 +608,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                     args.a = a_rows + row;
                                     args.row_scale = int8 ? band_scales + row : nullptr;
                                     args.c = out_rows + row;
-                                    args.residual = kb == 0 && residual != nullptr ? res_rows + row : nullptr;
+                                    args.residual = args.final && residual != nullptr ? res_rows + row : nullptr;
+                                    if (partial) args.partial = partial.get() + (band - mb + row) * partial_stride + (p - pb) * kernel.nr;
                                 }
                                 kernel.by_rows[rows_in_tile - 1](args);
                             }
@@ -647,6 +655,10 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
 
     const auto work = [&](const WorkRange& range) {
         std::vector<float> block(static_cast<size_t>(std::max<int64_t>(blk.kc, 1) * nr));
+        // A split reduction's partial sums: the range's channel tiles x one panel of pixels.
+        const char* what_partial = "partial sums of a split reduction";
+        const AlignedBuffer partial = blk.k_blocks > 1 ? allocate_floats(checked_floats(
+            checked_mul((range.m_end - range.m_begin) * mr, nr, what_partial), what_partial), what_partial) : AlignedBuffer{};
         // Input offset of each pixel of the panel (negative strides make negative offsets), or
         // kPadding for pixels in the padding or past the last one.
         constexpr int64_t kPadding = std::numeric_limits<int64_t>::min();
@@ -658,6 +670,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         args.a = a_rows;
         args.c = out_rows;
         args.w = block.data();
+        args.partial_stride = static_cast<size_t>(nr);
         for (int64_t u = range.n_begin; u < range.n_end; ++u) {
             const int64_t n = u / panels_per_image, p0 = (u % panels_per_image) * nr;
             args.nr = static_cast<size_t>(std::min(nr, pixels - p0));
@@ -693,7 +706,8 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
                         }
                     }
                     args.row_bias = kb == 0 ? row_bias.get() + first : nullptr;
-                    args.residual = kb == 0 && residual != nullptr ? res_rows : nullptr;
+                    args.residual = args.final && residual != nullptr ? res_rows : nullptr;
+                    if (partial) args.partial = partial.get() + (tile - range.m_begin) * mr * nr;
                     kernel.by_rows[count - 1](args);
                 }
             }

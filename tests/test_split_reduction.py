@@ -1,6 +1,6 @@
-"""The split-reduction path of the GEMM driver (K blocks whose partial sums go through the output),
-forced on every ISA by a small maximum block: on its own it runs only for reductions longer than
-L2 allows (thousands of channels)."""
+"""The split-reduction path of the GEMM driver (K blocks whose partial sums wait in a float32
+scratch tile), forced on every ISA by a small maximum block: on its own it runs only for
+reductions longer than L2 allows (thousands of channels)."""
 
 import numpy as np
 import pytest
@@ -50,6 +50,30 @@ def test_pointwise_dense_and_block(isa, rng, small_blocks):
     x, weight = randn(rng, 1, 9, 9, 6), randn(rng, 12, 6, 3, 3)
     assert_within(pwcpu.conv2d(x, weight, padding=1, activation="silu"),
                   *dense_bound(x, weight, padding=1, activation="silu"))
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_split_gives_the_unsplit_result_bitwise(isa, rng, layout, precision):
+    # Partial sums are stored and reloaded exactly, and bias, residual and activation join once, at
+    # the end: splitting the reduction changes no operation's order, so no bit of the result.
+    c, k, groups = 100, 34, 2
+    x, weight, bias = randn(rng, 2, 9, 7, c), randn(rng, k, c // groups), randn(rng, k)
+    options = dict(stride=2, padding=1, groups=groups, activation="silu", layout=layout, precision=precision)
+    if layout == "NCHW":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    residual = randn(rng, *pwcpu.conv1x1(x, weight, bias, **options).shape)
+    unsplit = pwcpu.conv1x1(x, weight, bias, residual=residual, **options)
+    for block in (8, 13, 64):
+        _core.set_max_reduction_block(block)
+        try:
+            split = pwcpu.conv1x1(x, weight, bias, residual=residual, **options)
+            in_place = residual.copy()
+            pwcpu.conv1x1(x, weight, bias, residual=in_place, out=in_place, **options)
+        finally:
+            _core.set_max_reduction_block(0)
+        np.testing.assert_array_equal(split, unsplit)
+        np.testing.assert_array_equal(in_place, unsplit)
 
 
 def test_thread_counts_agree(isa, rng, small_blocks):

@@ -59,7 +59,7 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::load_n(p.c[m] + p.col + v * W, lanes[v]);
+            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::load(p.partial + m * p.partial_stride + v * W);
     }
 
     // Start fetching the residual now, for this panel and the next: it is read only after the k
@@ -113,11 +113,18 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         w += NV * W;
     }
 
+    if (!p.final) {
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) Vec::store_n(p.partial + m * p.partial_stride + v * W, acc[m][v], W);
+        return;
+    }
     store_tile<MR, NV>(acc, p);
 }
 
-// A tile's end, for every kernel family: the residual (joining after the sums, so that its loads
-// need not wait in front of the k loop), the activation of a final tile, and the stores.
+// A final tile's end, for every kernel family: the residual (joining after the sums, so that its
+// loads need not wait in front of the k loop), the activation, and the stores.
 template <int MR, int NV>
 PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
     constexpr int W = Vec::W;
@@ -130,7 +137,7 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
             for (int v = 0; v < NV; ++v)
                 acc[m][v] = Vec::add(acc[m][v], Vec::load_n(p.residual[m] + p.col + v * W, lanes[v]));
     }
-    if (p.final) activate_tile<MR, NV>(acc, p.act);
+    activate_tile<MR, NV>(acc, p.act);
     if (p.stream) {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)

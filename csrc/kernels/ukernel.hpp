@@ -4,19 +4,22 @@
 // place from NHWC pixel rows and whose right operand is a packed weight panel:
 //
 //   for m < MR, n < nr:
-//     acc = (bias ? bias[n] : row_bias ? row_bias[m] : c[m][col + n]) + sum_{k < kc} a[m][k] * w[k * NR + n]
-//         + (residual ? residual[m][col + n] : 0)
-//     c[m][col + n] = final ? act(acc) : acc
+//     acc = (bias ? bias[n] : row_bias ? row_bias[m] : partial[m * partial_stride + n])
+//         + sum_{k < kc} a[m][k] * w[k * NR + n]
+//     if final: c[m][col + n] = act(acc + (residual ? residual[m][col + n] : 0))
+//     else:     partial[m * partial_stride + n] = acc
 //
 // - a[m] points at row m's first channel of this K block. Every kernel is instantiated for each
 //   row count 1..MR, so the M tail is a kernel of its own and no row is computed in vain.
 // - w is the panel's kc x NR block, zero-padded to NR columns: floats, or for the bf16_f32 kernels
 //   bfloat16 values (their bits, uint16_t), widened to float as they are loaded.
 // - bias (the panel's NR biases, one per column) or row_bias (one per row, for NCHW, where rows
-//   are output channels) starts a tile; without either the tile continues a previous K block by
-//   reading c. The driver passes the residual with the first K block only, and the kernel
-//   reads it before storing the tile, so out may alias residual even when the reduction is split
-//   into several K blocks.
+//   are output channels) starts a tile; without either the tile continues a previous K block
+//   from its partial sums. A reduction split into K blocks keeps its partial sums in a float32
+//   scratch tile of the driver's (partial: NR floats per row, whole vectors, padding columns
+//   included), never in the output: c is written once, by the final block, so an output of any
+//   type could be stored there, and out may alias residual (each tile reads its residual before
+//   storing).
 // - c[m] and residual[m] point at output row m; the tile's columns start at c[m] + col. Only
 //   n < nr are read or written (masked).
 // - stream (final tiles only): store whole, aligned vectors with non-temporal stores, bypassing the
@@ -47,13 +50,15 @@ struct GemmTileArgs {
     size_t kc;  // reduction length of this K block
     const float* const* a;
     const void* w;  // the kernel's weight type: float, or bfloat16 bits (uint16_t)
-    const float* bias;               // per column; null: row_bias or accumulate onto c
-    const float* row_bias;           // per row; null: accumulate onto c (when bias is null too)
-    const float* const* residual;    // null: none
+    const float* bias;               // per column; null: row_bias, or continue from partial
+    const float* row_bias;           // per row; null: continue from partial (when bias is null too)
+    const float* const* residual;    // null: none (read by final tiles)
     float* const* c;
     size_t col;                      // the panel's first output channel within c[m], residual[m]
+    float* partial;                  // split reductions: the tile's partial sums, row m at partial + m * partial_stride
+    size_t partial_stride;
     Activation act;                  // applied when final
-    bool final;
+    bool final;                      // the last K block: the tile goes to c, else to partial
     bool stream;                     // final stores may bypass the caches
     // int8 kernels only
     const int16_t* const* a_int16;
