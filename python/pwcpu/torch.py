@@ -13,7 +13,8 @@
 - ``convert(model)``: an inference copy of a model in which every eligible 1x1 ``nn.Conv2d`` and
   ``nn.Linear`` (with a BatchNorm2d and an activation directly following it in a ``Sequential``)
   runs on pwcpu, and, where the model can be traced, its depthwise convolutions, stems and deep
-  dense layers too.
+  dense layers too; straight runs of converted layers then run as one ``PwcpuChain``, whose
+  intermediate outputs reuse two buffers from call to call.
 
 Converted modules are frozen, as ``torch.jit.freeze`` freezes: their weights are packed once and
 are reached only through copies (``module.weight`` returns one), so no write through ``.data``,
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
 import operator
+import threading
 import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -40,8 +43,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._api import DenseConv, DepthwiseConv, InvertedResidual, PointwiseConv, _precision_code
 from ._block import fold_batchnorm
 
-__all__ = ["PwcpuBatchNorm2d", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDenseConv2d", "PwcpuDepthwiseConv2d",
-           "PwcpuInvertedResidual", "PwcpuLinear", "PwcpuSequential",
+__all__ = ["PwcpuBatchNorm2d", "PwcpuChain", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDenseConv2d",
+           "PwcpuDepthwiseConv2d", "PwcpuInvertedResidual", "PwcpuLinear", "PwcpuSequential",
            "conv1x1", "convert", "pointwise"]
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
@@ -620,6 +623,120 @@ class PwcpuInvertedResidual(nn.Module):
         return state
 
 
+class PwcpuChain(nn.Module):
+    """A straight run of converted layers in a traced model, each layer's output used by the next
+    one only (MobileNet's and EfficientNet's stem and blocks), run as one. Its intermediate outputs
+    alternate between two buffers that the chain keeps from call to call, so the run's activations
+    stay the same few cache-warm megabytes every call, as ONNX Runtime's and TFLite's planned
+    arenas keep theirs, rather than a fresh tensor per layer (only the last layer's output is new,
+    and returned). The layers stay where they are in the model and the chain registers none of
+    them: ``state_dict`` and ``load_state_dict`` see them under their own names, and new weights
+    reach the chain. Calls that cannot take this path (autograd, tracing, ``torch.compile``, a
+    concurrent call from another thread while the buffers are in use, a tensor the first layer
+    cannot read in place) run the layers one by one, as an unchained model does."""
+
+    def __init__(self, layers: Sequence[nn.Module], names: Sequence[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_layers", tuple(layers))  # not children: see the class docstring
+        self.layer_names = tuple(names)
+        self._forget_runs()
+
+    def _forget_runs(self) -> None:
+        # input shape -> (steps, last layer's plan, its output's (size, stride)); a step is
+        # (conv_channels_last, input pointer, shape, strides, output pointer) of layers 1..n-2.
+        self._runs: Dict[torch.Size, tuple] = {}
+        self._runs_at = -1  # _state_changes when the runs were made
+        self._arena: Tuple[Tensor, ...] = ()
+        self._busy = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for derived in ("_runs", "_runs_at", "_arena", "_busy"):
+            state.pop(derived)
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._forget_runs()
+
+    def forward(self, x: Tensor) -> Tensor:
+        run = self._run_for(x)
+        if run is not None and self._busy.acquire(blocking=False):
+            try:
+                out = self._run_in_buffers(x, run)
+            finally:
+                self._busy.release()
+            if out is not None:
+                return out
+        return self._one_by_one(x)
+
+    def _eager_plain(self, x) -> bool:
+        return (type(x) is Tensor and not torch.compiler.is_compiling() and x.dtype is torch.float32 and x.is_cpu
+                and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def _run_for(self, x) -> Optional[tuple]:
+        if not self._eager_plain(x):
+            return None
+        if self._runs_at != _state_changes[0]:
+            self._runs.clear()  # some layer's weights changed: its plan is a new one
+            self._runs_at = _state_changes[0]
+        return self._runs.get(x.shape)
+
+    def _run_in_buffers(self, x: Tensor, run: tuple) -> Optional[Tensor]:
+        steps, geometry = run
+        out = torch.empty_strided(*geometry)
+        last = len(steps) - 1
+        for i, (conv_channels_last, x_data, x_shape, x_strides, out_data) in enumerate(steps):
+            if i == 0:
+                x_data, x_shape, x_strides = x.data_ptr(), x.shape, x.stride()
+            if i == last:
+                out_data = out.data_ptr()
+            if not conv_channels_last(x_data, x_shape, x_strides, out_data, 0, None):
+                return None  # the first layer refused x (channels not contiguous), computing nothing
+        return out
+
+    def _one_by_one(self, x):
+        outputs = []
+        h = x
+        for layer in self._layers:
+            h = layer(h)
+            outputs.append(h)
+        if self._eager_plain(x) and self._runs_at == _state_changes[0] and x.shape not in self._runs \
+                and self._busy.acquire(blocking=False):
+            try:
+                self._remember_run(x, outputs)
+            finally:
+                self._busy.release()
+        return h
+
+    def _remember_run(self, x: Tensor, outputs: List[Tensor]) -> None:
+        """The buffered run for x's shape, from the outputs the layers gave it (the chain's buffers
+        replaced, and the runs into the old ones forgotten, when they are too small)."""
+        def channels_last(t) -> bool:
+            if type(t) is not Tensor or t.dtype is not torch.float32 or t.dim() != 4:
+                return False
+            _, k, h, w = t.shape
+            return t.stride() == (h * w * k, 1, w * k, k) and t.storage_offset() == 0
+        if len(self._runs) >= 16 or not all(channels_last(t) for t in outputs):
+            return
+        needed = max(t.numel() for t in outputs[:-1])
+        if not self._arena or self._arena[0].numel() < needed:
+            self._runs.clear()
+            self._arena = tuple(torch.empty(needed, dtype=torch.float32) for _ in range(2))
+        views = [torch.as_strided(self._arena[i % 2], t.shape, t.stride()) for i, t in enumerate(outputs[:-1])]
+        steps = []
+        for i, layer in enumerate(self._layers):
+            plan = layer._block()._plan if isinstance(layer, PwcpuInvertedResidual) else layer._layer._plan
+            source = views[i - 1] if i > 0 else None
+            steps.append((plan.conv_channels_last, 0 if source is None else source.data_ptr(),
+                          None if source is None else source.shape, None if source is None else source.stride(),
+                          views[i].data_ptr() if i < len(views) else 0))
+        self._runs[x.shape] = (steps, (tuple(outputs[-1].shape), outputs[-1].stride()))
+
+    def extra_repr(self) -> str:
+        return f"{len(self._layers)} layers: {', '.join(self.layer_names)}"
+
+
 def _batchnorm_state(bn: nn.BatchNorm2d) -> Tuple[np.ndarray, ...]:
     """(gamma, beta, mean, var) of an inference BatchNorm2d; affine=False means gamma 1, beta 0."""
     k = bn.num_features
@@ -902,6 +1019,8 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str], prec
     _fuse_inverted_residuals(graph_module, report)
     graph.lint()
     graph_module.delete_all_unused_submodules()
+    _chain_straight_runs(graph_module, report)  # after the deletion: the chained layers stay registered
+    graph.lint()
     graph_module.recompile()
     return graph_module
 
@@ -988,6 +1107,39 @@ def _fuse_inverted_residuals(graph_module: fx.GraphModule, report: List[str]) ->
                       + ": one fused pwcpu InvertedResidual" + (f" ({', '.join(parts)})" if parts else ""))
 
 
+def _chain_straight_runs(graph_module: fx.GraphModule, report: List[str]) -> None:
+    """Straight runs of two or more converted layers (each call's only input the previous call,
+    which has no other use) become one PwcpuChain call; the layers stay registered where they are."""
+    graph = graph_module.graph
+    modules = dict(graph_module.named_modules())
+    chainable = (PwcpuConv2d, PwcpuDepthwiseConv2d, PwcpuDenseConv2d, PwcpuInvertedResidual)
+
+    def layer_call(node) -> bool:
+        return node.op == "call_module" and not node.kwargs and len(node.args) == 1 \
+            and type(modules.get(node.target)) in chainable
+
+    runs: List[List[fx.Node]] = []
+    for node in graph.nodes:
+        if not layer_call(node):
+            continue
+        previous = runs[-1][-1] if runs else None
+        if previous is not None and node.args[0] is previous and len(previous.users) == 1:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+    for run in (run for run in runs if len(run) > 1):
+        name = next(f"pwcpu_chain_{i}" for i in itertools.count() if not hasattr(graph_module, f"pwcpu_chain_{i}"))
+        targets = [node.target for node in run]
+        graph_module.add_module(name, PwcpuChain([modules[t] for t in targets], targets))
+        with graph.inserting_after(run[-1]):
+            call = graph.call_module(name, (run[0].args[0],))
+        run[-1].replace_all_uses_with(call)
+        for node in reversed(run):
+            graph.erase_node(node)
+        report.append(f"{targets[0]} .. {targets[-1]}: one {name} of {len(run)} layers (intermediate outputs "
+                      "in two buffers it keeps)")
+
+
 def _drop_inference_identities(graph: fx.Graph, report: List[str]) -> None:
     """torchvision's stochastic depth in inference (``training=False``) returns its input: removed,
     so that the residual addition after it reaches the convolution before it."""
@@ -1028,7 +1180,9 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True,
     layers compute as ``pwcpu.conv1x1(..., precision="bf16")`` does (weights and inputs rounded to
     bfloat16, float32 sums; the model still takes and returns float32 tensors, and they also take
     bfloat16 ones); fused inverted residual blocks compute their 1x1 stages in bf16 and the depthwise
-    one in float32. ``precision="int8"`` does the same with dynamic int8 quantization.
+    one in float32. ``precision="int8"`` does the same with dynamic int8 quantization. In a traced
+    copy, each straight run of converted layers (each the previous one's only use) runs as one
+    ``PwcpuChain`` (see its docstring).
     """
     _precision_code(precision)
     converted = copy.deepcopy(model).eval()
