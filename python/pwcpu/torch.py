@@ -642,8 +642,9 @@ class PwcpuChain(nn.Module):
         self._forget_runs()
 
     def _forget_runs(self) -> None:
-        # input shape -> (steps, last layer's plan, its output's (size, stride)); a step is
-        # (conv_channels_last, input pointer, shape, strides, output pointer) of layers 1..n-2.
+        # input shape -> (steps, the output's (size, stride), the buffers); a step is a layer's
+        # (conv_channels_last, input pointer, shape, strides, output pointer), the first layer's
+        # input and the last one's output being the call's.
         self._runs: Dict[torch.Size, tuple] = {}
         self._runs_at = -1  # _state_changes when the runs were made
         self._arena: Tuple[Tensor, ...] = ()
@@ -660,10 +661,10 @@ class PwcpuChain(nn.Module):
         self._forget_runs()
 
     def forward(self, x: Tensor) -> Tensor:
-        run = self._run_for(x)
-        if run is not None and self._busy.acquire(blocking=False):
+        if self._eager_plain(x) and self._busy.acquire(blocking=False):
             try:
-                out = self._run_in_buffers(x, run)
+                run = self._run_for(x)
+                out = None if run is None else self._run_in_buffers(x, run)
             finally:
                 self._busy.release()
             if out is not None:
@@ -674,16 +675,16 @@ class PwcpuChain(nn.Module):
         return (type(x) is Tensor and not torch.compiler.is_compiling() and x.dtype is torch.float32 and x.is_cpu
                 and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()))
 
-    def _run_for(self, x) -> Optional[tuple]:
-        if not self._eager_plain(x):
-            return None
+    def _run_for(self, x: Tensor) -> Optional[tuple]:
+        """The buffered run for x's shape, if one was made with the layers' current weights (the
+        caller holds the buffers' lock)."""
         if self._runs_at != _state_changes[0]:
             self._runs.clear()  # some layer's weights changed: its plan is a new one
             self._runs_at = _state_changes[0]
         return self._runs.get(x.shape)
 
     def _run_in_buffers(self, x: Tensor, run: tuple) -> Optional[Tensor]:
-        steps, geometry = run
+        steps, geometry, _ = run
         out = torch.empty_strided(*geometry)
         last = len(steps) - 1
         for i, (conv_channels_last, x_data, x_shape, x_strides, out_data) in enumerate(steps):
@@ -701,10 +702,10 @@ class PwcpuChain(nn.Module):
         for layer in self._layers:
             h = layer(h)
             outputs.append(h)
-        if self._eager_plain(x) and self._runs_at == _state_changes[0] and x.shape not in self._runs \
-                and self._busy.acquire(blocking=False):
+        if self._eager_plain(x) and self._busy.acquire(blocking=False):
             try:
-                self._remember_run(x, outputs)
+                if self._runs_at == _state_changes[0] and x.shape not in self._runs:
+                    self._remember_run(x, outputs)
             finally:
                 self._busy.release()
         return h
@@ -731,7 +732,8 @@ class PwcpuChain(nn.Module):
             steps.append((plan.conv_channels_last, 0 if source is None else source.data_ptr(),
                           None if source is None else source.shape, None if source is None else source.stride(),
                           views[i].data_ptr() if i < len(views) else 0))
-        self._runs[x.shape] = (steps, (tuple(outputs[-1].shape), outputs[-1].stride()))
+        # The run holds its buffers too: a run taken before they were replaced still owns its memory.
+        self._runs[x.shape] = (steps, (tuple(outputs[-1].shape), outputs[-1].stride()), self._arena)
 
     def extra_repr(self) -> str:
         return f"{len(self._layers)} layers: {', '.join(self.layer_names)}"
