@@ -455,13 +455,20 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // int8: a pixel row's values quantized, each group with its own scale; the scales of row i of a
     // buffer of `capacity` rows are scales[g * capacity + i], so a tile's rows have them in a run.
     // Static int8: the row's 8-bit values less the input's zero point (no scales).
-    const auto quantize_row = [&](const T* source, int16_t* values, float* scales, int64_t capacity) {
+    // quantize_rows: `count` rows, row m read from sources[m] + offset, into consecutive rows of a
+    // buffer from `values` on, their scales from `scales` on.
+    const auto quantize_rows = [&](const T* const* sources, ptrdiff_t offset, int64_t count, int16_t* values,
+                                   float* scales, int64_t capacity) {
+        const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
         for (int64_t g = 0; g < groups; ++g) {
-            const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
             if constexpr (quantized) {
-                isa->widen_row_int8(source + g * cg, n, io.x_signed, io.x_zero_point, values + g * reduction, padded_n);
+                for (int64_t m = 0; m < count; ++m) {
+                    isa->widen_row_int8(sources[m] + offset + g * cg, n, io.x_signed, io.x_zero_point,
+                                        values + m * quantized_row + g * reduction, padded_n);
+                }
             } else {
-                scales[g * capacity] = isa->quantize_row_int8(source + g * cg, n, values + g * reduction, padded_n);
+                isa->quantize_rows_int8(sources, offset + g * cg, static_cast<size_t>(count), n, values + g * reduction,
+                                        static_cast<size_t>(quantized_row), padded_n, scales + g * capacity);
             }
         }
     };
@@ -497,15 +504,14 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
             for (int64_t m0 = range.m_begin; m0 < range.m_end; m0 += kMaxBandRows) {
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
                 walker.next(count, 0, source_rows, unused_out, unused_res);
-                for (int64_t m = 0; m < count; ++m) {
-                    const int64_t i = m0 - range.m_begin + m;
-                    if constexpr (quantized) {
-                        quantize_row(source_rows[m], quantized_values + i * quantized_row, nullptr, buffer_rows);
-                    } else if (int8) {
-                        quantize_row(source_rows[m], quantized_values + i * quantized_row, row_scales.get() + i,
-                                     buffer_rows);
-                    } else {
-                        isa->round_to_bf16(source_rows[m], rounded.get() + i * channels, static_cast<size_t>(channels));
+                const int64_t first = m0 - range.m_begin;
+                if (int8) {
+                    quantize_rows(source_rows, 0, count, quantized_values + first * quantized_row,
+                                  quantized ? nullptr : row_scales.get() + first, buffer_rows);
+                } else if constexpr (!quantized) {
+                    for (int64_t m = 0; m < count; ++m) {
+                        isa->round_to_bf16(source_rows[m], rounded.get() + (first + m) * channels,
+                                           static_cast<size_t>(channels));
                     }
                 }
             }
@@ -552,13 +558,12 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         if (int8) {
                             // The band's rows quantized (here, or up front), from the first panel's group on.
                             const int64_t first_row = round_range ? band - range.m_begin : 0;
+                            if (!round_range) {
+                                quantize_rows(a_rows, -a_offset, rows_in_band, quantized_values,
+                                              quantized ? nullptr : row_scales.get(), buffer_rows);
+                            }
                             for (int64_t m = 0; m < rows_in_band; ++m) {
-                                int16_t* values = quantized_values + (first_row + m) * quantized_row;
-                                if (!round_range) {
-                                    quantize_row(a_rows[m] - a_offset, values, quantized ? nullptr : row_scales.get() + m,
-                                                 buffer_rows);
-                                }
-                                quantized_rows[m] = values + first_group * reduction;
+                                quantized_rows[m] = quantized_values + (first_row + m) * quantized_row + first_group * reduction;
                             }
                             if (!quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
                         } else if constexpr (!quantized) {

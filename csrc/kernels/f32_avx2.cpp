@@ -129,7 +129,7 @@ const IsaKernels& avx2_kernels() {
         {avx2::gemm_kernel<6, 2, uint16_t>(1.0f), avx2::gemm_kernel<4, 3, uint16_t>(1.0f),
          avx2::gemm_kernel<12, 1, uint16_t>(0.8f)},
         {avx2::int8_gemm_kernel<6, 2>(1.0f)},
-        avx2::quantize_row_int8,
+        avx2::quantize_rows_int8,
         avx2::widen_row_int8,
         "avx2",
         {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},

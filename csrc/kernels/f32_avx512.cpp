@@ -63,7 +63,7 @@ const IsaKernels& avx512_kernels() {
         {avx512::gemm_kernel<14, 2>(1.0f), avx512::gemm_kernel<14, 1>(0.8f)},
         {avx512::gemm_kernel<14, 2, uint16_t>(1.0f), avx512::gemm_kernel<14, 1, uint16_t>(0.8f)},
         avx2_kernels().gemm_int8,
-        avx2_kernels().quantize_row_int8,
+        avx2_kernels().quantize_rows_int8,
         avx2_kernels().widen_row_int8,
         avx2_kernels().int8_isa,
         {avx512::f32_dwconv_row, avx512::Vec::W, "f32_dwconv_bias_act_avx512"},

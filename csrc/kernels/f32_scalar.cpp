@@ -151,7 +151,7 @@ const IsaKernels& scalar_kernels() {
         {scalar::gemm_kernel<4, 2>(1.0f), scalar::gemm_kernel<4, 1>(0.8f)},
         {scalar::gemm_kernel<4, 2, uint16_t>(1.0f), scalar::gemm_kernel<4, 1, uint16_t>(0.8f)},
         {scalar::int8_gemm_kernel<4, 2>(1.0f)},
-        scalar::quantize_row_int8,
+        scalar::quantize_rows_int8,
         scalar::widen_row_int8,
         "scalar",
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},

@@ -123,11 +123,12 @@ struct DwKernel {
 // for i < n; dst may be src.
 using RoundRunFn = void (*)(const float* src, float* dst, size_t n);
 
-// One pixel's n channels quantized for the int8 kernels (see GemmTileArgs): to int8 with the
-// row's own scale and zero point (its range, 0 included, over 255 steps), stored less the zero
-// point in dst[0..n), dst[n..padded) zeroed. Returns the scale; NaN when the row holds a NaN or an
-// infinity (its outputs are then NaN).
-using QuantizeRowFn = float (*)(const float* src, size_t n, int16_t* dst, size_t padded);
+// Pixels' n channels quantized for the int8 kernels (see GemmTileArgs), row r read from
+// src[r] + offset: to int8 with the row's own scale and zero point (its range, 0 included, over 255
+// steps), stored less the zero point in dst + r * dst_stride, [0..n), [n..padded) zeroed. scales[r]
+// is the row's scale; NaN when the row holds a NaN or an infinity (its outputs are then NaN).
+using QuantizeRowsFn = void (*)(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, int16_t* dst,
+                                size_t dst_stride, size_t padded, float* scales);
 
 // Static int8: n 8-bit values (int8 when is_signed) less their zero point, as the int8 kernels
 // read them: dst[i] = src[i] - zero_point, dst[n..padded) zeroed.
@@ -149,7 +150,7 @@ struct IsaKernels {
     // The int8 family: its kernels, its row quantization, and the ISA they come from (AVX-512
     // machines run the AVX2 ones: the AVX-512 unit is built for AVX512F, without BW's vpmaddwd).
     GemmKernels gemm_int8;
-    QuantizeRowFn quantize_row_int8;
+    QuantizeRowsFn quantize_rows_int8;
     WidenRowFn widen_row_int8;
     const char* int8_isa;
     DwKernel depthwise;
