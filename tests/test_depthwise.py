@@ -90,6 +90,19 @@ def test_views_are_read_and_written_in_place(isa, rng):
     assert not buffer[..., :5].any() and not buffer[..., 5 + c :].any()
 
 
+@pytest.mark.parametrize("shape,kernel,padding", [((2, 7, 7, 40), 5, 2), ((1, 7, 9, 19), 7, 3), ((1, 5, 5, 8), 5, (2, 1))])
+def test_small_maps_with_wide_filters(isa, rng, shape, kernel, padding):
+    """Where most pixels are border pixels, the input is copied into a zero-padded tensor first:
+    views, the epilogue and every row and pixel count of the runs that follow."""
+    c = shape[-1]
+    w, b = data(rng, (c, kernel, kernel)), data(rng, (c,))
+    big = data(rng, (shape[0], 2 * shape[1], shape[2] + 3, c + 4))
+    x = big[:, ::2, 3:, 2 : 2 + c]
+    y = check(x, w, b, padding=padding, activation="relu6")
+    check(x, w, b, padding=padding, activation="silu", residual=data(rng, y.shape))
+    check(x[:, :, ::-1], w, b, padding=padding)
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (5, 2, 2), (3, 2, 4), (5, 1, (3, 0))])
 def test_padded_rows_of_backward_and_broadcast_views(isa, rng, kernel, stride, padding):
     """Taps in the top and bottom padding read the row of zeros as a run, laid out as the input's

@@ -60,8 +60,16 @@ PWCPU_INLINE void dw_pixels(const DwRowArgs& p, size_t pixel) {
     if (c < p.channels) dw_tile<P, 1>(p, pixel, c, p.channels - c);
 }
 
+// Runs of 4 pixels, then the 1-3 left over as one tile: a pixel alone loads a weight vector per
+// multiply-add, twice the loads per multiply-add of a run (short rows, 7x7 and 14x14 maps, are
+// mostly such leftovers).
 void f32_dwconv_row(const DwRowArgs& p) {
     size_t pixel = 0;
     for (; pixel + 4 <= p.pixels; pixel += 4) dw_pixels<4, 2>(p, pixel);
-    for (; pixel < p.pixels; ++pixel) dw_pixels<1, 4>(p, pixel);
+    switch (p.pixels - pixel) {
+        case 3: dw_pixels<3, 2>(p, pixel); break;
+        case 2: dw_pixels<2, 3>(p, pixel); break;
+        case 1: dw_pixels<1, 4>(p, pixel); break;
+        default: break;
+    }
 }
