@@ -156,6 +156,8 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
         args.taps = static_cast<size_t>(taps);
         args.input = taps_of.data();
         args.input_step = geo.stride_w * x.strides[2];
+        args.tap_step = x.strides[2];
+        args.stride_w = static_cast<int>(std::min<int64_t>(geo.stride_w, 1 << 20));
         args.w = packed.get();
         args.out_step = out.strides[2];
         args.residual_step = residual != nullptr ? residual->strides[2] : 0;
@@ -176,6 +178,9 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
                     }
                 }
                 args.pixels = static_cast<size_t>(inside ? count : 1);
+                // A run's taps are its filter's rows of columns tap_step apart (the row of zeros is
+                // laid out as an input row); a border pixel's are whatever its window holds.
+                args.kernel_w = inside ? static_cast<int>(kw) : 0;
                 args.out = out.data + n * out.strides[0] + oh * out.strides[1] + ow * out.strides[2];
                 args.residual = residual != nullptr
                                     ? residual->data + n * residual->strides[0] + oh * residual->strides[1] + ow * residual->strides[2]

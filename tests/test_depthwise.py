@@ -90,6 +90,18 @@ def test_views_are_read_and_written_in_place(isa, rng):
     assert not buffer[..., :5].any() and not buffer[..., 5 + c :].any()
 
 
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_run_lengths(isa, rng, kernel, stride):
+    """Rows of every width up to two and a half runs: the interior pixels of a row go in runs
+    whose tiles reuse input columns, with every leftover count, and channel counts with tails."""
+    for c in (8, 13):
+        w, b = data(rng, (c, kernel, kernel)), data(rng, (c,))
+        for width in range(1, 21):
+            x = data(rng, (1, kernel + 1, width * stride + kernel, c))
+            check(x, w, b, stride=stride, activation="relu", residual=None)
+            check(x, w, b, stride=stride, padding=kernel // 2)
+
+
 @pytest.mark.parametrize("shape,kernel,padding", [((2, 7, 7, 40), 5, 2), ((1, 7, 9, 19), 7, 3), ((1, 5, 5, 8), 5, (2, 1))])
 def test_small_maps_with_wide_filters(isa, rng, shape, kernel, padding):
     """Where most pixels are border pixels, the input is copied into a zero-padded tensor first:

@@ -97,6 +97,9 @@ struct GemmKernel {
 // - w is packed per block of `channel_block` channels (the ISA's vector width): the block's biases,
 //   then its taps x channel_block weights; the channels are zero-padded to whole blocks.
 // - Steps are in elements. Only c < channels are touched.
+// - kernel_w > 0 says the taps are a kernel_w-wide filter's rows, laid out regularly: tap
+//   (i, j) = input[i * kernel_w] + j * tap_step, and input_step = stride_w * tap_step. The kernel
+//   may then load each input column once for every pixel and tap that reads it.
 struct DwRowArgs {
     size_t pixels;
     size_t channels;
@@ -109,6 +112,9 @@ struct DwRowArgs {
     const float* residual;  // null: none
     ptrdiff_t residual_step;
     Activation act;
+    int kernel_w;        // 0: taps in no particular layout
+    int stride_w;
+    ptrdiff_t tap_step;
 };
 
 using DwRowFn = void (*)(const DwRowArgs&);
