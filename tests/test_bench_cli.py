@@ -72,8 +72,11 @@ def test_dask_cluster_run_records_throughput_and_busy_cores(tmp_path):
         assert set(row["gb_per_s"]) == ({"pwcpu", "numpy"} if row["workers"] == 2 else {"pwcpu"})
         assert all(v > 0 for v in row["gb_per_s"].values())
         for busy in row["cores_busy"].values():
-            # CPU seconds per second: the computing workers did some work, and nobody more than the machine has.
-            assert 0 < busy["workers"] <= row["cores"] + 0.5 and 0 <= busy["scheduler_and_client"] <= row["cores"] + 0.5
+            # CPU seconds per second: nobody more than the machine has.
+            assert 0 <= busy["workers"] <= row["cores"] + 0.5 and 0 <= busy["scheduler_and_client"] <= row["cores"] + 0.5
+    # And the computing workers did some work: CPU time is counted in clock ticks (10 ms), which a
+    # fast machine's round of this small array may end within, so not in every row.
+    assert max(busy["workers"] for row in rows for busy in row["cores_busy"].values()) > 0
     assert "cores busy" in stdout
 
 
