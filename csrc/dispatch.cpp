@@ -15,22 +15,35 @@ namespace pwcpu {
 namespace detail {
 namespace {
 
+// Kernel families (Precision order: fp32, bf16, int8), as bits.
+constexpr int kFamilies = 3;
+constexpr unsigned kEveryFamily = (1u << kFamilies) - 1u;
+constexpr unsigned family_bit(Precision family) { return 1u << static_cast<int>(family); }
+
 struct IsaEntry {
     const char* name;
     const kernels::IsaKernels& (*table)();
     bool (*cpu_has)();
+    unsigned families;  // the families with kernels of this ISA's own; the others use the next ISA down's
 };
 
-// Best first. An ISA is usable only when it was compiled in *and* the CPU (and OS, which
-// __builtin_cpu_supports checks through XGETBV) supports it.
+// Best first, each ISA's CPU features including those of every ISA below it. An ISA is usable
+// only when it was compiled in *and* the CPU (and OS, which __builtin_cpu_supports checks through
+// XGETBV) supports it.
 const std::vector<IsaEntry>& known_isas() {
     static const std::vector<IsaEntry> isas{
 #if defined(PWCPU_HAVE_X86_KERNELS)
-        {"avx512", kernels::avx512_kernels, [] { return __builtin_cpu_supports("avx512f") != 0; }},
+        {"avx512bf16", kernels::avx512bf16_kernels,
+         [] {
+             return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512bw") != 0 &&
+                    __builtin_cpu_supports("avx512vl") != 0 && __builtin_cpu_supports("avx512bf16") != 0;
+         },
+         family_bit(Precision::bf16)},
+        {"avx512", kernels::avx512_kernels, [] { return __builtin_cpu_supports("avx512f") != 0; }, kEveryFamily},
         {"avx2", kernels::avx2_kernels,
-         [] { return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0; }},
+         [] { return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0; }, kEveryFamily},
 #endif
-        {"scalar", kernels::scalar_kernels, [] { return true; }},
+        {"scalar", kernels::scalar_kernels, [] { return true; }, kEveryFamily},
     };
     return isas;
 }
@@ -40,28 +53,29 @@ struct Selection {
     std::string reason;
 };
 
-// One selection per kernel family (Precision order: fp32, bf16, int8), each with its override.
-constexpr int kFamilies = 3;
+// One selection per kernel family, each with its override.
 constexpr const char* kFamilyOverride[kFamilies] = {"PWCPU_ISA", "PWCPU_BF16_ISA", "PWCPU_INT8_ISA"};
 
 std::mutex selection_mutex;
 std::atomic<const kernels::IsaKernels*> selected[kFamilies] = {};
 std::string selection_reason[kFamilies];
 
-Selection choose(const std::string& requested, const char* source) {
+// The kernels of `family` at the ISA `requested` names (empty or "auto": the best the CPU supports):
+// that ISA's own, or where it has none of the family's, the next ISA down's.
+Selection choose(const std::string& requested, const char* source, int family) {
     const auto& isas = known_isas();
-    if (requested.empty() || requested == "auto") {
-        for (const auto& isa : isas) {
-            if (isa.cpu_has()) return {&isa.table(), std::string("best ISA this CPU supports")};
-        }
-    }
-    for (const auto& isa : isas) {
-        if (requested != isa.name) continue;
-        if (!isa.cpu_has()) {
+    const unsigned bit = 1u << family;
+    const bool automatic = requested.empty() || requested == "auto";
+    for (size_t i = 0; i < isas.size(); ++i) {
+        if (!automatic && requested != isas[i].name) continue;
+        if (!isas[i].cpu_has()) {
+            if (automatic) continue;
             throw std::invalid_argument(std::string(source) + " asks for ISA '" + requested +
-                                     "', which this CPU does not support");
+                                        "', which this CPU does not support");
         }
-        return {&isa.table(), std::string("requested by ") + source};
+        size_t j = i;
+        while ((isas[j].families & bit) == 0) ++j;  // scalar serves every family
+        return {&isas[j].table(), automatic ? std::string("best ISA this CPU supports") : std::string("requested by ") + source};
     }
     std::string names;
     for (const auto& isa : known_isas()) names += std::string(names.empty() ? "" : ", ") + isa.name;
@@ -103,15 +117,17 @@ const kernels::IsaKernels& active_kernels() {
         // fp32 from PWCPU_ISA (or the CPU); bf16 and int8 from their own variable where it is set,
         // else as fp32. Every variable is checked now, so a bad one is an error at import.
         Selection chosen[kFamilies];
+        std::string requested[kFamilies];
+        bool set[kFamilies];
         for (int f = 0; f < kFamilies; ++f) {
             const char* env = std::getenv(kFamilyOverride[f]);
-            const bool set = env != nullptr && !std::string(env).empty() && std::string(env) != "auto";
-            if (f > 0 && !set) {
-                chosen[f] = {chosen[0].kernels, chosen[0].reason};
-                continue;
-            }
-            chosen[f] = choose(set ? env : "", kFamilyOverride[f]);
-            if (!set) chosen[f].reason = "best ISA this CPU supports (PWCPU_ISA not set)";
+            requested[f] = env != nullptr ? env : "";
+            set[f] = !requested[f].empty() && requested[f] != "auto";
+        }
+        for (int f = 0; f < kFamilies; ++f) {
+            const int from = set[f] ? f : 0;
+            chosen[f] = choose(set[from] ? requested[from] : "", kFamilyOverride[from], f);
+            if (!set[from]) chosen[f].reason = "best ISA this CPU supports (PWCPU_ISA not set)";
         }
         for (int f = kFamilies - 1; f >= 0; --f) {  // fp32 last: it marks the choice as made
             selection_reason[f] = chosen[f].reason;
@@ -143,11 +159,12 @@ int64_t stream_store_min_bytes() { return cache_sizes().l3 / 8 * 3; }
 
 void select_isa(const std::string& name) {
     detail::active_kernels();  // settle the initial choice first so it cannot overwrite this one
-    detail::Selection s = detail::choose(name, "select_isa()");
+    detail::Selection chosen[detail::kFamilies];
+    for (int f = 0; f < detail::kFamilies; ++f) chosen[f] = detail::choose(name, "select_isa()", f);  // every family
     std::lock_guard<std::mutex> lock(detail::selection_mutex);
-    for (int f = 0; f < detail::kFamilies; ++f) {  // every family
-        detail::selection_reason[f] = s.reason;
-        detail::selected[f].store(s.kernels, std::memory_order_release);
+    for (int f = 0; f < detail::kFamilies; ++f) {
+        detail::selection_reason[f] = chosen[f].reason;
+        detail::selected[f].store(chosen[f].kernels, std::memory_order_release);
     }
 }
 

@@ -139,8 +139,9 @@ struct PackedWeights::Impl {
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
     // their biases in front (float), then C x NR weights (float, or bfloat16 for bf16: half the
-    // bytes to stream, widened by the kernel). int8: the biases, the NR weight scales (float),
-    // then C/2 (rounded up) rows of NR pairs of quantized weights (int16, see ukernel.hpp).
+    // bytes to stream, widened by the kernel). Kernels that read pairs (int8, bf16 with a dot
+    // product): the biases, the NR weight scales (float; 1 for bf16), then C/2 (rounded up) rows
+    // of NR pairs of 16-bit weights (quantized int8, or bfloat16 bits; see ukernel.hpp).
     int64_t panels_per_group = 0, panel_stride = 0;
     AlignedBuffer panels;
     // NCHW: the weights are the kernel's left operand, read in place as K rows of C/groups (a
@@ -172,10 +173,10 @@ struct PackedWeights::Impl {
         precision = kind;
     }
 
-    // int8 panels (see above) from value(row, c) (the int16 the kernel multiplies), bias(row) (the
-    // float stored in its slot: the bias, or static int8's int32 bias bits) and scale(row).
+    // Panels of pairs (see above) from value(row, c) (the 16 bits the kernel multiplies), bias(row)
+    // (the float stored in its slot: the bias, or static int8's int32 bias bits) and scale(row).
     template <class Value, class Bias, class Scale>
-    void pack_int8(const Value& value, const Bias& bias, const Scale& scale) {
+    void pack_pairs(const Value& value, const Bias& bias, const Scale& scale) {
         const int64_t nr = kernel.nr;
         const char* what = "weight (K x C/groups), packed";
         panel_stride = 2 * nr + checked_mul(nr, ceil_div(cg, 2), what);
@@ -198,8 +199,8 @@ struct PackedWeights::Impl {
     // Panel p's weights from channel k0 on, after its NR biases: floats, or bfloat16 bits.
     const void* panel_weights(int64_t p, int64_t k0) const {
         const float* after_bias = panel(p) + kernel.nr;
+        if (kernel.reads_pairs) return reinterpret_cast<const int16_t*>(after_bias + kernel.nr) + kernel.nr * k0;
         if (precision == Precision::bf16) return reinterpret_cast<const uint16_t*>(after_bias) + kernel.nr * k0;
-        if (precision == Precision::int8) return reinterpret_cast<const int16_t*>(after_bias + kernel.nr) + kernel.nr * k0;
         return after_bias + kernel.nr * k0;
     }
     const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
@@ -250,8 +251,19 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.kernel = w.isa->gemm_for(w.kg, precision);
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
+    if (w.kernel.reads_pairs && bf16) {
+        w.pack_pairs(
+            [&](int64_t row, int64_t c) {
+                const float value = weight_at(row, c);
+                uint32_t bits;
+                std::memcpy(&bits, &value, sizeof bits);
+                return static_cast<int16_t>(bits >> 16);  // exact: rounded by weight_at
+            },
+            [&](int64_t row) { return bias != nullptr ? bias[row] : 0.0f; }, [](int64_t) { return 1.0f; });
+        return;
+    }
     if (int8) {
-        w.pack_int8([&](int64_t row, int64_t c) { return quantize_weight(weight[row * row_stride + c * col_stride], int8_scales[row]); },
+        w.pack_pairs([&](int64_t row, int64_t c) { return quantize_weight(weight[row * row_stride + c * col_stride], int8_scales[row]); },
                     [&](int64_t row) { return bias != nullptr ? bias[row] : 0.0f; },
                     [&](int64_t row) { return int8_scales[row]; });
         return;
@@ -325,7 +337,7 @@ PackedWeights::PackedWeights(const QuantizedConvParams& q, int64_t out_channels,
     w.panels_per_group = ceil_div(w.kg, static_cast<int64_t>(w.kernel.nr));
     const auto* weight_u8 = static_cast<const uint8_t*>(q.weight);
     const auto* weight_s8 = static_cast<const int8_t*>(q.weight);
-    w.pack_int8(
+    w.pack_pairs(
         [&](int64_t row, int64_t c) {
             const int32_t value = q.weight_signed ? weight_s8[row * w.cg + c] : weight_u8[row * w.cg + c];
             return static_cast<int16_t>(value - q.weight_zero_point[row]);
@@ -401,16 +413,18 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const int64_t rows = batch * ho * wo;
     if (rows == 0 || k == 0) return;
 
-    const int64_t mr = tile_rows(kernel, x, geo);
+    // Kernels that read pairs read the driver's rows of pairs, whose stride is never a multiple of 4 KiB.
+    const bool pairs = kernel.reads_pairs;
+    const int64_t mr = pairs ? kernel.mr : tile_rows(kernel, x, geo);
     const int64_t tiles = ceil_div(rows, mr);
     const int64_t panels_total = panel_count();
     const bool bf16 = precision == Precision::bf16;
     const bool int8 = precision == Precision::int8;
-    // int8 reads each group's channels padded to an even count, and never splits the reduction: a
-    // row's quantized values are made once, with one scale, for all of its channels.
-    const int64_t reduction = int8 ? ceil_div(cg, 2) * 2 : cg;
+    // Kernels that read pairs read each group's channels padded to an even count, and the reduction
+    // is never split: a row's values are converted once (int8: with one scale) for all its channels.
+    const int64_t reduction = pairs ? ceil_div(cg, 2) * 2 : cg;
     const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
-                                         bf16 || int8 ? sizeof(uint16_t) : sizeof(float), !int8);
+                                         bf16 || int8 ? sizeof(uint16_t) : sizeof(float), !pairs);
 
     // Padding reads a row of zeros (static int8: of the input's zero point), so border pixels get
     // bias, residual and activation only.
@@ -443,7 +457,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // weights come from L2 once per band rather than once per tile. Deep reductions leave room for
     // one tile only. Measured on Zen 3 (AVX2, 6x16), against a band of one tile, geometric mean of 16
     // MobileNet/ResNet layers: +2.5 % at 1 thread, +6 % at 2; 112x112x16->96 +36 %, 14x14x64->384 +18 % / +37 %.
-    const int64_t activation_bytes = int8 ? sizeof(int16_t) : sizeof(float);
+    const int64_t activation_bytes = pairs ? sizeof(int16_t) : sizeof(float);
     const int64_t band_rows = std::clamp<int64_t>(
         detail::cache_sizes().l1d / 4 / (blk.kc * activation_bytes) / mr * mr, mr, kMaxBandRows / mr * mr);
 
@@ -451,17 +465,29 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const char* const what_partial = "partial sums of a split reduction";
     const char* const what_quantized = "activations quantized to int8";
     const int64_t channels = cg * groups;
-    const int64_t quantized_row = groups * reduction;  // int16 values of a quantized pixel row
+    // 16-bit values of a converted pixel row in the buffer, a stride of whole cache lines that is no
+    // multiple of 4 KiB (rows that far apart would share L1's sets: see tile_rows).
+    const int64_t quantized_row = [&] {
+        const int64_t line_values = 64 / static_cast<int64_t>(sizeof(int16_t));
+        const int64_t values = ceil_div(groups * reduction, line_values) * line_values;
+        return values * static_cast<int64_t>(sizeof(int16_t)) % 4096 == 0 ? values + line_values : values;
+    }();
     // int8: a pixel row's values quantized, each group with its own scale; the scales of row i of a
     // buffer of `capacity` rows are scales[g * capacity + i], so a tile's rows have them in a run.
     // Static int8: the row's 8-bit values less the input's zero point (no scales).
+    // bf16 pairs: the row's values rounded to bfloat16, each group padded alike.
     // quantize_rows: `count` rows, row m read from sources[m] + offset, into consecutive rows of a
     // buffer from `values` on, their scales from `scales` on.
     const auto quantize_rows = [&](const T* const* sources, ptrdiff_t offset, int64_t count, int16_t* values,
                                    float* scales, int64_t capacity) {
         const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
         for (int64_t g = 0; g < groups; ++g) {
-            if constexpr (quantized) {
+            if (bf16) {
+                if constexpr (!quantized) {
+                    isa->round_rows_to_bf16_pairs(sources, offset + g * cg, static_cast<size_t>(count), n,
+                                                  values + g * reduction, static_cast<size_t>(quantized_row), padded_n);
+                }
+            } else if constexpr (quantized) {
                 for (int64_t m = 0; m < count; ++m) {
                     isa->widen_row_int8(sources[m] + offset + g * cg, n, io.x_signed, io.x_zero_point,
                                         values + m * quantized_row + g * reduction, padded_n);
@@ -480,7 +506,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         // thread's rows are rounded once, up front, into a buffer of their own.
         // int8 likewise, with the quantized rows and their scales.
         const int64_t range_rows = range.m_end - range.m_begin;
-        const int64_t row_floats = int8 ? ceil_div(quantized_row, 2) : channels;
+        const int64_t row_floats = pairs ? ceil_div(quantized_row, 2) : channels;
         const bool round_range = (bf16 || int8) && range.n_end - range.n_begin > blk.nc_panels &&
                                  range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(row_floats, 1);
         const int64_t buffer_rows = round_range ? range_rows : band_rows;
@@ -505,9 +531,9 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
                 walker.next(count, 0, source_rows, unused_out, unused_res);
                 const int64_t first = m0 - range.m_begin;
-                if (int8) {
+                if (pairs) {
                     quantize_rows(source_rows, 0, count, quantized_values + first * quantized_row,
-                                  quantized ? nullptr : row_scales.get() + first, buffer_rows);
+                                  int8 && !quantized ? row_scales.get() + first : nullptr, buffer_rows);
                 } else if constexpr (!quantized) {
                     for (int64_t m = 0; m < count; ++m) {
                         isa->round_to_bf16(source_rows[m], rounded.get() + (first + m) * channels,
@@ -555,17 +581,17 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         const T** a_rows = band_rows_of[current].a;
                         T** out_rows = band_rows_of[current].out;
                         const T** res_rows = band_rows_of[current].res;
-                        if (int8) {
-                            // The band's rows quantized (here, or up front), from the first panel's group on.
+                        if (pairs) {
+                            // The band's rows converted (here, or up front), from the first panel's group on.
                             const int64_t first_row = round_range ? band - range.m_begin : 0;
                             if (!round_range) {
                                 quantize_rows(a_rows, -a_offset, rows_in_band, quantized_values,
-                                              quantized ? nullptr : row_scales.get(), buffer_rows);
+                                              int8 && !quantized ? row_scales.get() : nullptr, buffer_rows);
                             }
                             for (int64_t m = 0; m < rows_in_band; ++m) {
                                 quantized_rows[m] = quantized_values + (first_row + m) * quantized_row + first_group * reduction;
                             }
-                            if (!quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
+                            if (int8 && !quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
                         } else if constexpr (!quantized) {
                           if (round_range) {
                             for (int64_t m = 0; m < rows_in_band; ++m) {
@@ -606,7 +632,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                             if constexpr (quantized) args.bias_int32 = reinterpret_cast<const int32_t*>(panel(p));
                             for (int64_t row = 0; row < rows_in_band; row += mr) {
                                 const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
-                                args.a_int16 = quantized_rows + row;
+                                args.a_pairs = quantized_rows + row;
                                 if constexpr (quantized) {
                                     args.c_quantized = out_rows + row;
                                 } else {
@@ -622,9 +648,9 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                 j = 0;
                                 ++group;
                                 for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] += cg;  // the next group's channels
-                                if (int8) {
+                                if (pairs) {
                                     for (int64_t m = 0; m < rows_in_band; ++m) quantized_rows[m] += reduction;
-                                    if (!quantized) band_scales += buffer_rows;
+                                    if (int8 && !quantized) band_scales += buffer_rows;
                                 }
                             }
                         }

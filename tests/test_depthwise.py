@@ -168,7 +168,7 @@ class TestDepthwiseConv:
         c = 33
         x, w, b = data(rng, (2, 9, 10, c)), data(rng, (c, 5, 5)), data(rng, (c,))
         layer = pwcpu.DepthwiseConv(w, b, stride=2, padding=2, activation="silu")
-        assert layer.kernel == f"f32_dwconv_bias_act_{isa}"
+        assert layer.kernel == f"f32_dwconv_bias_act_{pwcpu.runtime_info()['isa']}"
         np.testing.assert_array_equal(layer(x), pwcpu.depthwise_conv2d(x, w, b, stride=2, padding=2, activation="silu"))
 
     def test_attributes_and_pickle(self, rng):

@@ -112,6 +112,7 @@ struct IVec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/pair_gemm_tile.inl"
 #include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
@@ -134,6 +135,7 @@ const IsaKernels& avx2_kernels() {
         "avx2",
         {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},
         avx2::round_to_bf16_run,
+        nullptr,
         avx2::fma_peak_probe,
         avx2::kFmaChains * avx2::Vec::W,
     };

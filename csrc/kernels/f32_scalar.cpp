@@ -139,6 +139,7 @@ struct IVec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/pair_gemm_tile.inl"
 #include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
@@ -156,6 +157,7 @@ const IsaKernels& scalar_kernels() {
         "scalar",
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::round_to_bf16_run,
+        nullptr,
         scalar::fma_peak_probe,
         scalar::kFmaChains * scalar::Vec::W,
     };

@@ -1,10 +1,9 @@
 // The int8 GEMM tile microkernel (dynamic quantization) and the row quantizer that feeds it,
 // written once over the ISA's Vec (floats) and IVec (integers).
 //
-// Included inside the ISA's namespace after f32_gemm_tile.inl (whose store_tile it shares).
-// IVec provides: P (a register of W pairs of int16) and I (W int32 sums), zero(), load_pairs(p)
-// (2W int16), broadcast_pair(p) (p[0], p[1] in every pair), madd_add(acc, a, b) (acc plus, in each
-// lane, the two products of its pair, exactly in int32: vpmaddwd + vpaddd), to_float(I), and for
+// Included inside the ISA's namespace after f32_gemm_tile.inl (whose store_tile it shares) and
+// pair_gemm_tile.inl (its k loop). IVec is a Dot (see pair_gemm_tile.inl) of int16 pairs summed
+// exactly in int32 (vpmaddwd + vpaddd), with zero(), to_float(I), and for
 // static int8 add(I, I), load_i32(p), round(R) (to nearest even, as cvtps2dq) and
 // store_bytes(p, I, n, is_signed) (the first n lanes, already within the type's range, as bytes).
 
@@ -42,22 +41,7 @@ void int8_gemm_tile(const GemmTileArgs& p) {
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sums[m][v] = IVec::zero();
-    const int16_t* a[MR];
-#pragma GCC unroll 32
-    for (int m = 0; m < MR; ++m) a[m] = p.a_int16[m];
-    const int16_t* w = static_cast<const int16_t*>(p.w);
-    for (size_t kk = 0; kk < p.kc; kk += 2) {
-        typename IVec::P b[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) b[v] = IVec::load_pairs(w + v * 2 * W);
-#pragma GCC unroll 32
-        for (int m = 0; m < MR; ++m) {
-            const typename IVec::P am = IVec::broadcast_pair(a[m] + kk);
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) sums[m][v] = IVec::madd_add(sums[m][v], am, b[v]);
-        }
-        w += NV * 2 * W;
-    }
+    pair_dot_loop<MR, NV, IVec>(p, sums);
 
     if (p.c_quantized != nullptr) {
         requantize_tile<MR, NV>(sums, p);
@@ -86,7 +70,7 @@ template <int MR, int NV>
 GemmKernel int8_gemm_kernel(float throughput) {
     static constexpr std::array<GemmTileFn, MR> tiles = int8_tiles_by_rows<NV>(std::make_integer_sequence<int, MR>{});
     static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W>("int8_f32_gemm_bias_act_");
-    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
+    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput, true};
 }
 
 // See QuantizeRowsFn (ukernel.hpp). Rows go through in batches: each row's range is reduced in

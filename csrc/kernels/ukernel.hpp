@@ -24,9 +24,11 @@
 //   n < nr are read or written (masked).
 // - stream (final tiles only): store whole, aligned vectors with non-temporal stores, bypassing the
 //   caches (the output is too large to stay cached); the caller fences before the output is read.
-// - int8 kernels (dynamic quantization) read a_int16 instead of a: row m's quantized values less
-//   the row's zero point (in [-255, 255]), channels padded with zeros to an even count; kc is that
-//   even count, and w holds kc / 2 rows of NR pairs of int16 weights (w[2k][n], w[2k+1][n]),
+// - Kernels that read pairs (GemmKernel::reads_pairs) read a_pairs instead of a. bf16 ones: row
+//   m's activations rounded to bfloat16 (their bits), channels padded with zeros to an even count;
+//   kc is that even count, w holds kc / 2 rows of NR pairs of bfloat16 weights, and every tile
+//   starts with the bias (no split reductions). int8 ones (dynamic quantization): row m's
+//   quantized values less the row's zero point (in [-255, 255]), padded and paired alike, and w holds kc / 2 rows of NR pairs of int16 weights (w[2k][n], w[2k+1][n]),
 //   multiplied and summed exactly in int32. The tile's value before residual and activation is
 //   float(sum) * (row_scale[m] * col_scale[n]) + bias[n]: every tile starts with the bias.
 //   Static int8 (c_quantized set): the tile is requantized instead, no residual or activation:
@@ -60,8 +62,9 @@ struct GemmTileArgs {
     Activation act;                  // applied when final
     bool final;                      // the last K block: the tile goes to c, else to partial
     bool stream;                     // final stores may bypass the caches
+    // kernels that read pairs only
+    const int16_t* const* a_pairs;
     // int8 kernels only
-    const int16_t* const* a_int16;
     const float* row_scale;          // per row: the scale its values were quantized with
     const float* col_scale;          // per column: its weights' scale (static: the requantization scale)
     // static int8 only
@@ -82,6 +85,10 @@ struct GemmKernel {
     // Its speed on full panels relative to the ISA's main kernel, as measured: a layer takes the
     // kernel with the least work per useful column (panel columns padded up to nr, over this).
     float throughput = 1.0f;
+    // Its activations come converted into rows of 16-bit pairs (a_pairs; int8 always, bf16 on CPUs
+    // with a bfloat16 dot product), its weights as pairs (see pair_gemm_tile.inl); the driver then
+    // never splits the reduction.
+    bool reads_pairs = false;
 };
 
 // The depthwise-convolution microkernel: a run of equally spaced output pixels, every channel.
@@ -136,6 +143,11 @@ using RoundRunFn = void (*)(const float* src, float* dst, size_t n);
 using QuantizeRowsFn = void (*)(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, int16_t* dst,
                                 size_t dst_stride, size_t padded, float* scales);
 
+// bf16 pair kernels: pixels' n channels rounded to bfloat16, row r read from src[r] + offset, the
+// values' bits stored in dst + r * dst_stride, [0..n), [n..padded) zeroed.
+using RoundRowsFn = void (*)(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, int16_t* dst,
+                             size_t dst_stride, size_t padded);
+
 // Static int8: n 8-bit values (int8 when is_signed) less their zero point, as the int8 kernels
 // read them: dst[i] = src[i] - zero_point, dst[n..padded) zeroed.
 using WidenRowFn = void (*)(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, int16_t* dst,
@@ -161,6 +173,7 @@ struct IsaKernels {
     const char* int8_isa;
     DwKernel depthwise;
     RoundRunFn round_to_bf16;
+    RoundRowsFn round_rows_to_bf16_pairs;  // for bf16 kernels that read pairs; null where none do
     FmaProbeFn fma_probe;
     int fma_per_iteration;
 
@@ -190,6 +203,7 @@ const IsaKernels& scalar_kernels();
 #if defined(PWCPU_HAVE_X86_KERNELS)
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
+const IsaKernels& avx512bf16_kernels();
 #endif
 
 }  // namespace pwcpu::kernels
