@@ -27,6 +27,11 @@ struct IsaEntry {
     unsigned families;  // the families with kernels of this ISA's own; the others use the next ISA down's
 };
 
+bool avx512_vnni() {
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512bw") != 0 &&
+           __builtin_cpu_supports("avx512vl") != 0 && __builtin_cpu_supports("avx512vnni") != 0;
+}
+
 // Best first, each ISA's CPU features including those of every ISA below it. An ISA is usable
 // only when it was compiled in *and* the CPU (and OS, which __builtin_cpu_supports checks through
 // XGETBV) supports it.
@@ -34,11 +39,8 @@ const std::vector<IsaEntry>& known_isas() {
     static const std::vector<IsaEntry> isas{
 #if defined(PWCPU_HAVE_X86_KERNELS)
         {"avx512bf16", kernels::avx512bf16_kernels,
-         [] {
-             return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512bw") != 0 &&
-                    __builtin_cpu_supports("avx512vl") != 0 && __builtin_cpu_supports("avx512bf16") != 0;
-         },
-         family_bit(Precision::bf16)},
+         [] { return avx512_vnni() && __builtin_cpu_supports("avx512bf16") != 0; }, family_bit(Precision::bf16)},
+        {"avx512vnni", kernels::avx512vnni_kernels, avx512_vnni, family_bit(Precision::int8)},
         {"avx512", kernels::avx512_kernels, [] { return __builtin_cpu_supports("avx512f") != 0; }, kEveryFamily},
         {"avx2", kernels::avx2_kernels,
          [] { return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0; }, kEveryFamily},

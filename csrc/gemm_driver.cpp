@@ -139,9 +139,10 @@ struct PackedWeights::Impl {
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
     // their biases in front (float), then C x NR weights (float, or bfloat16 for bf16: half the
-    // bytes to stream, widened by the kernel). Kernels that read pairs (int8, bf16 with a dot
-    // product): the biases, the NR weight scales (float; 1 for bf16), then C/2 (rounded up) rows
-    // of NR pairs of 16-bit weights (quantized int8, or bfloat16 bits; see ukernel.hpp).
+    // bytes to stream, widened by the kernel). Kernels that read converted activations in groups
+    // of G (int8; bf16 with a dot product): the biases, the NR weight scales (float; 1 for bf16),
+    // the NR columns' weight sums (int32; used by quads), then C/G (rounded up) rows of NR groups of
+    // weights (quantized int8, as int16 or bytes, or bfloat16 bits; see ukernel.hpp).
     int64_t panels_per_group = 0, panel_stride = 0;
     AlignedBuffer panels;
     // NCHW: the weights are the kernel's left operand, read in place as K rows of C/groups (a
@@ -173,13 +174,15 @@ struct PackedWeights::Impl {
         precision = kind;
     }
 
-    // Panels of pairs (see above) from value(row, c) (the 16 bits the kernel multiplies), bias(row)
-    // (the float stored in its slot: the bias, or static int8's int32 bias bits) and scale(row).
+    // Panels of groups (see above) from value(row, c) (the integer the kernel multiplies: a
+    // quantized weight, or bfloat16 bits), bias(row) (the float stored in its slot: the bias, or
+    // static int8's int32 bias bits) and scale(row).
     template <class Value, class Bias, class Scale>
-    void pack_pairs(const Value& value, const Bias& bias, const Scale& scale) {
-        const int64_t nr = kernel.nr;
+    void pack_groups(const Value& value, const Bias& bias, const Scale& scale) {
+        const int64_t nr = kernel.nr, group = kernel.converted_group, bytes = kernel.converted_value_bytes();
         const char* what = "weight (K x C/groups), packed";
-        panel_stride = 2 * nr + checked_mul(nr, ceil_div(cg, 2), what);
+        const int64_t weight_bytes = checked_mul(checked_mul(nr, ceil_div(cg, group) * group, what), bytes, what);
+        panel_stride = 3 * nr + ceil_div(weight_bytes, int64_t{4});
         panels = allocate_floats(checked_floats(checked_mul(panel_count(), panel_stride, what), what), what);
         std::memset(panels.get(), 0, sizeof(float) * static_cast<size_t>(panel_count() * panel_stride));
         for (int64_t p = 0; p < panel_count(); ++p) {
@@ -187,11 +190,24 @@ struct PackedWeights::Impl {
             const int64_t first = g * kg + (p % panels_per_group) * nr;
             const int64_t width = std::min<int64_t>(nr, (g + 1) * kg - first);
             float* dst = panels.get() + p * panel_stride;
-            int16_t* const pairs = reinterpret_cast<int16_t*>(dst + 2 * nr);
+            int32_t* const sums = reinterpret_cast<int32_t*>(dst + 2 * nr);
+            int8_t* const quads = reinterpret_cast<int8_t*>(dst + 3 * nr);
+            int16_t* const pairs = reinterpret_cast<int16_t*>(dst + 3 * nr);
             for (int64_t n = 0; n < width; ++n) {
                 dst[n] = bias(first + n);
                 dst[nr + n] = scale(first + n);
-                for (int64_t c = 0; c < cg; ++c) pairs[(c / 2) * 2 * nr + 2 * n + c % 2] = value(first + n, c);
+                int32_t sum = 0;
+                for (int64_t c = 0; c < cg; ++c) {
+                    const int32_t v = value(first + n, c);
+                    const int64_t at = ((c / group) * nr + n) * group + c % group;
+                    if (bytes == 1) {
+                        quads[at] = static_cast<int8_t>(v);
+                    } else {
+                        pairs[at] = static_cast<int16_t>(v);
+                    }
+                    sum += v;
+                }
+                sums[n] = sum;
             }
         }
     }
@@ -199,11 +215,12 @@ struct PackedWeights::Impl {
     // Panel p's weights from channel k0 on, after its NR biases: floats, or bfloat16 bits.
     const void* panel_weights(int64_t p, int64_t k0) const {
         const float* after_bias = panel(p) + kernel.nr;
-        if (kernel.reads_pairs) return reinterpret_cast<const int16_t*>(after_bias + kernel.nr) + kernel.nr * k0;
+        if (kernel.converts()) return reinterpret_cast<const char*>(after_bias + 2 * kernel.nr);  // k0 is 0: never split
         if (precision == Precision::bf16) return reinterpret_cast<const uint16_t*>(after_bias) + kernel.nr * k0;
         return after_bias + kernel.nr * k0;
     }
     const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
+    const int32_t* column_sums(int64_t p) const { return reinterpret_cast<const int32_t*>(panel(p) + 2 * kernel.nr); }
 
     // Static int8 (packed from QuantizedConvParams): the input's zero point and sign, the output's.
     bool quantized_io = false;
@@ -251,19 +268,19 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
     w.kernel = w.isa->gemm_for(w.kg, precision);
     const int64_t nr = w.kernel.nr;
     w.panels_per_group = ceil_div(w.kg, nr);
-    if (w.kernel.reads_pairs && bf16) {
-        w.pack_pairs(
+    if (w.kernel.converts() && bf16) {
+        w.pack_groups(
             [&](int64_t row, int64_t c) {
                 const float value = weight_at(row, c);
                 uint32_t bits;
                 std::memcpy(&bits, &value, sizeof bits);
-                return static_cast<int16_t>(bits >> 16);  // exact: rounded by weight_at
+                return int32_t{static_cast<int16_t>(bits >> 16)};  // exact: rounded by weight_at
             },
             [&](int64_t row) { return bias != nullptr ? bias[row] : 0.0f; }, [](int64_t) { return 1.0f; });
         return;
     }
     if (int8) {
-        w.pack_pairs([&](int64_t row, int64_t c) { return quantize_weight(weight[row * row_stride + c * col_stride], int8_scales[row]); },
+        w.pack_groups([&](int64_t row, int64_t c) { return quantize_weight(weight[row * row_stride + c * col_stride], int8_scales[row]); },
                     [&](int64_t row) { return bias != nullptr ? bias[row] : 0.0f; },
                     [&](int64_t row) { return int8_scales[row]; });
         return;
@@ -333,15 +350,28 @@ PackedWeights::PackedWeights(const QuantizedConvParams& q, int64_t out_channels,
     w.io.weight_scale = nullptr;
     w.io.weight_zero_point = nullptr;
     w.io.bias = nullptr;
-    w.kernel = w.isa->gemm_for(w.kg, Precision::int8);
-    w.panels_per_group = ceil_div(w.kg, static_cast<int64_t>(w.kernel.nr));
     const auto* weight_u8 = static_cast<const uint8_t*>(q.weight);
     const auto* weight_s8 = static_cast<const int8_t*>(q.weight);
-    w.pack_pairs(
-        [&](int64_t row, int64_t c) {
-            const int32_t value = q.weight_signed ? weight_s8[row * w.cg + c] : weight_u8[row * w.cg + c];
-            return static_cast<int16_t>(value - q.weight_zero_point[row]);
-        },
+    const auto weight_value = [&](int64_t row, int64_t c) {
+        const int32_t value = q.weight_signed ? weight_s8[row * w.cg + c] : weight_u8[row * w.cg + c];
+        return value - q.weight_zero_point[row];
+    };
+    w.kernel = w.isa->gemm_for(w.kg, Precision::int8);
+    if (w.kernel.converted_value_bytes() == 1) {
+        // Byte weights hold -128..127: weights less a zero point beyond that take the kernels of the
+        // ISA below, which multiply int16.
+        bool fits = true;
+        for (int64_t r = 0; r < w.k && fits; ++r) {
+            for (int64_t c = 0; c < w.cg && fits; ++c) fits = weight_value(r, c) >= -128 && weight_value(r, c) <= 127;
+        }
+        if (!fits) {
+            w.isa = w.isa->int8_wide_weights;
+            w.kernel = w.isa->gemm_for(w.kg, Precision::int8);
+        }
+    }
+    w.panels_per_group = ceil_div(w.kg, static_cast<int64_t>(w.kernel.nr));
+    w.pack_groups(
+        weight_value,
         [&](int64_t row) {
             const int32_t bias = q.bias != nullptr ? q.bias[row] : 0;
             float slot;
@@ -413,18 +443,22 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const int64_t rows = batch * ho * wo;
     if (rows == 0 || k == 0) return;
 
-    // Kernels that read pairs read the driver's rows of pairs, whose stride is never a multiple of 4 KiB.
-    const bool pairs = kernel.reads_pairs;
-    const int64_t mr = pairs ? kernel.mr : tile_rows(kernel, x, geo);
+    // Kernels that read converted activations read the driver's rows, whose stride is never a
+    // multiple of 4 KiB.
+    const bool converted = kernel.converts();
+    const int64_t mr = converted ? kernel.mr : tile_rows(kernel, x, geo);
     const int64_t tiles = ceil_div(rows, mr);
     const int64_t panels_total = panel_count();
     const bool bf16 = precision == Precision::bf16;
     const bool int8 = precision == Precision::int8;
-    // Kernels that read pairs read each group's channels padded to an even count, and the reduction
-    // is never split: a row's values are converted once (int8: with one scale) for all its channels.
-    const int64_t reduction = pairs ? ceil_div(cg, 2) * 2 : cg;
+    // Kernels that read converted activations read each group's channels padded to a whole number
+    // of the kernel's groups (pairs, quads), and the reduction is never split: a row's values are
+    // converted once (int8: with one scale) for all its channels.
+    const int64_t value_bytes = converted ? kernel.converted_value_bytes() : int64_t{sizeof(float)};
+    const bool quads = converted && kernel.converted_group == 4;
+    const int64_t reduction = converted ? ceil_div(cg, int64_t{kernel.converted_group}) * kernel.converted_group : cg;
     const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
-                                         bf16 || int8 ? sizeof(uint16_t) : sizeof(float), !pairs);
+                                         converted ? value_bytes : bf16 ? sizeof(uint16_t) : sizeof(float), !converted);
 
     // Padding reads a row of zeros (static int8: of the input's zero point), so border pixels get
     // bias, residual and activation only.
@@ -457,7 +491,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // weights come from L2 once per band rather than once per tile. Deep reductions leave room for
     // one tile only. Measured on Zen 3 (AVX2, 6x16), against a band of one tile, geometric mean of 16
     // MobileNet/ResNet layers: +2.5 % at 1 thread, +6 % at 2; 112x112x16->96 +36 %, 14x14x64->384 +18 % / +37 %.
-    const int64_t activation_bytes = pairs ? sizeof(int16_t) : sizeof(float);
+    const int64_t activation_bytes = value_bytes;
     const int64_t band_rows = std::clamp<int64_t>(
         detail::cache_sizes().l1d / 4 / (blk.kc * activation_bytes) / mr * mr, mr, kMaxBandRows / mr * mr);
 
@@ -465,36 +499,40 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const char* const what_partial = "partial sums of a split reduction";
     const char* const what_quantized = "activations quantized to int8";
     const int64_t channels = cg * groups;
-    // 16-bit values of a converted pixel row in the buffer, a stride of whole cache lines that is no
-    // multiple of 4 KiB (rows that far apart would share L1's sets: see tile_rows).
-    const int64_t quantized_row = [&] {
-        const int64_t line_values = 64 / static_cast<int64_t>(sizeof(int16_t));
-        const int64_t values = ceil_div(groups * reduction, line_values) * line_values;
-        return values * static_cast<int64_t>(sizeof(int16_t)) % 4096 == 0 ? values + line_values : values;
+    // Bytes of a converted pixel row in the buffer, and of a group's part of it: a stride of whole
+    // cache lines that is no multiple of 4 KiB (rows that far apart would share L1's sets: see tile_rows).
+    const int64_t group_bytes = reduction * value_bytes;
+    const int64_t row_bytes = [&] {
+        const int64_t bytes = ceil_div(groups * group_bytes, int64_t{64}) * 64;
+        return bytes % 4096 == 0 ? bytes + 64 : bytes;
     }();
-    // int8: a pixel row's values quantized, each group with its own scale; the scales of row i of a
-    // buffer of `capacity` rows are scales[g * capacity + i], so a tile's rows have them in a run.
-    // Static int8: the row's 8-bit values less the input's zero point (no scales).
+    // int8: a pixel row's values quantized, each group with its own scale (and for quads zero
+    // point); the scales of row i of a buffer of `capacity` rows are scales[g * capacity + i], so a
+    // tile's rows have them in a run, and the zero points alike.
+    // Static int8: the row's 8-bit values as the kernels read them (no scales; one zero point).
     // bf16 pairs: the row's values rounded to bfloat16, each group padded alike.
     // quantize_rows: `count` rows, row m read from sources[m] + offset, into consecutive rows of a
-    // buffer from `values` on, their scales from `scales` on.
-    const auto quantize_rows = [&](const T* const* sources, ptrdiff_t offset, int64_t count, int16_t* values,
-                                   float* scales, int64_t capacity) {
+    // buffer from `values` on, their scales and zero points from `scales` and `zero_points` on.
+    const size_t row_values = static_cast<size_t>(row_bytes / value_bytes);
+    const auto quantize_rows = [&](const T* const* sources, ptrdiff_t offset, int64_t count, char* values,
+                                   float* scales, int32_t* zero_points, int64_t capacity) {
         const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
         for (int64_t g = 0; g < groups; ++g) {
             if (bf16) {
                 if constexpr (!quantized) {
                     isa->round_rows_to_bf16_pairs(sources, offset + g * cg, static_cast<size_t>(count), n,
-                                                  values + g * reduction, static_cast<size_t>(quantized_row), padded_n);
+                                                  reinterpret_cast<int16_t*>(values + g * group_bytes), row_values,
+                                                  padded_n);
                 }
             } else if constexpr (quantized) {
                 for (int64_t m = 0; m < count; ++m) {
                     isa->widen_row_int8(sources[m] + offset + g * cg, n, io.x_signed, io.x_zero_point,
-                                        values + m * quantized_row + g * reduction, padded_n);
+                                        values + m * row_bytes + g * group_bytes, padded_n);
                 }
             } else {
-                isa->quantize_rows_int8(sources, offset + g * cg, static_cast<size_t>(count), n, values + g * reduction,
-                                        static_cast<size_t>(quantized_row), padded_n, scales + g * capacity);
+                isa->quantize_rows_int8(sources, offset + g * cg, static_cast<size_t>(count), n, values + g * group_bytes,
+                                        row_values, padded_n, scales + g * capacity,
+                                        quads ? zero_points + g * capacity : nullptr);
             }
         }
     };
@@ -504,14 +542,14 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         // of a thread's panels pass over a band while it is in L1, and the band is rounded there;
         // where the weights take several blocks of panels (each read from L2 by all the rows), the
         // thread's rows are rounded once, up front, into a buffer of their own.
-        // int8 likewise, with the quantized rows and their scales.
+        // int8 likewise, with the quantized rows and their scales (and zero points).
         const int64_t range_rows = range.m_end - range.m_begin;
-        const int64_t row_floats = pairs ? ceil_div(quantized_row, 2) : channels;
+        const int64_t row_floats = converted ? row_bytes / int64_t{sizeof(float)} : channels;
         const bool round_range = (bf16 || int8) && range.n_end - range.n_begin > blk.nc_panels &&
                                  range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(row_floats, 1);
         const int64_t buffer_rows = round_range ? range_rows : band_rows;
         const char* const what_buffer = int8 ? what_quantized : what_rounded;
-        runtime::AlignedBuffer rounded, row_scales;
+        runtime::AlignedBuffer rounded, row_scales, row_zero_points;
         GemmTileArgs args{};
         if (bf16 || int8) {
             rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
@@ -521,7 +559,16 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
             row_scales = allocate_floats(checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer),
                                          what_buffer);
         }
-        int16_t* const quantized_values = reinterpret_cast<int16_t*>(rounded.get());
+        if (quads) {
+            static_assert(sizeof(int32_t) == sizeof(float), "zero points share the float buffers");
+            const int64_t count = checked_mul(buffer_rows, groups, what_buffer);
+            row_zero_points = allocate_floats(checked_floats(count, what_buffer), what_buffer);
+            // Static int8: every row's bytes carry the input's zero point (made unsigned).
+            const int32_t input_zero_point = io.x_zero_point + (io.x_signed ? 128 : 0);
+            if (quantized) std::fill_n(reinterpret_cast<int32_t*>(row_zero_points.get()), count, input_zero_point);
+        }
+        char* const converted_values = reinterpret_cast<char*>(rounded.get());
+        int32_t* const zero_points = reinterpret_cast<int32_t*>(row_zero_points.get());
         if (round_range) {
             const T* source_rows[kMaxBandRows];
             T* unused_out[kMaxBandRows];
@@ -531,9 +578,10 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
                 walker.next(count, 0, source_rows, unused_out, unused_res);
                 const int64_t first = m0 - range.m_begin;
-                if (pairs) {
-                    quantize_rows(source_rows, 0, count, quantized_values + first * quantized_row,
-                                  int8 && !quantized ? row_scales.get() + first : nullptr, buffer_rows);
+                if (converted) {
+                    quantize_rows(source_rows, 0, count, converted_values + first * row_bytes,
+                                  int8 && !quantized ? row_scales.get() + first : nullptr,
+                                  quads && !quantized ? zero_points + first : nullptr, buffer_rows);
                 } else if constexpr (!quantized) {
                     for (int64_t m = 0; m < count; ++m) {
                         isa->round_to_bf16(source_rows[m], rounded.get() + (first + m) * channels,
@@ -547,8 +595,9 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         const AlignedBuffer partial = blk.k_blocks > 1 ? allocate_floats(checked_floats(
             checked_mul(mc_rows, partial_stride, what_partial), what_partial), what_partial) : AlignedBuffer{};
         args.partial_stride = static_cast<size_t>(partial_stride);
-        const int16_t* quantized_rows[kMaxBandRows];
+        const void* converted_rows[kMaxBandRows];
         const float* band_scales = nullptr;  // int8: the band's first row's scale, of the current group
+        const int32_t* band_zero_points = nullptr;  // quads: likewise, its zero point
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
         // activations can be prefetched), used in turn.
         struct BandRows {
@@ -581,17 +630,19 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         const T** a_rows = band_rows_of[current].a;
                         T** out_rows = band_rows_of[current].out;
                         const T** res_rows = band_rows_of[current].res;
-                        if (pairs) {
+                        if (converted) {
                             // The band's rows converted (here, or up front), from the first panel's group on.
                             const int64_t first_row = round_range ? band - range.m_begin : 0;
                             if (!round_range) {
-                                quantize_rows(a_rows, -a_offset, rows_in_band, quantized_values,
-                                              int8 && !quantized ? row_scales.get() : nullptr, buffer_rows);
+                                quantize_rows(a_rows, -a_offset, rows_in_band, converted_values,
+                                              int8 && !quantized ? row_scales.get() : nullptr,
+                                              quads && !quantized ? zero_points : nullptr, buffer_rows);
                             }
                             for (int64_t m = 0; m < rows_in_band; ++m) {
-                                quantized_rows[m] = quantized_values + (first_row + m) * quantized_row + first_group * reduction;
+                                converted_rows[m] = converted_values + (first_row + m) * row_bytes + first_group * group_bytes;
                             }
                             if (int8 && !quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
+                            if (quads) band_zero_points = zero_points + first_group * buffer_rows + first_row;
                         } else if constexpr (!quantized) {
                           if (round_range) {
                             for (int64_t m = 0; m < rows_in_band; ++m) {
@@ -629,10 +680,12 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                             args.bias = kb == 0 ? panel(p) : nullptr;
                             args.w = panel_weights(p, k0);
                             args.col_scale = weight_scales(p);
+                            args.col_sums = column_sums(p);
                             if constexpr (quantized) args.bias_int32 = reinterpret_cast<const int32_t*>(panel(p));
                             for (int64_t row = 0; row < rows_in_band; row += mr) {
                                 const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
-                                args.a_pairs = quantized_rows + row;
+                                args.a_converted = converted_rows + row;
+                                args.row_zero_point = quads ? band_zero_points + row : nullptr;
                                 if constexpr (quantized) {
                                     args.c_quantized = out_rows + row;
                                 } else {
@@ -648,9 +701,12 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                 j = 0;
                                 ++group;
                                 for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] += cg;  // the next group's channels
-                                if (pairs) {
-                                    for (int64_t m = 0; m < rows_in_band; ++m) quantized_rows[m] += reduction;
+                                if (converted) {
+                                    for (int64_t m = 0; m < rows_in_band; ++m) {
+                                        converted_rows[m] = static_cast<const char*>(converted_rows[m]) + group_bytes;
+                                    }
                                     if (int8 && !quantized) band_scales += buffer_rows;
+                                    if (quads) band_zero_points += buffer_rows;
                                 }
                             }
                         }

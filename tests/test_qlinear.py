@@ -47,6 +47,27 @@ def test_exact_against_the_integer_reference(isa, rng, x_dtype, w_dtype, c, k):
     assert (y == info.min).any() or (y == info.max).any() or y.size < 50  # saturation is exercised
 
 
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+def test_weights_beyond_a_byte_take_the_int16_kernels(isa, rng, x_dtype):
+    """Kernels that take weights as bytes (VNNI's quads) cannot hold int8 weights less a zero point
+    other than 0 (up to 255 in magnitude): such layers run the int16 kernels of the ISA below, and
+    both kinds of layer stay exact."""
+    kernels = {}
+    for name, w_zero in [("bytes", 0), ("wide", -100)]:
+        args = layer_inputs(rng, x_dtype, np.int8, 37, 20, per_channel=False)
+        args["w_zero_point"] = w_zero
+        layer = pwcpu.QuantizedPointwiseConv(args["weight"], args["w_scale"], w_zero, args["x_scale"],
+                                             args["x_zero_point"], args["y_scale"], args["y_zero_point"], args["bias"])
+        np.testing.assert_array_equal(layer(args["x"]), expected(args), err_msg=f"{isa} {name}")
+        kernels[name] = layer.kernel
+    int8_isa = pwcpu.runtime_info()["int8_isa"]
+    assert kernels["bytes"].endswith("_" + int8_isa)
+    if int8_isa == "avx512vnni":
+        assert kernels["wide"].endswith("_avx2")
+    else:
+        assert kernels["wide"] == kernels["bytes"]
+
+
 def test_stride_padding_groups_and_views(isa, rng):
     args = layer_inputs(rng, np.uint8, np.int8, 5, 12)
     big = full_range(rng, np.uint8, 2, 11, 13, 24)

@@ -50,7 +50,7 @@ def test_threadpoolctl_controls_pwcpu():
 def test_pwcpu_isa_override(isa):
     """PWCPU_ISA sets every family to that ISA's kernels, or where it has none of a family's (an
     extension such as avx512bf16 brings only bf16 kernels), to the next ISA down's."""
-    code = "import pwcpu; i = pwcpu.runtime_info(); print(i['isa'], i['bf16_isa'], '|', i['isa_reason'])"
+    code = "import pwcpu; i = pwcpu.runtime_info(); print(i['isa'], i['bf16_isa'], i['int8_isa'], '|', i['isa_reason'])"
     result = run_python(code, PWCPU_ISA=isa)
     assert result.returncode == 0, result.stderr
     families = result.stdout.split("|")[0].split()
@@ -80,7 +80,7 @@ print(i["isa"], i["bf16_isa"], i["int8_isa"], i["int8_isa_reason"].replace(" ", 
 y = layers["int8"](np.ones((1, 2, 2, 8), np.float32))
 print(float(y.min()), float(y.max()))
 _core.select_isa(i["isa"])
-print(pwcpu.runtime_info()["bf16_isa"], pwcpu.PointwiseConv(weight, precision="int8").kernel)
+print(pwcpu.runtime_info()["bf16_isa"], pwcpu.runtime_info()["int8_isa"], pwcpu.PointwiseConv(weight, precision="int8").kernel)
 """
     best = run_python("import pwcpu; print(pwcpu.runtime_info()['isa'])").stdout.strip()  # fp32's
     result = run_python(code, PWCPU_BF16_ISA="scalar", PWCPU_INT8_ISA="scalar")
@@ -90,7 +90,8 @@ print(pwcpu.runtime_info()["bf16_isa"], pwcpu.PointwiseConv(weight, precision="i
     assert (isa, bf16_isa, int8_isa, reason) == (best, "scalar", "scalar", "requested_by_PWCPU_INT8_ISA")
     assert fp32_kernel.endswith("_" + best) and bf16_kernel.endswith("_scalar") and int8_kernel.endswith("_scalar")
     assert values.split() == ["8.0", "8.0"]
-    assert after.split()[0] == best and after.split()[1].endswith("_" + pwcpu.runtime_info()["int8_isa"])
+    bf16_after, int8_after, int8_kernel_after = after.split()
+    assert bf16_after == best and int8_after != "scalar" and int8_kernel_after.endswith("_" + int8_after)
 
 
 def test_runtime_info_and_show_runtime(capsys):

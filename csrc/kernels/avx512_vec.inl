@@ -38,4 +38,8 @@ struct Vec {
     static R select_neg(R x, R a, R b) {
         return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), b, a);
     }
+    // Across the 16 lanes (in a fixed order: results are the same every call).
+    static float reduce_min(R x) { return _mm512_reduce_min_ps(x); }
+    static float reduce_max(R x) { return _mm512_reduce_max_ps(x); }
+    static float reduce_add(R x) { return _mm512_reduce_add_ps(x); }
 };

@@ -19,10 +19,13 @@ constexpr char kUnitIsa[] = "avx512bf16";
 #include "kernels/avx512_vec.inl"
 
 struct Bf16Dot {
+    static constexpr int kGroup = 2;  // pairs of bfloat16 (their bits), summed in float32
+    using A = int16_t;
+    using B = int16_t;
     using P = __m512bh;
     using I = __m512;
-    static P load_pairs(const int16_t* p) { return (P)_mm512_loadu_si512(p); }
-    static P broadcast_pair(const int16_t* p) {
+    static P load_groups(const int16_t* p) { return (P)_mm512_loadu_si512(p); }
+    static P broadcast_group(const int16_t* p) {
         int32_t pair;
         std::memcpy(&pair, p, sizeof pair);
         return (P)_mm512_set1_epi32(pair);
@@ -32,7 +35,7 @@ struct Bf16Dot {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
-#include "kernels/pair_gemm_tile.inl"
+#include "kernels/grouped_dot.inl"
 #include "kernels/bf16_pair_gemm_tile.inl"
 
 // See RoundRowsFn (ukernel.hpp): 32 values per vcvtne2ps2bf16, which rounds to nearest even as

@@ -76,11 +76,14 @@ struct Vec {
 };
 
 struct IVec {
+    static constexpr int kGroup = 2;  // pairs of int16, summed exactly in int32
+    using A = int16_t;
+    using B = int16_t;
     using P = __m256i;
     using I = __m256i;
     static I zero() { return _mm256_setzero_si256(); }
-    static P load_pairs(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-    static P broadcast_pair(const int16_t* p) {
+    static P load_groups(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+    static P broadcast_group(const int16_t* p) {
         int32_t pair;
         std::memcpy(&pair, p, sizeof pair);
         return _mm256_set1_epi32(pair);
@@ -112,7 +115,7 @@ struct IVec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
-#include "kernels/pair_gemm_tile.inl"
+#include "kernels/grouped_dot.inl"
 #include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
@@ -133,6 +136,7 @@ const IsaKernels& avx2_kernels() {
         avx2::quantize_rows_int8,
         avx2::widen_row_int8,
         "avx2",
+        nullptr,
         {avx2::f32_dwconv_row, avx2::Vec::W, "f32_dwconv_bias_act_avx2"},
         avx2::round_to_bf16_run,
         nullptr,

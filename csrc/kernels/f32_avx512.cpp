@@ -31,6 +31,7 @@ const IsaKernels& avx512_kernels() {
         avx2_kernels().quantize_rows_int8,
         avx2_kernels().widen_row_int8,
         avx2_kernels().int8_isa,
+        nullptr,
         {avx512::f32_dwconv_row, avx512::Vec::W, "f32_dwconv_bias_act_avx512"},
         avx512::round_to_bf16_run,
         nullptr,

@@ -84,6 +84,9 @@ struct Vec {
 };
 
 struct IVec {
+    static constexpr int kGroup = 2;  // pairs of int16, summed exactly in int32
+    using A = int16_t;
+    using B = int16_t;
     struct P {
         int16_t v[2 * Vec::W];
     };
@@ -91,12 +94,12 @@ struct IVec {
         int32_t lane[Vec::W];
     };
     static I zero() { return I{}; }
-    static P load_pairs(const int16_t* p) {
+    static P load_groups(const int16_t* p) {
         P r;
         std::memcpy(r.v, p, sizeof r.v);
         return r;
     }
-    static P broadcast_pair(const int16_t* p) {
+    static P broadcast_group(const int16_t* p) {
         P r;
         for (int i = 0; i < Vec::W; ++i) {
             r.v[2 * i] = p[0];
@@ -139,7 +142,7 @@ struct IVec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
-#include "kernels/pair_gemm_tile.inl"
+#include "kernels/grouped_dot.inl"
 #include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
@@ -155,6 +158,7 @@ const IsaKernels& scalar_kernels() {
         scalar::quantize_rows_int8,
         scalar::widen_row_int8,
         "scalar",
+        nullptr,
         {scalar::f32_dwconv_row, scalar::Vec::W, "f32_dwconv_bias_act_scalar"},
         scalar::round_to_bf16_run,
         nullptr,

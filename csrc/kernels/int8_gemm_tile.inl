@@ -2,10 +2,11 @@
 // written once over the ISA's Vec (floats) and IVec (integers).
 //
 // Included inside the ISA's namespace after f32_gemm_tile.inl (whose store_tile it shares) and
-// pair_gemm_tile.inl (its k loop). IVec is a Dot (see pair_gemm_tile.inl) of int16 pairs summed
-// exactly in int32 (vpmaddwd + vpaddd), with zero(), to_float(I), and for
-// static int8 add(I, I), load_i32(p), round(R) (to nearest even, as cvtps2dq) and
-// store_bytes(p, I, n, is_signed) (the first n lanes, already within the type's range, as bytes).
+// grouped_dot.inl (its k loop). IVec is a Dot (see grouped_dot.inl) summing exactly in int32,
+// either of pairs of int16 values t (vpmaddwd + vpaddd; kGroup 2) or of quads of unsigned bytes
+// u = t + z, z the row's zero point (vpdpbusd; kGroup 4), with zero(), to_float(I), set1, add,
+// load_i32(p), and for quads sub and mullo; for static int8 round(R) (to nearest even, as
+// cvtps2dq) and store_bytes(p, I, n, is_signed) (the first n lanes, within the type's range).
 
 // Static int8's end of a tile: the sums plus the int32 bias, requantized as ONNX Runtime does (in
 // float32: multiply, clamp to the output's range less its zero point, round to nearest even, add
@@ -30,9 +31,25 @@ PWCPU_INLINE void requantize_tile(const typename IVec::I (&sums)[MR][NV], const 
     }
 }
 
+// Quads: the sums of u * w less each row's zero point times each column's weight sum.
+template <class Quads, int MR, int NV>
+PWCPU_INLINE void subtract_zero_points(typename Quads::I (&sums)[MR][NV], const GemmTileArgs& p) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+        const typename Quads::I column_sum = Quads::load_i32(p.col_sums + v * Vec::W);
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) {
+            sums[m][v] = Quads::sub(sums[m][v], Quads::mullo(Quads::set1(p.row_zero_point[m]), column_sum));
+        }
+    }
+}
+
 // Values less their zero point lie in [-255, 255] and weights in [-127, 127], so a pair's two
 // products sum to at most 64770 in magnitude: exact in int32 (no int16 saturation, unlike
 // vpmaddubsw) for reductions of up to 33000 pairs; the driver admits at most 65536 channels.
+// Quads: each product of an unsigned byte and a weight is at most 32385 in magnitude, so the sum
+// over 65536 channels, and the zero point (at most 255) times a column's weight sum, stay within
+// int32, and their difference is the sum of the values less their zero point, exactly.
 template <int MR, int NV>
 void int8_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
@@ -41,7 +58,8 @@ void int8_gemm_tile(const GemmTileArgs& p) {
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sums[m][v] = IVec::zero();
-    pair_dot_loop<MR, NV, IVec>(p, sums);
+    grouped_dot_loop<MR, NV, IVec>(p, sums);
+    if constexpr (IVec::kGroup == 4) subtract_zero_points<IVec, MR, NV>(sums, p);
 
     if (p.c_quantized != nullptr) {
         requantize_tile<MR, NV>(sums, p);
@@ -70,7 +88,7 @@ template <int MR, int NV>
 GemmKernel int8_gemm_kernel(float throughput) {
     static constexpr std::array<GemmTileFn, MR> tiles = int8_tiles_by_rows<NV>(std::make_integer_sequence<int, MR>{});
     static constexpr KernelName name = gemm_kernel_name<MR, NV * Vec::W>("int8_f32_gemm_bias_act_");
-    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput, true};
+    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput, IVec::kGroup};
 }
 
 // See QuantizeRowsFn (ukernel.hpp). Rows go through in batches: each row's range is reduced in
@@ -80,8 +98,9 @@ GemmKernel int8_gemm_kernel(float throughput) {
 // took as long as the multiply-adds). The values by a loop the compiler vectorises, rounded to
 // nearest even by adding and subtracting 1.5 * 2^23 after clamping to the 256 levels (|t| <= 255,
 // well inside the trick's range).
-void quantize_rows_int8(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, int16_t* dst,
-                        size_t dst_stride, size_t padded, float* scales) {
+void quantize_rows_int8(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, void* dst,
+                        size_t dst_stride, size_t padded, float* scales, int32_t* zero_points) {
+    using Value = std::conditional_t<IVec::kGroup == 4, uint8_t, int16_t>;  // u = t + z, or t
     constexpr int W = Vec::W;
     constexpr size_t kBatch = W < 8 ? 8 : W;  // a whole number of vectors
     constexpr float kRound = 12582912.0f;     // 1.5 * 2^23
@@ -125,29 +144,40 @@ void quantize_rows_int8(const float* const* src, ptrdiff_t offset, size_t rows, 
             Vec::store_n(high + j, Vec::sub(max_level, zero_point), W);
         }
         for (size_t r = 0; r < count; ++r) {
-            int16_t* const out = dst + (r0 + r) * dst_stride;
+            Value* const out = static_cast<Value*>(dst) + (r0 + r) * dst_stride;
+            if constexpr (IVec::kGroup == 4) zero_points[r0 + r] = 0;
             // A row of zeros, or of values too small to tell apart (a scale under the normal range
             // would be flushed to zero), quantizes to zeros; a row with a NaN or an infinity gives NaN
             // outputs.
             if (check[r] != 0.0f || !(scale[r] >= 1.17549435e-38f)) {
-                std::fill(out, out + padded, int16_t{0});
+                std::fill(out, out + padded, Value{0});
                 scales[r0 + r] = check[r] != 0.0f ? check[r] : 0.0f;
                 continue;
             }
             const float* row = src[r0 + r] + offset;
             const float inv = inverse[r], lowest = low[r], highest = high[r];
+            // Quads: the values plus z = -lowest (an integer), so from 0 to 255.
+            const float shift = IVec::kGroup == 4 ? -lowest : 0.0f;
             for (size_t j = 0; j < n; ++j) {
                 const float t = std::min(std::max(row[j] * inv, lowest), highest);
-                out[j] = static_cast<int16_t>((t + kRound) - kRound);
+                out[j] = static_cast<Value>(((t + kRound) - kRound) + shift);
             }
-            std::fill(out + n, out + padded, int16_t{0});
+            std::fill(out + n, out + padded, Value{0});
+            if constexpr (IVec::kGroup == 4) zero_points[r0 + r] = static_cast<int32_t>(shift);
             scales[r0 + r] = scale[r];
         }
     }
 }
 
 // See WidenRowFn (ukernel.hpp).
-void widen_row_int8(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, int16_t* dst, size_t padded) {
+void widen_row_int8(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, void* dst_values, size_t padded) {
+    if constexpr (IVec::kGroup == 4) {
+        uint8_t* const dst = static_cast<uint8_t*>(dst_values);
+        for (size_t j = 0; j < n; ++j) dst[j] = is_signed ? static_cast<uint8_t>(src[j] ^ 0x80u) : src[j];
+        std::fill(dst + n, dst + padded, uint8_t{0});
+        return;
+    }
+    int16_t* const dst = static_cast<int16_t*>(dst_values);
     const int16_t offset = static_cast<int16_t>(zero_point);
     if (is_signed) {
         const int8_t* values = reinterpret_cast<const int8_t*>(src);

@@ -24,13 +24,17 @@
 //   n < nr are read or written (masked).
 // - stream (final tiles only): store whole, aligned vectors with non-temporal stores, bypassing the
 //   caches (the output is too large to stay cached); the caller fences before the output is read.
-// - Kernels that read pairs (GemmKernel::reads_pairs) read a_pairs instead of a. bf16 ones: row
-//   m's activations rounded to bfloat16 (their bits), channels padded with zeros to an even count;
-//   kc is that even count, w holds kc / 2 rows of NR pairs of bfloat16 weights, and every tile
-//   starts with the bias (no split reductions). int8 ones (dynamic quantization): row m's
-//   quantized values less the row's zero point (in [-255, 255]), padded and paired alike, and w holds kc / 2 rows of NR pairs of int16 weights (w[2k][n], w[2k+1][n]),
-//   multiplied and summed exactly in int32. The tile's value before residual and activation is
-//   float(sum) * (row_scale[m] * col_scale[n]) + bias[n]: every tile starts with the bias.
+// - Kernels whose activations the driver converts (GemmKernel::converted_group G > 1) read
+//   a_converted instead of a: row m's converted values, channels padded with zeros to a multiple
+//   of G; kc is that multiple, w holds kc / G rows of NR groups of G weights (w[Gk + i][n] at
+//   (k * NR + n) * G + i), and every tile starts with the bias (no split reductions). bf16 ones
+//   (G = 2): the activations rounded to bfloat16 (their bits, int16), and bfloat16 weights.
+//   int8 ones (dynamic quantization): G = 2, row m's quantized values less the row's zero point
+//   (t, in [-255, 255], int16) and int16 weights; or G = 4 (VNNI), the values as unsigned bytes
+//   u = t + row_zero_point[m] (the zero point in [0, 255]) and int8 weights, col_sums[n] the sum
+//   of column n's weights (sum u * w less row_zero_point[m] * col_sums[n] is the sum of t * w).
+//   Either way multiplied and summed exactly in int32. The tile's value before residual and
+//   activation is float(sum) * (row_scale[m] * col_scale[n]) + bias[n].
 //   Static int8 (c_quantized set): the tile is requantized instead, no residual or activation:
 //   q = clamp(round_to_nearest_even(float(sum + bias_int32[n]) * col_scale[n]), out_min, out_max)
 //   + out_zero_point, stored as 8-bit values (int8 when out_signed) at c_quantized[m] + col.
@@ -62,11 +66,13 @@ struct GemmTileArgs {
     Activation act;                  // applied when final
     bool final;                      // the last K block: the tile goes to c, else to partial
     bool stream;                     // final stores may bypass the caches
-    // kernels that read pairs only
-    const int16_t* const* a_pairs;
+    // kernels that read converted activations only
+    const void* const* a_converted;
     // int8 kernels only
     const float* row_scale;          // per row: the scale its values were quantized with
     const float* col_scale;          // per column: its weights' scale (static: the requantization scale)
+    const int32_t* row_zero_point;   // quads: per row, the zero point u carries
+    const int32_t* col_sums;         // quads: per column, its weights' sum
     // static int8 only
     const int32_t* bias_int32;
     uint8_t* const* c_quantized;
@@ -85,10 +91,13 @@ struct GemmKernel {
     // Its speed on full panels relative to the ISA's main kernel, as measured: a layer takes the
     // kernel with the least work per useful column (panel columns padded up to nr, over this).
     float throughput = 1.0f;
-    // Its activations come converted into rows of 16-bit pairs (a_pairs; int8 always, bf16 on CPUs
-    // with a bfloat16 dot product), its weights as pairs (see pair_gemm_tile.inl); the driver then
-    // never splits the reduction.
-    bool reads_pairs = false;
+    // 1: it reads float32 activations in place. G > 1: it reads them converted by the driver into
+    // rows of groups of G values (int8 always, bf16 on CPUs with a bfloat16 dot product), 16-bit
+    // values in pairs or bytes in quads, its weights packed alike (see grouped_dot.inl); the driver
+    // then never splits the reduction.
+    int converted_group = 1;
+    bool converts() const { return converted_group > 1; }
+    int64_t converted_value_bytes() const { return converted_group == 4 ? 1 : 2; }
 };
 
 // The depthwise-convolution microkernel: a run of equally spaced output pixels, every channel.
@@ -138,19 +147,22 @@ using RoundRunFn = void (*)(const float* src, float* dst, size_t n);
 
 // Pixels' n channels quantized for the int8 kernels (see GemmTileArgs), row r read from
 // src[r] + offset: to int8 with the row's own scale and zero point (its range, 0 included, over 255
-// steps), stored less the zero point in dst + r * dst_stride, [0..n), [n..padded) zeroed. scales[r]
-// is the row's scale; NaN when the row holds a NaN or an infinity (its outputs are then NaN).
-using QuantizeRowsFn = void (*)(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, int16_t* dst,
-                                size_t dst_stride, size_t padded, float* scales);
+// steps), stored in dst + r * dst_stride (in values), [0..n), [n..padded) zeroed, as the ISA's int8
+// kernels read them: less the zero point (int16), or for quads plus zero_points[r] (bytes, 0 for
+// a zeroed row; zero_points is unused otherwise). scales[r] is the row's scale; NaN when the row
+// holds a NaN or an infinity (its outputs are then NaN).
+using QuantizeRowsFn = void (*)(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, void* dst,
+                                size_t dst_stride, size_t padded, float* scales, int32_t* zero_points);
 
 // bf16 pair kernels: pixels' n channels rounded to bfloat16, row r read from src[r] + offset, the
 // values' bits stored in dst + r * dst_stride, [0..n), [n..padded) zeroed.
 using RoundRowsFn = void (*)(const float* const* src, ptrdiff_t offset, size_t rows, size_t n, int16_t* dst,
                              size_t dst_stride, size_t padded);
 
-// Static int8: n 8-bit values (int8 when is_signed) less their zero point, as the int8 kernels
-// read them: dst[i] = src[i] - zero_point, dst[n..padded) zeroed.
-using WidenRowFn = void (*)(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, int16_t* dst,
+// Static int8: n 8-bit values (int8 when is_signed) as the int8 kernels read them, dst[n..padded)
+// zeroed: pairs, dst[i] = src[i] - zero_point (int16); quads, the bytes made unsigned (src[i] + 128
+// when is_signed), whose zero point is then zero_point (+ 128 when is_signed).
+using WidenRowFn = void (*)(const uint8_t* src, size_t n, bool is_signed, int32_t zero_point, void* dst,
                             size_t padded);
 
 // kFmaChains * W fused multiply-adds per iteration, for measuring the machine's peak.
@@ -166,11 +178,15 @@ struct IsaKernels {
     GemmKernels gemm;
     GemmKernels gemm_bf16_weights;
     // The int8 family: its kernels, its row quantization, and the ISA they come from (AVX-512
-    // machines run the AVX2 ones: the AVX-512 unit is built for AVX512F, without BW's vpmaddwd).
+    // machines without VNNI run the AVX2 ones: the AVX-512 unit is built for AVX512F, without BW's
+    // vpmaddwd).
     GemmKernels gemm_int8;
     QuantizeRowsFn quantize_rows_int8;
     WidenRowFn widen_row_int8;
     const char* int8_isa;
+    // Where its int8 kernels take weights as bytes: the table whose int8 kernels take int16 weights
+    // (static int8 weights less a zero point can lie beyond -128..127). Null where they do already.
+    const struct IsaKernels* int8_wide_weights;
     DwKernel depthwise;
     RoundRunFn round_to_bf16;
     RoundRowsFn round_rows_to_bf16_pairs;  // for bf16 kernels that read pairs; null where none do
@@ -203,6 +219,7 @@ const IsaKernels& scalar_kernels();
 #if defined(PWCPU_HAVE_X86_KERNELS)
 const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
+const IsaKernels& avx512vnni_kernels();
 const IsaKernels& avx512bf16_kernels();
 #endif
 
