@@ -514,6 +514,9 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // quantize_rows: `count` rows, row m read from sources[m] + offset, into consecutive rows of a
     // buffer from `values` on, their scales and zero points from `scales` and `zero_points` on.
     const size_t row_values = static_cast<size_t>(row_bytes / value_bytes);
+    // Static int8 quads from uint8 rows whose groups are whole quads: the rows are already what the
+    // kernels read (the bytes, with the input's zero point), and are read in place.
+    const bool read_in_place = quantized && quads && !io.x_signed && cg % 4 == 0;
     const auto quantize_rows = [&](const T* const* sources, ptrdiff_t offset, int64_t count, char* values,
                                    float* scales, int32_t* zero_points, int64_t capacity) {
         const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
@@ -545,13 +548,13 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         // int8 likewise, with the quantized rows and their scales (and zero points).
         const int64_t range_rows = range.m_end - range.m_begin;
         const int64_t row_floats = converted ? row_bytes / int64_t{sizeof(float)} : channels;
-        const bool round_range = (bf16 || int8) && range.n_end - range.n_begin > blk.nc_panels &&
+        const bool round_range = (bf16 || int8) && !read_in_place && range.n_end - range.n_begin > blk.nc_panels &&
                                  range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(row_floats, 1);
         const int64_t buffer_rows = round_range ? range_rows : band_rows;
         const char* const what_buffer = int8 ? what_quantized : what_rounded;
         runtime::AlignedBuffer rounded, row_scales, row_zero_points;
         GemmTileArgs args{};
-        if (bf16 || int8) {
+        if ((bf16 || int8) && !read_in_place) {
             rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
                                       what_buffer);
         }
@@ -633,13 +636,14 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         if (converted) {
                             // The band's rows converted (here, or up front), from the first panel's group on.
                             const int64_t first_row = round_range ? band - range.m_begin : 0;
-                            if (!round_range) {
+                            if (!round_range && !read_in_place) {
                                 quantize_rows(a_rows, -a_offset, rows_in_band, converted_values,
                                               int8 && !quantized ? row_scales.get() : nullptr,
                                               quads && !quantized ? zero_points : nullptr, buffer_rows);
                             }
                             for (int64_t m = 0; m < rows_in_band; ++m) {
-                                converted_rows[m] = converted_values + (first_row + m) * row_bytes + first_group * group_bytes;
+                                converted_rows[m] = read_in_place ? static_cast<const void*>(a_rows[m])
+                                                                  : converted_values + (first_row + m) * row_bytes + first_group * group_bytes;
                             }
                             if (int8 && !quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
                             if (quads) band_zero_points = zero_points + first_group * buffer_rows + first_row;

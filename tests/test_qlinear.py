@@ -68,16 +68,21 @@ def test_weights_beyond_a_byte_take_the_int16_kernels(isa, rng, x_dtype):
         assert kernels["wide"] == kernels["bytes"]
 
 
-def test_stride_padding_groups_and_views(isa, rng):
+# 5: odd groups, padded to pairs and quads; 4: whole quads, which VNNI kernels read in place (with
+# weight zero points of 0: others leave VNNI for the int16 kernels).
+@pytest.mark.parametrize("group_width,zero_weight_zero_points", [(5, False), (5, True), (4, True)])
+def test_stride_padding_groups_and_views(isa, rng, group_width, zero_weight_zero_points):
     args = layer_inputs(rng, np.uint8, np.int8, 5, 12)
+    if zero_weight_zero_points:
+        args["w_zero_point"] = np.zeros(12, np.int8)
     big = full_range(rng, np.uint8, 2, 11, 13, 24)
-    args["x"] = big[:, 1:10:2, ::-1, 2:22]  # strided, reversed, a channel slice
-    args["weight"] = args["weight"][:, :5]  # 4 groups of 5 channels (odd: padded to pairs)
+    args["x"] = big[:, 1:10:2, ::-1, 2:2 + 4 * group_width]  # strided, reversed, a channel slice
+    args["weight"] = args["weight"][:, :group_width]  # 4 groups
     options = dict(stride=2, padding=1, groups=4)
     y = pwcpu.qlinear_conv1x1(**args, **options)
     np.testing.assert_array_equal(y, expected(args, **options))
     # Padding reads x_zero_point, the real value 0: border outputs are the requantized bias.
-    border = reference.qlinear_conv1x1(np.full((1, 1, 1, 20), args["x_zero_point"], np.uint8),
+    border = reference.qlinear_conv1x1(np.full((1, 1, 1, 4 * group_width), args["x_zero_point"], np.uint8),
                                        **{n: v for n, v in args.items() if n != "x"}, groups=4)
     np.testing.assert_array_equal(y[:, 0], np.broadcast_to(border[0, 0], y[:, 0].shape))
 

@@ -1057,7 +1057,9 @@ def run(args: argparse.Namespace) -> int:
         info["peer_isa_limits"] = ISA_PEER_LIMITS[args.isa]
     threads_list = [int(t) for t in args.threads.split(",")] if args.threads else [info["threads"]]
     if args.precision != "fp32":
-        print(f"pwcpu {info['version']}: ISA {info['isa']}; {info.get('cpu_model', '')}")
+        family = info[f"{args.precision}_isa"]
+        print(f"pwcpu {info['version']}: ISA {info['isa']}, {args.precision} kernels {family} "
+              f"({', '.join(info[f'{args.precision}_gemm_kernels'])}); {info.get('cpu_model', '')}")
         results = bench_precision(SUITES[args.suite], threads_list, args.precision, args.seconds, args.rounds,
                                   args.pause)
         if args.json:
