@@ -132,11 +132,15 @@ void dw_row_columns(const DwRowArgs& p) {
 // Runs of 4 pixels, then the 1-3 left over as one tile: a pixel alone loads a weight vector per
 // multiply-add, twice the loads per multiply-add of a run (short rows, 7x7 and 14x14 maps, are
 // mostly such leftovers). Regular 3x3 and 5x5 filters at stride 1 or 2 (MobileNet's and
-// EfficientNet's) reuse columns instead.
+// EfficientNet's) reuse columns instead, on the SIMD ISAs: unrolled over the portable unit's arrays
+// of 4 floats, the column form multiplied that unit's compile time (2.5x, far more under the
+// sanitizers) for a speed nobody relies on.
 void f32_dwconv_row(const DwRowArgs& p) {
-    if (p.kernel_w == 3 && p.stride_w == 1) return dw_row_columns<1, 3>(p);
-    if (p.kernel_w == 5 && p.stride_w == 1) return dw_row_columns<1, 5>(p);
-    if (p.kernel_w == 5 && p.stride_w == 2) return dw_row_columns<2, 5>(p);
+    if constexpr (Vec::W >= 8) {
+        if (p.kernel_w == 3 && p.stride_w == 1) return dw_row_columns<1, 3>(p);
+        if (p.kernel_w == 5 && p.stride_w == 1) return dw_row_columns<1, 5>(p);
+        if (p.kernel_w == 5 && p.stride_w == 2) return dw_row_columns<2, 5>(p);
+    }
     size_t pixel = 0;
     for (; pixel + 4 <= p.pixels; pixel += 4) dw_pixels<4, 2>(p, pixel);
     switch (p.pixels - pixel) {

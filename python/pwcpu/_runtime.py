@@ -101,10 +101,11 @@ def show_runtime() -> None:
         f"ISA in use:     {info['isa']} ({info['isa_reason']})",
         f"kernels:        {', '.join(info['gemm_kernels'])} (1x1, each layer the best fit for its output "
         f"channels), {info['kernel_depthwise']} (depthwise)",
-        f"bf16 kernels:   {', '.join(info['bf16_gemm_kernels'])} (precision='bf16': bfloat16 weights widened, "
-        f"float32 multiply-adds; {info['bf16_isa_reason']})",
+        f"bf16 kernels:   {', '.join(info['bf16_gemm_kernels'])} (precision='bf16', float32 sums: "
+        f"{'vdpbf16ps pairs' if info['bf16_isa'] == 'avx512bf16' else 'bfloat16 weights widened, float32 multiply-adds'}; "
+        f"{info['bf16_isa_reason']})",
         f"int8 kernels:   {', '.join(info['int8_gemm_kernels'])} (precision='int8' and static int8: exact int32 "
-        f"sums of int16 pairs; {info['int8_isa_reason']})",
+        f"sums of {'vpdpbusd quads' if info['int8_isa'] == 'avx512vnni' else 'int16 pairs'}; {info['int8_isa_reason']})",
         f"threads:        {info['threads']} (OMP_NUM_THREADS={info['OMP_NUM_THREADS']})"
         + (" - single-threaded: forked after pwcpu ran threads" if info["single_threaded_after_fork"] else ""),
         f"caches:         L1d {info['l1d_bytes'] // kib} KiB, L2 {info['l2_bytes'] // kib} KiB, "

@@ -116,7 +116,8 @@ public:
     int64_t groups() const;
     Layout layout() const;
     Precision precision() const;
-    // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512").
+    // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512", and for bf16
+    // and int8 also "avx512bf16", "avx512vnni").
     const char* isa() const;
     const char* kernel_name() const;
     // False once select_isa() has switched the kernels of this packing's family: pack again.
@@ -318,8 +319,10 @@ struct RuntimeInfo {
 RuntimeInfo runtime_info();
 const char* active_isa();  // cheap: the name of the ISA whose kernels new packings use
 
-// Choose the ISA by name ("scalar", "avx2", "avx512", or "auto"); throws std::invalid_argument
-// for an unknown name or one this CPU or build cannot run.
+// Choose the ISA by name ("scalar", "avx2", "avx512", "avx512vnni", "avx512bf16", or "auto") for
+// every kernel family: each takes that ISA's kernels, or where it brings none of the family's (the
+// extension levels bring int8 or bf16 kernels only), the next ISA down's. Throws
+// std::invalid_argument for an unknown name or one this CPU or build cannot run.
 void select_isa(const std::string& name);
 
 }  // namespace pwcpu
