@@ -115,6 +115,7 @@ struct IVec {
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/fma_probe.inl"
 #include "kernels/grouped_dot.inl"
 #include "kernels/int8_gemm_tile.inl"
 #include "kernels/f32_dwconv.inl"

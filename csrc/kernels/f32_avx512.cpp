@@ -17,6 +17,7 @@ constexpr char kUnitIsa[] = "avx512";
 
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/fma_probe.inl"
 #include "kernels/f32_dwconv.inl"
 #include "kernels/bf16_round.inl"
 

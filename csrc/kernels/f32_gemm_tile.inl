@@ -204,26 +204,3 @@ GemmKernel gemm_kernel(float throughput) {
         gemm_kernel_name<MR, NV * Vec::W>(std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
     return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
 }
-
-// The machine's FMA peak, for benchmarks: kFmaChains independent multiply-add chains, enough to
-// cover the FMA latency on every pipe while fitting in 16 registers. Returns a value that depends
-// on every chain.
-constexpr int kFmaChains = 12;
-
-float fma_peak_probe(size_t iterations) {
-    R acc[kFmaChains];
-    for (int j = 0; j < kFmaChains; ++j) acc[j] = Vec::set1(1e-3f * static_cast<float>(j));
-    const R scale = Vec::set1(0.999f), shift = Vec::set1(1e-4f);
-    for (size_t i = 0; i < iterations; ++i) {
-#pragma GCC unroll 16
-        for (int j = 0; j < kFmaChains; ++j) acc[j] = Vec::fma(acc[j], scale, shift);
-    }
-    float lanes[Vec::W];
-    float total = 0.0f;
-    for (int j = 0; j < kFmaChains; ++j) {
-        Vec::store_n(lanes, acc[j], Vec::W);
-        for (float lane : lanes) total += lane;
-    }
-    return total;
-}
-
