@@ -899,6 +899,7 @@ PYBIND11_MODULE(_core, m) {
         d["supported_isas"] = info.supported_isas;
         d["kernel_main"] = info.kernel_main;
         d["gemm_kernels"] = info.gemm_kernels;
+        d["gemm_kernel_speeds"] = info.gemm_kernel_speeds;
         d["bf16_gemm_kernels"] = info.bf16_gemm_kernels;
         d["int8_gemm_kernels"] = info.int8_gemm_kernels;
         d["int8_isa"] = info.int8_isa;

@@ -3,8 +3,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <limits>
 #include <fstream>
 #include <mutex>
 #include <stdexcept>
@@ -50,6 +53,90 @@ const std::vector<IsaEntry>& known_isas() {
     return isas;
 }
 
+// Seconds per multiply-add lane of each fp32 GEMM kernel of `gemm` on full tiles of a reduction
+// of 256 (activations from L1, weights from L1 and L2, as the driver runs them), the best of a few
+// interleaved timings of each.
+std::vector<double> seconds_per_lane(const kernels::IsaKernels::GemmKernels& gemm) {
+    constexpr size_t kReduction = 256;
+    constexpr int kCalls = 24, kRounds = 5;
+    int rows = 0, columns = 0;
+    for (const kernels::GemmKernel& k : gemm) {
+        rows = std::max(rows, k.mr);
+        columns = std::max(columns, k.nr);
+    }
+    std::vector<float> a(static_cast<size_t>(rows) * kReduction, 1e-3f);
+    std::vector<float> panel(static_cast<size_t>(columns) * (kReduction + 1), 1e-3f);
+    std::vector<float> c(static_cast<size_t>(rows) * static_cast<size_t>(columns));
+    std::vector<const float*> a_rows(static_cast<size_t>(rows));
+    std::vector<float*> c_rows(static_cast<size_t>(rows));
+    for (int m = 0; m < rows; ++m) {
+        a_rows[m] = a.data() + static_cast<size_t>(m) * kReduction;
+        c_rows[m] = c.data() + static_cast<size_t>(m) * static_cast<size_t>(columns);
+    }
+    std::vector<double> best(gemm.size(), std::numeric_limits<double>::infinity());
+    for (int round = 0; round < kRounds; ++round) {
+        for (size_t i = 0; i < gemm.size(); ++i) {
+            const kernels::GemmKernel& k = gemm[i];
+            if (k.by_rows == nullptr) continue;
+            kernels::GemmTileArgs args{};
+            args.a = a_rows.data();
+            args.c = c_rows.data();
+            args.bias = panel.data();
+            args.w = panel.data() + k.nr;
+            args.kc = kReduction;
+            args.nr = static_cast<size_t>(k.nr);
+            args.final = true;
+            args.act = Activation::none;
+            const kernels::GemmTileFn tile = k.by_rows[k.mr - 1];
+            tile(args);  // warm up
+            const auto start = std::chrono::steady_clock::now();
+            for (int call = 0; call < kCalls; ++call) tile(args);
+            const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            best[i] = std::min(best[i], seconds / (static_cast<double>(kCalls) * k.mr * k.nr * kReduction));
+        }
+    }
+    return best;
+}
+
+// Entry i's table as the dispatch hands it out. Where it serves fp32, its fp32 GEMM kernels'
+// relative speeds are timed on this CPU (unless PWCPU_KERNEL_TIMING=0): they differ between machines (on AMD Zen 4, which
+// runs a 512-bit FMA as two 256-bit halves, a 24-column kernel with a half vector is as fast per
+// column as the 32-column one; on CPUs with full-width units it does 24 columns at the cost of
+// 32), and the layer's kernel follows from them. Kernels no layer width would take are dropped, so
+// runtime_info lists what can run. Every kernel computes the same sums in the same order: the
+// choice changes speed, never results.
+const kernels::IsaKernels& usable_table(size_t entry) {
+    constexpr size_t kMaxIsas = 8;
+    static std::once_flag once[kMaxIsas];
+    static kernels::IsaKernels tables[kMaxIsas];
+    if (entry >= kMaxIsas) throw std::logic_error("usable_table: too many ISAs");
+    std::call_once(once[entry], [entry] {
+        kernels::IsaKernels table = known_isas()[entry].table();
+        const char* timing = std::getenv("PWCPU_KERNEL_TIMING");
+        const bool serves_fp32 = (known_isas()[entry].families & family_bit(Precision::fp32)) != 0;
+        if (serves_fp32 && (timing == nullptr || std::string(timing) != "0")) {
+            const std::vector<double> seconds = seconds_per_lane(table.gemm);
+            for (size_t i = 0; i < table.gemm.size(); ++i) {
+                if (table.gemm[i].by_rows != nullptr) table.gemm[i].throughput = static_cast<float>(seconds[0] / seconds[i]);
+            }
+        }
+        int widest = 0;
+        for (const kernels::GemmKernel& k : table.gemm) widest = std::max(widest, k.nr);
+        std::vector<bool> taken(table.gemm.size(), false);
+        taken[0] = true;  // the main kernel (NCHW layers use it)
+        for (int columns = 1; columns <= 3 * widest; ++columns) {
+            taken[static_cast<size_t>(&table.gemm_for(columns) - table.gemm.data())] = true;
+        }
+        size_t kept = 0;
+        for (size_t i = 0; i < table.gemm.size(); ++i) {
+            if (taken[i]) table.gemm[kept++] = table.gemm[i];
+        }
+        std::fill(table.gemm.begin() + static_cast<ptrdiff_t>(kept), table.gemm.end(), kernels::GemmKernel{});
+        tables[entry] = table;
+    });
+    return tables[entry];
+}
+
 struct Selection {
     const kernels::IsaKernels* kernels = nullptr;
     std::string reason;
@@ -77,7 +164,7 @@ Selection choose(const std::string& requested, const char* source, int family) {
         }
         size_t j = i;
         while ((isas[j].families & bit) == 0) ++j;  // scalar serves every family
-        return {&isas[j].table(), automatic ? std::string("best ISA this CPU supports") : std::string("requested by ") + source};
+        return {&usable_table(j), automatic ? std::string("best ISA this CPU supports") : std::string("requested by ") + source};
     }
     std::string names;
     for (const auto& isa : known_isas()) names += std::string(names.empty() ? "" : ", ") + isa.name;
@@ -187,7 +274,9 @@ RuntimeInfo runtime_info() {
     info.bf16_isa = bf16.isa;
     info.kernel_main = k.main().name;
     for (const kernels::GemmKernel& g : k.gemm) {
-        if (g.by_rows != nullptr) info.gemm_kernels.emplace_back(g.name);
+        if (g.by_rows == nullptr) continue;
+        info.gemm_kernels.emplace_back(g.name);
+        info.gemm_kernel_speeds.push_back(g.throughput);
     }
     for (const kernels::GemmKernel& g : bf16.gemm_bf16_weights) {
         if (g.by_rows != nullptr) info.bf16_gemm_kernels.emplace_back(g.name);

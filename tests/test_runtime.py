@@ -94,6 +94,36 @@ print(pwcpu.runtime_info()["bf16_isa"], pwcpu.runtime_info()["int8_isa"], pwcpu.
     assert bf16_after == best and int8_after != "scalar" and int8_kernel_after.endswith("_" + int8_after)
 
 
+def test_kernels_chosen_by_speeds_timed_on_this_cpu():
+    """By default the fp32 kernels' speeds are timed at first use (the tests run with the tables'
+    figures): every listed kernel has a positive speed and is some width's choice, and a layer's
+    results do not depend on which kernel computes it (every kernel sums in the same order)."""
+    code = """
+import sys, numpy as np, pwcpu
+from pwcpu import _core
+if sys.argv[1] != "auto": _core.select_isa(sys.argv[1])
+i = pwcpu.runtime_info()
+rng = np.random.default_rng(7)
+chosen = set()
+for k in range(1, 100):
+    layer = pwcpu.PointwiseConv(rng.standard_normal((k, 37), dtype=np.float32), rng.standard_normal(k, dtype=np.float32))
+    chosen.add(layer.kernel)
+    y = layer(rng.standard_normal((1, 5, 7, 37), dtype=np.float32))
+    sys.stdout.buffer.write(y.tobytes())
+sys.stderr.write(repr((i["gemm_kernels"], i["gemm_kernel_speeds"], sorted(chosen))))
+"""
+    for isa in pwcpu.runtime_info()["supported_isas"]:
+        timed = subprocess.run([sys.executable, "-c", code, isa], capture_output=True, env=dict(
+            {k: v for k, v in os.environ.items() if k not in ("PWCPU_KERNEL_TIMING", "PWCPU_ISA")}), timeout=120)
+        fixed = subprocess.run([sys.executable, "-c", code, isa], capture_output=True, env=dict(
+            os.environ, PWCPU_KERNEL_TIMING="0"), timeout=120)
+        assert timed.returncode == 0 and fixed.returncode == 0, timed.stderr + fixed.stderr
+        kernels, speeds, chosen = eval(timed.stderr.decode())
+        assert len(speeds) == len(kernels) and speeds[0] == 1.0 and all(0.0 < s < 10.0 for s in speeds), speeds
+        assert set(chosen) <= set(kernels) and set(kernels) - set(chosen) <= {kernels[0]}, (kernels, chosen)
+        assert timed.stdout == fixed.stdout, isa
+
+
 def test_runtime_info_and_show_runtime(capsys):
     info = pwcpu.runtime_info()
     assert info["isa"] in info["supported_isas"]
@@ -104,7 +134,7 @@ def test_runtime_info_and_show_runtime(capsys):
     pwcpu.show_runtime()
     printed = capsys.readouterr().out
     assert f"ISA in use:     {info['isa']}" in printed and info["kernel_main"] in printed
-    assert len(info["bf16_gemm_kernels"]) == len(info["gemm_kernels"])
+    assert info["bf16_gemm_kernels"] and len(info["gemm_kernel_speeds"]) == len(info["gemm_kernels"])
     assert all(name in printed and name.startswith("bf16_f32_") for name in info["bf16_gemm_kernels"])
     assert info["int8_isa"] in info["supported_isas"] and info["int8_gemm_kernels"]
     assert all(name in printed and name.startswith("int8_f32_") for name in info["int8_gemm_kernels"])

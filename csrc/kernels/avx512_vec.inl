@@ -2,6 +2,15 @@
 // each AVX-512 unit's namespace: the AVX-512F unit and the units of its extensions share it, each
 // naming itself (its kernels' names end in it) by kUnitIsa, defined before the include.
 
+// Half a vector (8 lanes): the last columns of kernels whose panels are a vector and a half wide
+// (see f32_gemm_tile.inl).
+struct HalfVec {
+    static constexpr int W = 8;
+    using R = __m256;
+    static R load(const float* p) { return _mm256_loadu_ps(p); }
+    static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+};
+
 struct Vec {
     static constexpr const char* isa = kUnitIsa;
     static constexpr int W = 16;
@@ -15,6 +24,12 @@ struct Vec {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
     }
     static R load_n(const float* p, size_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+    using Half = HalfVec;
+    // (Shuffles the compiler sees through, where GCC 12's cast intrinsics warn in its own headers.)
+    static Half::R low_half(R x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
+    static R widen(Half::R x) {  // the upper lanes zero
+        return __builtin_shufflevector(x, _mm256_setzero_ps(), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    }
     static void store_n(float* p, R x, size_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
     static void store_stream_n(float* p, R x, size_t n) {
         if (n == W && reinterpret_cast<uintptr_t>(p) % 64 == 0) {

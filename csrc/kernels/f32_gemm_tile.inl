@@ -34,20 +34,35 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p);
 // Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
 // live across the whole K block; the N tail costs nothing here because panels are zero-padded.
 // WeightT: float, or uint16_t for bfloat16 weights (widened as they are loaded: half the bytes).
-template <int MR, int NV, class WeightT>
+// kHalfLast (float weights; ISAs whose Vec has a Half): the last vector's columns are half a
+// register wide, NR = (NV - 0.5) * W, and their multiply-adds run on half vectors. On a CPU that
+// splits full vectors into halves (Zen 4), 24 columns then cost 24 lanes of work rather than 32.
+template <int MR, int NV, class WeightT, bool kHalfLast = false>
 void f32_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
-    size_t lanes[NV];
-    valid_lanes(p.nr, lanes);
+    // Vectors read and written whole; with kHalfLast the last one is read and written as a half.
+    constexpr int kWhole = kHalfLast ? NV - 1 : NV;
+    // Vec, as a type that depends on kHalfLast: its half-vector members are looked up only in the
+    // kernels that use them (ISAs without half vectors have none).
+    using V = std::conditional_t<kHalfLast, Vec, Vec>;
+    struct Row {
+        R v[NV];
+    };
+    const auto load_row = [](const float* row) {
+        Row r;
+#pragma GCC unroll 4
+        for (int j = 0; j < kWhole; ++j) r.v[j] = Vec::load(row + j * W);
+        if constexpr (kHalfLast) r.v[NV - 1] = V::widen(V::Half::load(row + kWhole * W));
+        return r;
+    };
 
     R acc[MR][NV];
     if (p.bias != nullptr) {
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-            const R b = Vec::load(p.bias + v * W);
+        const auto b = load_row(p.bias);
 #pragma GCC unroll 32
-            for (int m = 0; m < MR; ++m) acc[m][v] = b;
-        }
+        for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[m][v] = b.v[v];
     } else if (p.row_bias != nullptr) {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m) {
@@ -57,9 +72,11 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         }
     } else {
 #pragma GCC unroll 32
-        for (int m = 0; m < MR; ++m)
+        for (int m = 0; m < MR; ++m) {
+            const auto partial = load_row(p.partial + m * p.partial_stride);
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::load(p.partial + m * p.partial_stride + v * W);
+            for (int v = 0; v < NV; ++v) acc[m][v] = partial.v[v];
+        }
     }
 
     // Start fetching the residual now, for this panel and the next: it is read only after the k
@@ -100,24 +117,49 @@ void f32_gemm_tile(const GemmTileArgs& p) {
             w += 4 * W;
         }
     }
-    for (; kk < p.kc; ++kk) {
-        R b[NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) b[v] = load_weights(w + v * W);
+    if constexpr (kHalfLast) {
+        using Half = typename V::Half;
+        typename Half::R last[MR];
 #pragma GCC unroll 32
-        for (int m = 0; m < MR; ++m) {
-            const R am = Vec::set1(a[m][kk]);
+        for (int m = 0; m < MR; ++m) last[m] = V::low_half(acc[m][NV - 1]);
+        for (; kk < p.kc; ++kk) {
+            R b[kWhole];
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fma(am, b[v], acc[m][v]);
+            for (int v = 0; v < kWhole; ++v) b[v] = load_weights(w + v * W);
+            const typename Half::R b_last = Half::load(w + kWhole * W);
+#pragma GCC unroll 32
+            for (int m = 0; m < MR; ++m) {
+                const R am = Vec::set1(a[m][kk]);
+#pragma GCC unroll 4
+                for (int v = 0; v < kWhole; ++v) acc[m][v] = Vec::fma(am, b[v], acc[m][v]);
+                last[m] = Half::fma(V::low_half(am), b_last, last[m]);
+            }
+            w += kWhole * W + Half::W;
         }
-        w += NV * W;
+#pragma GCC unroll 32
+        for (int m = 0; m < MR; ++m) acc[m][NV - 1] = V::widen(last[m]);
+    } else {
+        for (; kk < p.kc; ++kk) {
+            R b[NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) b[v] = load_weights(w + v * W);
+#pragma GCC unroll 32
+            for (int m = 0; m < MR; ++m) {
+                const R am = Vec::set1(a[m][kk]);
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) acc[m][v] = Vec::fma(am, b[v], acc[m][v]);
+            }
+            w += NV * W;
+        }
     }
 
     if (!p.final) {
+        constexpr size_t kLastLanes = kHalfLast ? W / 2 : W;
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) Vec::store_n(p.partial + m * p.partial_stride + v * W, acc[m][v], W);
+            for (int v = 0; v < NV; ++v)
+                Vec::store_n(p.partial + m * p.partial_stride + v * W, acc[m][v], v + 1 == NV ? kLastLanes : W);
         return;
     }
     store_tile<MR, NV>(acc, p);
@@ -152,14 +194,14 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
 }
 
 // The kernel for every row count 1..sizeof(R): the table a GemmKernel points to.
-template <int NV, class WeightT, int... R>
+template <int NV, class WeightT, bool kHalfLast, int... R>
 constexpr std::array<GemmTileFn, sizeof...(R)> tiles_by_rows(std::integer_sequence<int, R...>) {
-    return {{&f32_gemm_tile<R + 1, NV, WeightT>...}};
+    return {{&f32_gemm_tile<R + 1, NV, WeightT, kHalfLast>...}};
 }
 
-template <int MR, int NV, class WeightT>
+template <int MR, int NV, class WeightT, bool kHalfLast = false>
 constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
-    return tiles_by_rows<NV, WeightT>(std::make_integer_sequence<int, MR>{});
+    return tiles_by_rows<NV, WeightT, kHalfLast>(std::make_integer_sequence<int, MR>{});
 }
 
 // "f32_gemm_bias_act_<MR>x<NR>_<isa>" ("bf16_f32_..." for bfloat16 weights), built at compile
@@ -197,10 +239,12 @@ constexpr KernelName gemm_kernel_name(const char* prefix) {
 
 // The GEMM kernel of MR x (NV vectors) tiles: its shape and name follow from the template
 // arguments, so they cannot disagree with the code that runs.
-template <int MR, int NV, class WeightT = float>
+template <int MR, int NV, class WeightT = float, bool kHalfLast = false>
 GemmKernel gemm_kernel(float throughput) {
-    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, WeightT>();
+    static_assert(!kHalfLast || std::is_same_v<WeightT, float>, "half vectors take float weights");
+    constexpr int kNr = NV * Vec::W - (kHalfLast ? Vec::W / 2 : 0);
+    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, WeightT, kHalfLast>();
     static constexpr KernelName name =
-        gemm_kernel_name<MR, NV * Vec::W>(std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
-    return {tiles.data(), MR, NV * Vec::W, name.data(), throughput};
+        gemm_kernel_name<MR, kNr>(std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
+    return {tiles.data(), MR, kNr, name.data(), throughput};
 }

@@ -88,8 +88,9 @@ struct GemmKernel {
     int mr = 0;
     int nr = 0;
     const char* name = "";
-    // Its speed on full panels relative to the ISA's main kernel, as measured: a layer takes the
-    // kernel with the least work per useful column (panel columns padded up to nr, over this).
+    // Its speed on full panels relative to the ISA's main kernel: a layer takes the kernel with the
+    // least work per useful column (panel columns padded up to nr, over this). The figure in the
+    // tables was measured on one machine; the dispatch times the fp32 kernels on the CPU at hand.
     float throughput = 1.0f;
     // 1: it reads float32 activations in place. G > 1: it reads them converted by the driver into
     // rows of groups of G values (int8 always, bf16 on CPUs with a bfloat16 dot product), 16-bit

@@ -100,7 +100,8 @@ def show_runtime() -> None:
         f"ISAs available: {', '.join(info['supported_isas'])}",
         f"ISA in use:     {info['isa']} ({info['isa_reason']})",
         f"kernels:        {', '.join(info['gemm_kernels'])} (1x1, each layer the best fit for its output "
-        f"channels), {info['kernel_depthwise']} (depthwise)",
+        f"channels, by their relative speeds: {', '.join(f'{s:.2f}' for s in info['gemm_kernel_speeds'])}), "
+        f"{info['kernel_depthwise']} (depthwise)",
         f"bf16 kernels:   {', '.join(info['bf16_gemm_kernels'])} (precision='bf16', float32 sums: "
         f"{'vdpbf16ps pairs' if info['bf16_isa'] == 'avx512bf16' else 'bfloat16 weights widened, float32 multiply-adds'}; "
         f"{info['bf16_isa_reason']})",

@@ -307,6 +307,7 @@ struct RuntimeInfo {
     std::vector<std::string> supported_isas;  // compiled in and supported by this CPU
     std::string kernel_main;                // the main GEMM kernel (NCHW layers use it)
     std::vector<std::string> gemm_kernels;  // every GEMM kernel; each layer takes the best fit for its width
+    std::vector<float> gemm_kernel_speeds;  // their speeds relative to the main kernel, as timed on this CPU
     std::vector<std::string> bf16_gemm_kernels;  // the same with bfloat16 weights (precision bf16, NHWC)
     std::vector<std::string> int8_gemm_kernels;  // the int8 family's (precision int8, NHWC)
     std::string bf16_isa, bf16_isa_reason;       // the bf16 family's ISA (PWCPU_BF16_ISA), and why
