@@ -664,13 +664,20 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         }
                         // The next band's activations, fetched while this band computes: each row is
                         // a short run of cache lines (kc floats), too short for the hardware's
-                        // stream prefetchers to pick up when rows come from L3 or memory.
+                        // stream prefetchers to pick up when rows come from L3 or memory. Rows that
+                        // follow each other in memory (a stride-1 layer's rows read whole) are one
+                        // stream, which the hardware follows: the prefetches would only cost issue
+                        // slots (6 % of a 112x112x32->16 layer's time on Zen 4, data in L2).
                         const int64_t next_rows = std::min(band_rows, me - band - rows_in_band);
                         if (next_rows > 0) {
                             BandRows& next = band_rows_of[current ^ 1];
                             walker.next(next_rows, a_offset, next.a, next.out, next.res);
+                            bool one_stream = true;
+                            for (int64_t m = 1; m < next_rows && one_stream; ++m) {
+                                one_stream = next.a[m] == next.a[m - 1] + kc_floats;
+                            }
                             const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(T));
-                            for (int64_t m = 0; m < next_rows; ++m) {
+                            for (int64_t m = 0; m < next_rows && !one_stream; ++m) {
                                 const char* row = reinterpret_cast<const char*>(next.a[m]);
                                 for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
                             }
