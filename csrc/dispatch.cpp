@@ -59,7 +59,7 @@ const std::vector<IsaEntry>& known_isas() {
 // timings of each.
 std::vector<double> seconds_per_lane(const kernels::IsaKernels::GemmKernels& gemm) {
     constexpr size_t kReduction = 256;
-    constexpr int kCalls = 48, kRounds = 9;
+    constexpr int kCalls = 48, kRounds = 15;
     size_t rows = 0, columns = 0;
     for (const kernels::GemmKernel& k : gemm) {
         rows = std::max(rows, static_cast<size_t>(k.mr));
