@@ -53,11 +53,13 @@ const std::vector<IsaEntry>& known_isas() {
     return isas;
 }
 
-// Seconds per multiply-add lane of each fp32 GEMM kernel of `gemm` on full tiles of a reduction
-// of 256, laid out as the driver lays them out (panels on cache lines: a vector load that straddles
-// two lines costs Zen 4 about a third of the 256-bit kernels' speed), the best of a few interleaved
-// timings of each.
-std::vector<double> seconds_per_lane(const kernels::IsaKernels::GemmKernels& gemm) {
+// Each fp32 GEMM kernel of `gemm`'s speed per multiply-add lane relative to the first (main) one,
+// on full tiles of a reduction of 256 laid out as the driver lays them out (panels on cache lines:
+// a vector load that straddles two lines costs Zen 4 about a third of the 256-bit kernels' speed).
+// Every round times each kernel once, back to back; the median over rounds of each kernel's ratio
+// to the main one in the same round is robust to a slow phase of the machine (which slows a whole
+// round) and to a round a neighbour interrupts.
+std::vector<double> relative_speeds(const kernels::IsaKernels::GemmKernels& gemm) {
     constexpr size_t kReduction = 256;
     constexpr int kCalls = 48, kRounds = 15;
     size_t rows = 0, columns = 0;
@@ -77,8 +79,9 @@ std::vector<double> seconds_per_lane(const kernels::IsaKernels::GemmKernels& gem
         a_rows[m] = a.get() + m * kReduction;
         c_rows[m] = c.get() + m * columns;
     }
-    std::vector<double> best(gemm.size(), std::numeric_limits<double>::infinity());
+    std::vector<std::vector<double>> ratios(gemm.size());
     for (int round = 0; round < kRounds; ++round) {
+        std::vector<double> seconds_per_lane(gemm.size());
         for (size_t i = 0; i < gemm.size(); ++i) {
             const kernels::GemmKernel& k = gemm[i];
             if (k.by_rows == nullptr) continue;
@@ -96,10 +99,16 @@ std::vector<double> seconds_per_lane(const kernels::IsaKernels::GemmKernels& gem
             const auto start = std::chrono::steady_clock::now();
             for (int call = 0; call < kCalls; ++call) tile(args);
             const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-            best[i] = std::min(best[i], seconds / (static_cast<double>(kCalls) * k.mr * k.nr * kReduction));
+            seconds_per_lane[i] = seconds / (static_cast<double>(kCalls) * k.mr * k.nr * kReduction);
         }
+        for (size_t i = 0; i < gemm.size(); ++i) ratios[i].push_back(seconds_per_lane[0] / seconds_per_lane[i]);
     }
-    return best;
+    std::vector<double> speeds(gemm.size(), 1.0);
+    for (size_t i = 1; i < gemm.size(); ++i) {
+        std::nth_element(ratios[i].begin(), ratios[i].begin() + kRounds / 2, ratios[i].end());
+        speeds[i] = ratios[i][kRounds / 2];
+    }
+    return speeds;
 }
 
 // Entry i's table as the dispatch hands it out. Where it serves fp32, its fp32 GEMM kernels'
@@ -122,11 +131,9 @@ const kernels::IsaKernels& usable_table(size_t entry) {
             // No kernel is rated above the main one: a narrower panel has each tile's activations
             // read once more per panel, which a single tile's timing does not see (on Zen 4, 14x16
             // times as fast as 14x32 but runs C = 2048 layers 4 % slower).
-            const std::vector<double> seconds = seconds_per_lane(table.gemm);
+            const std::vector<double> speeds = relative_speeds(table.gemm);
             for (size_t i = 0; i < table.gemm.size(); ++i) {
-                if (table.gemm[i].by_rows != nullptr) {
-                    table.gemm[i].throughput = static_cast<float>(std::min(1.0, seconds[0] / seconds[i]));
-                }
+                if (table.gemm[i].by_rows != nullptr) table.gemm[i].throughput = static_cast<float>(std::min(1.0, speeds[i]));
             }
         }
         int widest = 0;
