@@ -7,7 +7,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
-#include <limits>
 #include <fstream>
 #include <mutex>
 #include <stdexcept>
@@ -112,12 +111,12 @@ std::vector<double> relative_speeds(const kernels::IsaKernels::GemmKernels& gemm
 }
 
 // Entry i's table as the dispatch hands it out. Where it serves fp32, its fp32 GEMM kernels'
-// relative speeds are timed on this CPU (unless PWCPU_KERNEL_TIMING=0): they differ between machines (on AMD Zen 4, which
-// runs a 512-bit FMA as two 256-bit halves, a 24-column kernel with a half vector is as fast per
-// column as the 32-column one; on CPUs with full-width units it does 24 columns at the cost of
-// 32), and the layer's kernel follows from them. Kernels no layer width would take are dropped, so
-// runtime_info lists what can run. Every kernel computes the same sums in the same order: the
-// choice changes speed, never results.
+// relative speeds are timed on this CPU (unless PWCPU_KERNEL_TIMING=0), for they differ between
+// machines: AMD Zen 4 runs a 512-bit FMA as two 256-bit halves, so the 14x24 kernel, whose last
+// 8 columns are a half vector, does 24 columns at 0.93 of the 14x32 one's speed per column; on
+// CPUs with full-width units it does them at the cost of 32. A layer's kernel follows from them.
+// Kernels no layer width would take are dropped, so runtime_info lists what can run. Every kernel
+// computes the same sums in the same order: the choice changes speed, never results.
 const kernels::IsaKernels& usable_table(size_t entry) {
     constexpr size_t kMaxIsas = 8;
     static std::once_flag once[kMaxIsas];
