@@ -308,7 +308,7 @@ struct RuntimeInfo {
     std::string kernel_main;                // the main GEMM kernel (NCHW layers use it)
     std::vector<std::string> gemm_kernels;  // every GEMM kernel; each layer takes the best fit for its width
     std::vector<float> gemm_kernel_speeds;  // their speeds relative to the main kernel, as timed on this CPU
-    std::vector<std::string> bf16_gemm_kernels;  // the same with bfloat16 weights (precision bf16, NHWC)
+    std::vector<std::string> bf16_gemm_kernels;  // those with bfloat16 weights (precision bf16, NHWC)
     std::vector<std::string> int8_gemm_kernels;  // the int8 family's (precision int8, NHWC)
     std::string bf16_isa, bf16_isa_reason;       // the bf16 family's ISA (PWCPU_BF16_ISA), and why
     std::string int8_isa, int8_isa_reason;       // the ISA of the int8 family's kernels (PWCPU_INT8_ISA), and why
