@@ -1,5 +1,6 @@
 """Threads, ISA selection and introspection."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -118,8 +119,9 @@ sys.stderr.write(repr((i["gemm_kernels"], i["gemm_kernel_speeds"], sorted(chosen
         fixed = subprocess.run([sys.executable, "-c", code, isa], capture_output=True, env=dict(
             os.environ, PWCPU_KERNEL_TIMING="0"), timeout=120)
         assert timed.returncode == 0 and fixed.returncode == 0, timed.stderr + fixed.stderr
-        kernels, speeds, chosen = eval(timed.stderr.decode())
-        assert len(speeds) == len(kernels) and speeds[0] == 1.0 and all(0.0 < s < 10.0 for s in speeds), speeds
+        kernels, speeds, chosen = ast.literal_eval(timed.stderr.decode())
+        # Relative to the main kernel, and never above it (see dispatch.cpp).
+        assert len(speeds) == len(kernels) and speeds[0] == 1.0 and all(0.0 < s <= 1.0 for s in speeds), speeds
         assert set(chosen) <= set(kernels) and set(kernels) - set(chosen) <= {kernels[0]}, (kernels, chosen)
         assert timed.stdout == fixed.stdout, isa
 
