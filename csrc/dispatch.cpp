@@ -293,7 +293,7 @@ RuntimeInfo runtime_info() {
         info.gemm_kernels.emplace_back(g.name);
         info.gemm_kernel_speeds.push_back(g.throughput);
     }
-    for (const kernels::GemmKernel& g : bf16.gemm_bf16_weights) {
+    for (const kernels::GemmKernel& g : bf16.gemm_of(Precision::bf16)) {
         if (g.by_rows != nullptr) info.bf16_gemm_kernels.emplace_back(g.name);
     }
     for (const kernels::GemmKernel& g : int8.gemm_int8) {

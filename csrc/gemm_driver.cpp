@@ -98,6 +98,23 @@ int64_t begin_k_block(GemmTileArgs& args, const Blocking& blk, int64_t kb, int64
     return k0;
 }
 
+// bf16 without a dot product: `count` rows of `span` floats rounded to bfloat16 into consecutive
+// rows of dst. Rows that follow each other in memory (a stride-1 layer read whole) are rounded in
+// one run: a call per row would cost as much as rounding a short row (C = 16-32) itself.
+void round_rows_to_bf16(const kernels::IsaKernels& isa, const float* const* rows, int64_t count, int64_t span,
+                        float* dst) {
+    const auto address = [](const float* p) { return reinterpret_cast<uintptr_t>(p); };
+    const uintptr_t row_bytes = static_cast<uintptr_t>(span) * sizeof(float);
+    for (int64_t m = 0; m < count;) {
+        int64_t run = 1;
+        while (m + run < count && address(rows[m + run]) == address(rows[m]) + static_cast<uintptr_t>(run) * row_bytes) {
+            ++run;
+        }
+        isa.round_to_bf16(rows[m], dst + m * span, static_cast<size_t>(run * span));
+        m += run;
+    }
+}
+
 // int8: the most input channels per group, so that sums of products of at most 255 x 127 stay exact
 // in int32 (see int8_gemm_tile.inl).
 constexpr int64_t kMaxInt8Channels = 65536;
@@ -138,8 +155,7 @@ struct PackedWeights::Impl {
     int64_t k = 0, cg = 0, groups = 1;
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
-    // their biases in front (float), then C x NR weights (float, or bfloat16 for bf16: half the
-    // bytes to stream, widened by the kernel). Kernels that read converted activations in groups
+    // their biases in front, then C x NR weights (floats; for bf16, rounded). Kernels that read converted activations in groups
     // of G (int8; bf16 with a dot product): the biases, the NR weight scales (float; 1 for bf16),
     // the NR columns' weight sums (int32; used by quads), then C/G (rounded up) rows of NR groups of
     // weights (quantized int8, as int16 or bytes, or bfloat16 bits; see ukernel.hpp).
@@ -212,11 +228,10 @@ struct PackedWeights::Impl {
         }
     }
     const float* panel(int64_t p) const { return panels.get() + p * panel_stride; }
-    // Panel p's weights from channel k0 on, after its NR biases: floats, or bfloat16 bits.
+    // Panel p's weights from channel k0 on, after its NR biases: floats, or converted groups.
     const void* panel_weights(int64_t p, int64_t k0) const {
         const float* after_bias = panel(p) + kernel.nr;
         if (kernel.converts()) return reinterpret_cast<const char*>(after_bias + 2 * kernel.nr);  // k0 is 0: never split
-        if (precision == Precision::bf16) return reinterpret_cast<const uint16_t*>(after_bias) + kernel.nr * k0;
         return after_bias + kernel.nr * k0;
     }
     const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
@@ -286,9 +301,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         return;
     }
     const char* what = "weight (K x C/groups), packed";
-    // In floats: NR biases, then the weights (two bfloat16 values per float, rounded up).
-    const int64_t weight_values = checked_mul(nr, w.cg, what);
-    w.panel_stride = nr + (bf16 ? ceil_div(weight_values, 2) : weight_values);
+    w.panel_stride = nr + checked_mul(nr, w.cg, what);
     w.panels = allocate_floats(checked_floats(checked_mul(w.panel_count(), w.panel_stride, what), what), what);
 
     const int64_t panel_count = w.panel_count();
@@ -301,8 +314,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         float* dst = w.panels.get() + p * w.panel_stride;
         if (width < nr) std::memset(dst, 0, sizeof(float) * static_cast<size_t>(w.panel_stride));  // zero padding
         for (int64_t n = 0; n < width; ++n) dst[n] = bias != nullptr ? bias[first + n] : 0.0f;
-        float* const dst_f32 = dst + nr;
-        uint16_t* const dst_bf16 = reinterpret_cast<uint16_t*>(dst + nr);
+        float* const dst_weights = dst + nr;
         // Transposed in blocks of kPackBlock channels: each source line is read once and the
         // block of panel rows being written stays in L1 (rows of a large weight matrix lie a
         // multiple of 4 KiB apart, so walking down a column would thrash L1's sets).
@@ -310,16 +322,7 @@ PackedWeights::PackedWeights(const float* weight, int64_t out_channels, int64_t 
         for (int64_t c0 = 0; c0 < w.cg; c0 += kPackBlock) {
             const int64_t c1 = std::min(w.cg, c0 + kPackBlock);
             for (int64_t n = 0; n < width; ++n) {
-                for (int64_t c = c0; c < c1; ++c) {
-                    const float value = weight_at(first + n, c);
-                    if (bf16) {
-                        uint32_t bits;
-                        std::memcpy(&bits, &value, sizeof bits);
-                        dst_bf16[nr * c + n] = static_cast<uint16_t>(bits >> 16);  // exact: rounded above
-                    } else {
-                        dst_f32[nr * c + n] = value;
-                    }
-                }
+                for (int64_t c = c0; c < c1; ++c) dst_weights[nr * c + n] = weight_at(first + n, c);
             }
         }
     }
@@ -458,7 +461,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const bool quads = converted && kernel.converted_group == 4;
     const int64_t reduction = converted ? ceil_div(cg, int64_t{kernel.converted_group}) * kernel.converted_group : cg;
     const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
-                                         converted ? value_bytes : bf16 ? sizeof(uint16_t) : sizeof(float), !converted);
+                                         converted ? value_bytes : sizeof(float), !converted);
 
     // Padding reads a row of zeros (static int8: of the input's zero point), so border pixels get
     // bias, residual and activation only.
@@ -586,10 +589,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                   int8 && !quantized ? row_scales.get() + first : nullptr,
                                   quads && !quantized ? zero_points + first : nullptr, buffer_rows);
                 } else if constexpr (!quantized) {
-                    for (int64_t m = 0; m < count; ++m) {
-                        isa->round_to_bf16(source_rows[m], rounded.get() + (first + m) * channels,
-                                           static_cast<size_t>(channels));
-                    }
+                    round_rows_to_bf16(*isa, source_rows, count, channels, rounded.get() + first * channels);
                 }
             }
         }
@@ -655,11 +655,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         } else if (bf16) {
                             // The channels the panels pb..pe-1 read: their groups' from this K block on.
                             const int64_t span = ((pe - 1) / panels_per_group - first_group) * cg + kc_floats;
-                            for (int64_t m = 0; m < rows_in_band; ++m) {
-                                float* row = rounded.get() + m * span;
-                                isa->round_to_bf16(a_rows[m], row, static_cast<size_t>(span));
-                                a_rows[m] = row;
-                            }
+                            round_rows_to_bf16(*isa, a_rows, rows_in_band, span, rounded.get());
+                            for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] = rounded.get() + m * span;
                           }
                         }
                         // The next band's activations, fetched while this band computes: each row is

@@ -1,9 +1,9 @@
 """precision="bf16": inputs and weights rounded to bfloat16, products summed in float32.
 
 Every ISA path is held to the float32-accumulation bound on the rounded inputs (the products of two
-bfloat16 values are exact in float32), and the kernels that widen bfloat16 weights to float32,
-stronger, to the float32 path's own result on inputs that are already bfloat16 values: the rounding
-is all that differs. The dot-product kernels (vdpbf16ps) sum each pair of products in their own
+bfloat16 values are exact in float32), and where no bfloat16 instructions exist (the float32
+kernels run on the rounded operands), stronger, to the float32 path's own result on inputs that
+are already bfloat16 values: the rounding is all that differs. The dot-product kernels (vdpbf16ps) sum each pair of products in their own
 order, so they meet the bound only.
 """
 
@@ -23,8 +23,8 @@ def bf16_values(a):
     return reference.round_to_bf16(a)
 
 
-def widening_kernels():
-    """Whether the selected bf16 GEMM kernels widen to float32 (rather than use a dot product)."""
+def float32_kernels():
+    """Whether precision="bf16" runs the float32 kernels on rounded operands (rather than vdpbf16ps)."""
     return not _core.runtime_info()["bf16_gemm_kernels"][0].startswith("bf16_f32_dot")
 
 
@@ -48,9 +48,9 @@ def test_conv1x1_bf16_against_the_rounded_reference(isa, rng, c, k):
     check_conv(y, x, weight, bias, activation="silu", residual=residual, precision="bf16",
                context=f"{isa} c={c} k={k}")
     # The rounding is all that differs from the float32 path: on inputs that are bfloat16 values
-    # already, widening kernels compute the very same sums.
+    # already, the float32 kernels compute the very same sums.
     same = pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, activation="silu", residual=residual)
-    if widening_kernels():
+    if float32_kernels():
         np.testing.assert_array_equal(y, same)
     if c > 1:
         # And the rounding happens: float32 inputs give another result than the float32 path's.
@@ -67,7 +67,7 @@ def test_stride_padding_groups_and_views(isa, rng, layout):
     options = dict(stride=2, padding=1, groups=4, activation="relu", layout=layout)
     y = pwcpu.conv1x1(x, weight, bias, precision="bf16", **options)
     check_conv(y, x, weight, bias, precision="bf16", **options)
-    if layout == "NCHW" or widening_kernels():  # NCHW runs the float32 kernels on rounded values
+    if layout == "NCHW" or float32_kernels():  # NCHW runs the float32 kernels on rounded values
         np.testing.assert_array_equal(y, pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, **options))
 
 
@@ -195,7 +195,7 @@ def test_weights_beyond_l2(isa, rng, padding, groups, block):
             with pwcpu.num_threads(threads):
                 y = pwcpu.conv1x1(x, weight, bias, precision="bf16", **options)
             check_conv(y, x, weight, bias, precision="bf16", **options)
-            if widening_kernels():
+            if float32_kernels():
                 np.testing.assert_array_equal(y, pwcpu.conv1x1(bf16_values(x), bf16_values(weight), bias, **options))
     finally:
         _core.set_max_reduction_block(0)

@@ -18,11 +18,6 @@ struct Vec {
     static __mmask16 mask(size_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
     static R set1(float x) { return _mm512_set1_ps(x); }
     static R load(const float* p) { return _mm512_loadu_ps(p); }
-    // W bfloat16 values widened to float: each one's bits moved to the top half of a lane.
-    static R load_bf16(const uint16_t* p) {
-        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-    }
     static R load_n(const float* p, size_t n) { return _mm512_maskz_loadu_ps(mask(n), p); }
     using Half = HalfVec;
     // (Shuffles the compiler sees through, where GCC 12's cast intrinsics warn in its own headers.)

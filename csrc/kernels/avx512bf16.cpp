@@ -64,7 +64,7 @@ const IsaKernels& avx512bf16_kernels() {
     static const IsaKernels table = [] {
         IsaKernels t = avx512_kernels();
         t.isa = "avx512bf16";
-        t.gemm_bf16_weights = {avx512bf16::bf16_pair_gemm_kernel<14, 2>(1.0f),
+        t.gemm_bf16 = {avx512bf16::bf16_pair_gemm_kernel<14, 2>(1.0f),
                                avx512bf16::bf16_pair_gemm_kernel<14, 1>(0.8f)};
         t.round_rows_to_bf16_pairs = avx512bf16::round_rows_to_bf16_pairs;
         return t;

@@ -24,11 +24,6 @@ struct Vec {
     }
     static R set1(float x) { return _mm256_set1_ps(x); }
     static R load(const float* p) { return _mm256_loadu_ps(p); }
-    // W bfloat16 values widened to float: each one's bits moved to the top half of a lane.
-    static R load_bf16(const uint16_t* p) {
-        const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-    }
     // vmaskmov is microcoded on AMD cores (a masked store costs tens of cycles on Zen 2/3), so the
     // vectors a tile's tail leaves empty (a 16-wide panel holding 8 channels) skip it entirely.
     static R load_n(const float* p, size_t n) {
@@ -131,8 +126,7 @@ const IsaKernels& avx2_kernels() {
         "avx2",
         {avx2::gemm_kernel<6, 2>(1.0f), avx2::gemm_kernel<4, 3>(1.0f),
          avx2::gemm_kernel<12, 1>(0.8f)},
-        {avx2::gemm_kernel<6, 2, uint16_t>(1.0f), avx2::gemm_kernel<4, 3, uint16_t>(1.0f),
-         avx2::gemm_kernel<12, 1, uint16_t>(0.8f)},
+        {},
         {avx2::int8_gemm_kernel<6, 2>(1.0f)},
         avx2::quantize_rows_int8,
         avx2::widen_row_int8,

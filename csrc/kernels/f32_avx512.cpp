@@ -27,8 +27,8 @@ const IsaKernels& avx512_kernels() {
     static const IsaKernels table{
         "avx512",
         {avx512::gemm_kernel<14, 2>(1.0f), avx512::gemm_kernel<14, 1>(0.8f),
-         avx512::gemm_kernel<14, 2, float, true>(0.9f)},
-        {avx512::gemm_kernel<14, 2, uint16_t>(1.0f), avx512::gemm_kernel<14, 1, uint16_t>(0.8f)},
+         avx512::gemm_kernel<14, 2, true>(0.9f)},
+        {},
         avx2_kernels().gemm_int8,
         avx2_kernels().quantize_rows_int8,
         avx2_kernels().widen_row_int8,

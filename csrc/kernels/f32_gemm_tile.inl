@@ -6,7 +6,7 @@
 // never be picked by the linker for the scalar path.
 //
 // Vec provides: isa (its name), W (lanes), R (register type), set1, load (aligned to nothing),
-// load_bf16 (W bfloat16 values, widened), load_n/store_n
+// load_n/store_n
 // (first n lanes, 0 <= n <= W), store_stream_n (as store_n, non-temporal for a whole aligned
 // vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
 // max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
@@ -14,10 +14,6 @@
 // select_neg(x, a, b) = x < 0 ? a : b, dup4(p) (p[0..3] in every group of four lanes) and
 // lane<j>(v) (lane j of every group of four, broadcast within the group).
 // The ISA's unit includes f32_epilogue.inl (activations) before this file.
-
-// A vector of weights as the kernel's weight type stores them: float, or bfloat16 widened.
-PWCPU_INLINE R load_weights(const float* p) { return Vec::load(p); }
-PWCPU_INLINE R load_weights(const uint16_t* p) { return Vec::load_bf16(p); }
 
 // How many of each of a tile's NV vectors' lanes hold its nr valid columns.
 template <int NV>
@@ -33,11 +29,10 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p);
 
 // Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
 // live across the whole K block; the N tail costs nothing here because panels are zero-padded.
-// WeightT: float, or uint16_t for bfloat16 weights (widened as they are loaded: half the bytes).
-// kHalfLast (float weights; ISAs whose Vec has a Half): the last vector's columns are half a
+// kHalfLast (ISAs whose Vec has a Half): the last vector's columns are half a
 // register wide, NR = (NV - 0.5) * W, and their multiply-adds run on half vectors. On a CPU that
 // splits full vectors into halves (Zen 4), 24 columns then cost 24 lanes of work rather than 32.
-template <int MR, int NV, class WeightT, bool kHalfLast = false>
+template <int MR, int NV, bool kHalfLast = false>
 void f32_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
     // Vectors read and written whole; with kHalfLast the last one is read and written as a half.
@@ -90,15 +85,15 @@ void f32_gemm_tile(const GemmTileArgs& p) {
     const float* a[MR];
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m) a[m] = p.a[m];
-    const WeightT* w = static_cast<const WeightT*>(p.w);
+    const float* w = static_cast<const float*>(p.w);
     size_t kk = 0;
     if constexpr (NV == 1) {
         // With one weight vector per k, broadcasting every a[m][k] from memory saturates the load
         // ports before the FMA units. Half the rows instead load four k at once and broadcast in
         // registers (shuffle ports): both kinds of port share the work.
         for (; kk + 4 <= p.kc; kk += 4) {
-            const R b0 = load_weights(w), b1 = load_weights(w + W), b2 = load_weights(w + 2 * W),
-                    b3 = load_weights(w + 3 * W);
+            const R b0 = Vec::load(w), b1 = Vec::load(w + W), b2 = Vec::load(w + 2 * W),
+                    b3 = Vec::load(w + 3 * W);
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) {
                 if (m % 2 == 0) {
@@ -125,7 +120,7 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         for (; kk < p.kc; ++kk) {
             R b[kWhole];
 #pragma GCC unroll 4
-            for (int v = 0; v < kWhole; ++v) b[v] = load_weights(w + v * W);
+            for (int v = 0; v < kWhole; ++v) b[v] = Vec::load(w + v * W);
             const typename Half::R b_last = Half::load(w + kWhole * W);
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) {
@@ -142,7 +137,7 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         for (; kk < p.kc; ++kk) {
             R b[NV];
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) b[v] = load_weights(w + v * W);
+            for (int v = 0; v < NV; ++v) b[v] = Vec::load(w + v * W);
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) {
                 const R am = Vec::set1(a[m][kk]);
@@ -194,14 +189,14 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
 }
 
 // The kernel for every row count 1..sizeof(R): the table a GemmKernel points to.
-template <int NV, class WeightT, bool kHalfLast, int... R>
+template <int NV, bool kHalfLast, int... R>
 constexpr std::array<GemmTileFn, sizeof...(R)> tiles_by_rows(std::integer_sequence<int, R...>) {
-    return {{&f32_gemm_tile<R + 1, NV, WeightT, kHalfLast>...}};
+    return {{&f32_gemm_tile<R + 1, NV, kHalfLast>...}};
 }
 
-template <int MR, int NV, class WeightT, bool kHalfLast = false>
+template <int MR, int NV, bool kHalfLast = false>
 constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
-    return tiles_by_rows<NV, WeightT, kHalfLast>(std::make_integer_sequence<int, MR>{});
+    return tiles_by_rows<NV, kHalfLast>(std::make_integer_sequence<int, MR>{});
 }
 
 // "f32_gemm_bias_act_<MR>x<NR>_<isa>" ("bf16_f32_..." for bfloat16 weights), built at compile
@@ -239,12 +234,10 @@ constexpr KernelName gemm_kernel_name(const char* prefix) {
 
 // The GEMM kernel of MR x (NV vectors) tiles: its shape and name follow from the template
 // arguments, so they cannot disagree with the code that runs.
-template <int MR, int NV, class WeightT = float, bool kHalfLast = false>
+template <int MR, int NV, bool kHalfLast = false>
 GemmKernel gemm_kernel(float throughput) {
-    static_assert(!kHalfLast || std::is_same_v<WeightT, float>, "half vectors take float weights");
     constexpr int kNr = NV * Vec::W - (kHalfLast ? Vec::W / 2 : 0);
-    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, WeightT, kHalfLast>();
-    static constexpr KernelName name =
-        gemm_kernel_name<MR, kNr>(std::is_same_v<WeightT, uint16_t> ? "bf16_f32_gemm_bias_act_" : "f32_gemm_bias_act_");
+    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, kHalfLast>();
+    static constexpr KernelName name = gemm_kernel_name<MR, kNr>("f32_gemm_bias_act_");
     return {tiles.data(), MR, kNr, name.data(), throughput};
 }

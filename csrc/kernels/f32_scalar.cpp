@@ -28,14 +28,6 @@ struct Vec {
     }
     static R set1(float x) { return map([&](int) { return x; }); }
     static R load(const float* p) { return map([&](int i) { return p[i]; }); }
-    static R load_bf16(const uint16_t* p) {
-        return map([&](int i) {
-            const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-            float value;
-            std::memcpy(&value, &bits, sizeof value);
-            return value;
-        });
-    }
     static R load_n(const float* p, size_t n) {
         return map([&](int i) { return static_cast<size_t>(i) < n ? p[i] : 0.0f; });
     }
@@ -154,7 +146,7 @@ const IsaKernels& scalar_kernels() {
     static const IsaKernels table{
         "scalar",
         {scalar::gemm_kernel<4, 2>(1.0f), scalar::gemm_kernel<4, 1>(0.8f)},
-        {scalar::gemm_kernel<4, 2, uint16_t>(1.0f), scalar::gemm_kernel<4, 1, uint16_t>(0.8f)},
+        {},
         {scalar::int8_gemm_kernel<4, 2>(1.0f)},
         scalar::quantize_rows_int8,
         scalar::widen_row_int8,

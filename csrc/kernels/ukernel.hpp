@@ -11,8 +11,7 @@
 //
 // - a[m] points at row m's first channel of this K block. Every kernel is instantiated for each
 //   row count 1..MR, so the M tail is a kernel of its own and no row is computed in vain.
-// - w is the panel's kc x NR block, zero-padded to NR columns: floats, or for the bf16_f32 kernels
-//   bfloat16 values (their bits, uint16_t), widened to float as they are loaded.
+// - w is the panel's kc x NR block of floats, zero-padded to NR columns.
 // - bias (the panel's NR biases, one per column) or row_bias (one per row, for NCHW, where rows
 //   are output channels) starts a tile; without either the tile continues a previous K block
 //   from its partial sums. A reduction split into K blocks keeps its partial sums in a float32
@@ -55,7 +54,7 @@ struct GemmTileArgs {
     size_t nr;  // valid columns, 1..NR
     size_t kc;  // reduction length of this K block
     const float* const* a;
-    const void* w;  // the kernel's weight type: float, or bfloat16 bits (uint16_t)
+    const void* w;  // floats, or for kernels that read converted activations, their weight type
     const float* bias;               // per column; null: row_bias, or continue from partial
     const float* row_bias;           // per row; null: continue from partial (when bias is null too)
     const float* const* residual;    // null: none (read by final tiles)
@@ -170,14 +169,18 @@ using WidenRowFn = void (*)(const uint8_t* src, size_t n, bool is_signed, int32_
 using FmaProbeFn = float (*)(size_t iterations);
 
 // What one ISA's translation unit offers: GEMM kernels of several panel widths (the first the
-// main one, which NCHW layers use), the same with bfloat16 weights, the depthwise kernel, the
-// rounding of activations to bfloat16, and its FMA peak probe.
+// main one, which NCHW layers use), kernels of its own for bf16 where it has a bfloat16 dot
+// product, the depthwise kernel, the rounding of activations to bfloat16, and its FMA peak probe.
 struct IsaKernels {
     static constexpr int kMaxGemmKernels = 3;
     using GemmKernels = std::array<GemmKernel, kMaxGemmKernels>;  // unused entries have no by_rows
     const char* isa;
     GemmKernels gemm;
-    GemmKernels gemm_bf16_weights;
+    // bf16's kernels, where they are not the float32 ones: elsewhere bf16 multiplies the rounded
+    // weights (stored as float32) and activations in the float32 kernels, which costs it nothing
+    // beyond the rounding (widening bfloat16 weights in the k loop had cost 13-16 % on Zen 4's deep
+    // layers).
+    GemmKernels gemm_bf16;
     // The int8 family: its kernels, its row quantization, and the ISA they come from (AVX-512
     // machines without VNNI run the AVX2 ones: the AVX-512 unit is built for AVX512F, without BW's
     // vpmaddwd).
@@ -196,7 +199,8 @@ struct IsaKernels {
 
     const GemmKernel& main() const { return gemm[0]; }
     const GemmKernels& gemm_of(Precision precision) const {
-        return precision == Precision::bf16 ? gemm_bf16_weights : precision == Precision::int8 ? gemm_int8 : gemm;
+        if (precision == Precision::bf16 && gemm_bf16[0].by_rows != nullptr) return gemm_bf16;
+        return precision == Precision::int8 ? gemm_int8 : gemm;
     }
     // The kernel of a precision that computes `columns` output channels (a layer's, or a group's)
     // fastest; ties go to the earlier one.

@@ -103,7 +103,7 @@ def show_runtime() -> None:
         f"channels, by their relative speeds: {', '.join(f'{s:.2f}' for s in info['gemm_kernel_speeds'])}), "
         f"{info['kernel_depthwise']} (depthwise)",
         f"bf16 kernels:   {', '.join(info['bf16_gemm_kernels'])} (precision='bf16', float32 sums: "
-        f"{'vdpbf16ps pairs' if info['bf16_isa'] == 'avx512bf16' else 'bfloat16 weights widened, float32 multiply-adds'}; "
+        f"{'vdpbf16ps pairs' if info['bf16_isa'] == 'avx512bf16' else 'the float32 kernels on rounded operands'}; "
         f"{info['bf16_isa_reason']})",
         f"int8 kernels:   {', '.join(info['int8_gemm_kernels'])} (precision='int8' and static int8: exact int32 "
         f"sums of {'vpdpbusd quads' if info['int8_isa'] == 'avx512vnni' else 'int16 pairs'}; {info['int8_isa_reason']})",
