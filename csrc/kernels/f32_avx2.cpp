@@ -95,6 +95,17 @@ struct IVec {
     static I add(I a, I b) { return _mm256_add_epi32(a, b); }
     static I load_i32(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
     static I round(__m256 x) { return _mm256_cvtps_epi32(x); }
+    // The first n lanes as int16 (the values fit).
+    static void store_int16(int16_t* p, I x, size_t n) {
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+        if (n == static_cast<size_t>(Vec::W)) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(p), words);
+        } else {
+            int16_t all[8];
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(all), words);
+            std::memcpy(p, all, n * sizeof(int16_t));
+        }
+    }
     static void store_bytes(uint8_t* p, I x, size_t n, bool is_signed) {
         const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
         const __m128i bytes = is_signed ? _mm_packs_epi16(words, words) : _mm_packus_epi16(words, words);

@@ -125,6 +125,9 @@ struct IVec {
         for (int i = 0; i < Vec::W; ++i) r.lane[i] = static_cast<int32_t>(std::nearbyint(x.lane[i]));
         return r;
     }
+    static void store_int16(int16_t* p, I x, size_t n) {  // the values fit
+        for (size_t i = 0; i < n; ++i) p[i] = static_cast<int16_t>(x.lane[i]);
+    }
     static void store_bytes(uint8_t* p, I x, size_t n, bool is_signed) {
         for (size_t i = 0; i < n; ++i) {
             p[i] = is_signed ? static_cast<uint8_t>(static_cast<int8_t>(x.lane[i])) : static_cast<uint8_t>(x.lane[i]);
