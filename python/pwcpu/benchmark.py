@@ -454,7 +454,7 @@ def _model_builders() -> Dict[str, Callable]:
                                      "resnet50 (pwcpu.torch_models)": torch_models.resnet50}
     tv = torch_models.torchvision_models()
     if tv is None:
-        print("torchvision is not installed: only pwcpu.torch_models' MobileNetV2 and ResNet-50")
+        print("torchvision is not installed (or does not import): only pwcpu.torch_models' MobileNetV2 and ResNet-50")
     else:
         builders.update({name: (lambda name=name: getattr(tv, name)(weights=None)) for name in TORCHVISION_MODELS})
     return builders

@@ -114,7 +114,10 @@ def torchvision_models() -> Optional[object]:
         for op in ("nms", "qnms"):
             if not hasattr(torch.ops.torchvision, op):
                 _torchvision_schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision.models
+        try:
+            import torchvision.models
+        except ImportError:  # past the operators, a dependency installed without it (Pillow)
+            return None
     return torchvision.models
 
 
