@@ -155,10 +155,11 @@ struct PackedWeights::Impl {
     int64_t k = 0, cg = 0, groups = 1;
     int64_t kg = 0;
     // NHWC: the weights are the kernel's packed right operand, NR output channels per panel with
-    // their biases in front, then C x NR weights (floats; for bf16, rounded). Kernels that read converted activations in groups
-    // of G (int8; bf16 with a dot product): the biases, the NR weight scales (float; 1 for bf16),
-    // the NR columns' weight sums (int32; used by quads), then C/G (rounded up) rows of NR groups of
-    // weights (quantized int8, as int16 or bytes, or bfloat16 bits; see ukernel.hpp).
+    // their biases in front, then C x NR weights (floats; for bf16, rounded). Kernels that read
+    // converted activations in groups of G (int8; bf16 with a dot product): the biases, the NR
+    // weight scales (float; 1 for bf16), the NR columns' weight sums (int32; used by quads), then
+    // C/G (rounded up) rows of NR groups of weights (quantized int8, as int16 or bytes, or
+    // bfloat16 bits; see ukernel.hpp).
     int64_t panels_per_group = 0, panel_stride = 0;
     AlignedBuffer panels;
     // NCHW: the weights are the kernel's left operand, read in place as K rows of C/groups (a
