@@ -3,8 +3,8 @@
 Every ISA path is held to the float32-accumulation bound on the rounded inputs (the products of two
 bfloat16 values are exact in float32), and where no bfloat16 instructions exist (the float32
 kernels run on the rounded operands), stronger, to the float32 path's own result on inputs that
-are already bfloat16 values: the rounding is all that differs. The dot-product kernels (vdpbf16ps) sum each pair of products in their own
-order, so they meet the bound only.
+are already bfloat16 values: the rounding is all that differs. The dot-product kernels
+(vdpbf16ps) sum each pair of products in their own order, so they meet the bound only.
 """
 
 import pickle

@@ -8,9 +8,10 @@
 // Vec provides: isa (its name), W (lanes), R (register type), set1, load (aligned to nothing),
 // load_n/store_n (first n lanes, 0 <= n <= W), store_stream_n (as store_n, non-temporal for a
 // whole aligned vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c, max(a, b)/min(a, b)
-// with x86 semantics (b is returned when either is NaN, so passing the data as b keeps NaN), abs, low_bits_to_exponent (each lane's bits shifted left by 23),
-// select_neg(x, a, b) = x < 0 ? a : b, dup4(p) (p[0..3] in every group of four lanes) and
-// lane<j>(v) (lane j of every group of four, broadcast within the group).
+// with x86 semantics (b is returned when either is NaN, so passing the data as b keeps NaN), abs,
+// low_bits_to_exponent (each lane's bits shifted left by 23), select_neg(x, a, b) = x < 0 ? a : b,
+// dup4(p) (p[0..3] in every group of four lanes) and lane<j>(v) (lane j of every group of four,
+// broadcast within the group).
 // The ISA's unit includes f32_epilogue.inl (activations) before this file.
 
 // How many of each of a tile's NV vectors' lanes hold its nr valid columns.
@@ -27,9 +28,9 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p);
 
 // Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
 // live across the whole K block; the N tail costs nothing here because panels are zero-padded.
-// kHalfLast (ISAs whose Vec has a Half): the last vector's columns are half a
-// register wide, NR = (NV - 0.5) * W, and their multiply-adds run on half vectors. On a CPU that
-// splits full vectors into halves (Zen 4), 24 columns then cost 24 lanes of work rather than 32.
+// kHalfLast (ISAs whose Vec has a Half): the last vector's columns are half a register wide,
+// NR = (NV - 0.5) * W, and their multiply-adds run on half vectors. On a CPU that splits full
+// vectors into halves (Zen 4), 24 columns then cost 24 lanes of work rather than 32.
 template <int MR, int NV, bool kHalfLast = false>
 void f32_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
