@@ -2,6 +2,9 @@
 #include "runtime/memory.hpp"
 
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -34,14 +37,37 @@ bool avx512_vnni() {
            __builtin_cpu_supports("avx512vl") != 0 && __builtin_cpu_supports("avx512vnni") != 0;
 }
 
+bool avx512_bf16() { return avx512_vnni() && __builtin_cpu_supports("avx512bf16") != 0; }
+
+#if defined(PWCPU_HAVE_AMX_KERNELS)
+// AMX's tile data (8 KiB of state per thread) is off until a process asks Linux for it; asked once.
+bool amx_bf16() {
+    static const bool usable = [] {
+        if (!avx512_bf16() || __builtin_cpu_supports("amx-tile") == 0 || __builtin_cpu_supports("amx-bf16") == 0) {
+            return false;
+        }
+#if defined(__linux__)
+        constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+        constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+        return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+        return false;
+#endif
+    }();
+    return usable;
+}
+#endif
+
 // Best first, each ISA's CPU features including those of every ISA below it. An ISA is usable
 // only when it was compiled in *and* the CPU (and OS, which __builtin_cpu_supports checks through
 // XGETBV) supports it.
 const std::vector<IsaEntry>& known_isas() {
     static const std::vector<IsaEntry> isas{
+#if defined(PWCPU_HAVE_AMX_KERNELS)
+        {"avx512amx", kernels::avx512amx_kernels, amx_bf16, family_bit(Precision::bf16)},
+#endif
 #if defined(PWCPU_HAVE_X86_KERNELS)
-        {"avx512bf16", kernels::avx512bf16_kernels,
-         [] { return avx512_vnni() && __builtin_cpu_supports("avx512bf16") != 0; }, family_bit(Precision::bf16)},
+        {"avx512bf16", kernels::avx512bf16_kernels, avx512_bf16, family_bit(Precision::bf16)},
         {"avx512vnni", kernels::avx512vnni_kernels, avx512_vnni, family_bit(Precision::int8)},
         {"avx512", kernels::avx512_kernels, [] { return __builtin_cpu_supports("avx512f") != 0; }, kEveryFamily},
         {"avx2", kernels::avx2_kernels,
@@ -318,6 +344,9 @@ RuntimeInfo runtime_info() {
     PWCPU_FEATURE("avx512vl")
     PWCPU_FEATURE("avx512vnni")
     PWCPU_FEATURE("avx512bf16")
+    PWCPU_FEATURE("amx-tile")
+    PWCPU_FEATURE("amx-bf16")
+    PWCPU_FEATURE("amx-int8")
 #undef PWCPU_FEATURE
 #endif
     const detail::CacheSizes& caches = detail::cache_sizes();

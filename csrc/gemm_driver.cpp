@@ -115,6 +115,22 @@ void round_rows_to_bf16(const kernels::IsaKernels& isa, const float* const* rows
     }
 }
 
+// A kernel's per-thread set-up (see GemmKernel::begin_thread) for the lifetime of a thread's work.
+class ThreadSetup {
+public:
+    explicit ThreadSetup(const GemmKernel& kernel) : end_(kernel.end_thread) {
+        if (kernel.begin_thread != nullptr) kernel.begin_thread();
+    }
+    ~ThreadSetup() {
+        if (end_ != nullptr) end_();
+    }
+    ThreadSetup(const ThreadSetup&) = delete;
+    ThreadSetup& operator=(const ThreadSetup&) = delete;
+
+private:
+    void (*end_)();
+};
+
 // int8: the most input channels per group, so that sums of products of at most 255 x 127 stay exact
 // in int32 (see int8_gemm_tile.inl).
 constexpr int64_t kMaxInt8Channels = 65536;
@@ -198,7 +214,7 @@ struct PackedWeights::Impl {
     void pack_groups(const Value& value, const Bias& bias, const Scale& scale) {
         const int64_t nr = kernel.nr, group = kernel.converted_group, bytes = kernel.converted_value_bytes();
         const char* what = "weight (K x C/groups), packed";
-        const int64_t weight_bytes = checked_mul(checked_mul(nr, ceil_div(cg, group) * group, what), bytes, what);
+        const int64_t weight_bytes = checked_mul(checked_mul(nr, kernel.padded_reduction(cg), what), bytes, what);
         panel_stride = 3 * nr + ceil_div(weight_bytes, int64_t{4});
         panels = allocate_floats(checked_floats(checked_mul(panel_count(), panel_stride, what), what), what);
         std::memset(panels.get(), 0, sizeof(float) * static_cast<size_t>(panel_count() * panel_stride));
@@ -460,7 +476,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // converted once (int8: with one scale) for all its channels.
     const int64_t value_bytes = converted ? kernel.converted_value_bytes() : int64_t{sizeof(float)};
     const bool quads = converted && kernel.converted_group == 4;
-    const int64_t reduction = converted ? ceil_div(cg, int64_t{kernel.converted_group}) * kernel.converted_group : cg;
+    const int64_t reduction = converted ? kernel.padded_reduction(cg) : cg;
     const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
                                          converted ? value_bytes : sizeof(float), !converted);
 
@@ -520,7 +536,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const size_t row_values = static_cast<size_t>(row_bytes / value_bytes);
     // Static int8 quads from uint8 rows whose groups are whole quads: the rows are already what the
     // kernels read (the bytes, with the input's zero point), and are read in place.
-    const bool read_in_place = quantized && quads && !io.x_signed && cg % 4 == 0;
+    const bool read_in_place = quantized && quads && !io.x_signed && cg % 4 == 0 && reduction == cg &&
+                               !kernel.loads_row_blocks;
     const auto quantize_rows = [&](const T* const* sources, ptrdiff_t offset, int64_t count, char* values,
                                    float* scales, int32_t* zero_points, int64_t capacity) {
         const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
@@ -554,13 +571,23 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         const int64_t row_floats = converted ? row_bytes / int64_t{sizeof(float)} : channels;
         const bool round_range = (bf16 || int8) && !read_in_place && range.n_end - range.n_begin > blk.nc_panels &&
                                  range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(row_floats, 1);
-        const int64_t buffer_rows = round_range ? range_rows : band_rows;
+        // (Whole tiles of rows: kernels that load row blocks read every row of a tile's block.)
+        const int64_t buffer_rows = round_range ? ceil_div(range_rows, mr) * mr : band_rows;
         const char* const what_buffer = int8 ? what_quantized : what_rounded;
         runtime::AlignedBuffer rounded, row_scales, row_zero_points;
         GemmTileArgs args{};
+        args.a_converted_stride = static_cast<size_t>(row_bytes);
+        const ThreadSetup thread_setup(kernel);
         if ((bf16 || int8) && !read_in_place) {
             rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
                                       what_buffer);
+            if (kernel.loads_row_blocks) {
+                // The rows a last, partial block reads past the thread's rows hold zeros, not
+                // whatever the allocator left (their results are dropped either way).
+                const int64_t first_unused = round_range ? range_rows : 0;
+                std::memset(rounded.get() + first_unused * row_floats, 0,
+                            static_cast<size_t>((buffer_rows - first_unused) * row_floats) * sizeof(float));
+            }
         }
         if (int8 && !quantized) {
             row_scales = allocate_floats(checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer),

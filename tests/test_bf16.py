@@ -4,7 +4,8 @@ Every ISA path is held to the float32-accumulation bound on the rounded inputs (
 bfloat16 values are exact in float32), and where no bfloat16 instructions exist (the float32
 kernels run on the rounded operands), stronger, to the float32 path's own result on inputs that
 are already bfloat16 values: the rounding is all that differs. The dot-product kernels
-(vdpbf16ps) sum each pair of products in their own order, so they meet the bound only.
+(vdpbf16ps) and AMX tiles (tdpbf16ps) sum each pair of products in their own order, so they meet
+the bound only.
 """
 
 import pickle
@@ -24,8 +25,8 @@ def bf16_values(a):
 
 
 def float32_kernels():
-    """Whether precision="bf16" runs the float32 kernels on rounded operands (rather than vdpbf16ps)."""
-    return not _core.runtime_info()["bf16_gemm_kernels"][0].startswith("bf16_f32_dot")
+    """Whether precision="bf16" runs the float32 kernels on rounded operands (rather than vdpbf16ps or AMX tiles)."""
+    return _core.runtime_info()["bf16_gemm_kernels"][0].startswith("f32_gemm_")
 
 
 def test_rounding_is_to_nearest_even_with_nan_and_overflow():

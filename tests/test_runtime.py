@@ -140,6 +140,8 @@ def test_runtime_info_and_show_runtime(capsys):
     assert all(name in printed for name in info["bf16_gemm_kernels"])
     if info["bf16_isa"] == "avx512bf16":
         assert all(name.startswith("bf16_f32_dot_") for name in info["bf16_gemm_kernels"])
+    elif info["bf16_isa"] == "avx512amx":
+        assert all(name.startswith("bf16_f32_amx_") for name in info["bf16_gemm_kernels"])
     else:  # no bfloat16 instructions: the float32 kernels of that ISA run on rounded operands
         assert all(name.startswith("f32_gemm_") and name.endswith("_" + info["bf16_isa"])
                    for name in info["bf16_gemm_kernels"])

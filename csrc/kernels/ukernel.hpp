@@ -40,6 +40,7 @@
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
+#include <algorithm>
 #include <array>
 
 #include <cstddef>
@@ -67,6 +68,7 @@ struct GemmTileArgs {
     bool stream;                     // final stores may bypass the caches
     // kernels that read converted activations only
     const void* const* a_converted;
+    size_t a_converted_stride;       // bytes from one row's converted values to the next's (see GemmKernel::loads_row_blocks)
     // int8 kernels only
     const float* row_scale;          // per row: the scale its values were quantized with
     const float* col_scale;          // per column: its weights' scale (static: the requantization scale)
@@ -96,8 +98,25 @@ struct GemmKernel {
     // values in pairs or bytes in quads, its weights packed alike (see grouped_dot.inl); the driver
     // then never splits the reduction.
     int converted_group = 1;
+    // Kernels that multiply tiles of registers (AMX) rather than vectors:
+    // - converted rows and weights are zero-padded to a multiple of reduction_multiple channels
+    //   (a tile's depth), not only of converted_group;
+    // - loads_row_blocks: a tile's rows are read as one block, row m at a_converted[0] + m *
+    //   a_converted_stride for every m < mr, whatever the tile's row count (rows past it are
+    //   computed and dropped: the driver's buffers hold whole blocks);
+    // - begin_thread sets up what the tiles need (the tile configuration) on a thread before its
+    //   first tile of a call, end_thread releases it after its last.
+    int reduction_multiple = 1;
+    bool loads_row_blocks = false;
+    void (*begin_thread)() = nullptr;
+    void (*end_thread)() = nullptr;
     bool converts() const { return converted_group > 1; }
     int64_t converted_value_bytes() const { return converted_group == 4 ? 1 : 2; }
+    // A reduction of `channels` as the kernel reads it: padded to whole groups (and tiles).
+    int64_t padded_reduction(int64_t channels) const {
+        const int64_t multiple = std::max(converted_group, reduction_multiple);
+        return (channels + multiple - 1) / multiple * multiple;
+    }
 };
 
 // The depthwise-convolution microkernel: a run of equally spaced output pixels, every channel.
@@ -226,6 +245,9 @@ const IsaKernels& avx2_kernels();
 const IsaKernels& avx512_kernels();
 const IsaKernels& avx512vnni_kernels();
 const IsaKernels& avx512bf16_kernels();
+#endif
+#if defined(PWCPU_HAVE_AMX_KERNELS)
+const IsaKernels& avx512amx_kernels();
 #endif
 
 }  // namespace pwcpu::kernels

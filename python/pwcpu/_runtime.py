@@ -89,6 +89,10 @@ def _cpu_model() -> str:
     return fields["model name"] + numbers
 
 
+# How each ISA's own bf16 kernels multiply (elsewhere: the float32 kernels on rounded operands).
+_BF16_SUMS = {"avx512bf16": "vdpbf16ps pairs", "avx512amx": "AMX tiles (tdpbf16ps)"}
+
+
 def show_runtime() -> None:
     """Print :func:`runtime_info` in a readable form (as ``python -m pwcpu info`` does)."""
     info = runtime_info()
@@ -103,7 +107,7 @@ def show_runtime() -> None:
         f"channels, by their relative speeds: {', '.join(f'{s:.2f}' for s in info['gemm_kernel_speeds'])}), "
         f"{info['kernel_depthwise']} (depthwise)",
         f"bf16 kernels:   {', '.join(info['bf16_gemm_kernels'])} (precision='bf16', float32 sums: "
-        f"{'vdpbf16ps pairs' if info['bf16_isa'] == 'avx512bf16' else 'the float32 kernels on rounded operands'}; "
+        f"{_BF16_SUMS.get(info['bf16_isa'], 'the float32 kernels on rounded operands')}; "
         f"{info['bf16_isa_reason']})",
         f"int8 kernels:   {', '.join(info['int8_gemm_kernels'])} (precision='int8' and static int8: exact int32 "
         f"sums of {'vpdpbusd quads' if info['int8_isa'] == 'avx512vnni' else 'int16 pairs'}; {info['int8_isa_reason']})",
