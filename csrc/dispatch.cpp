@@ -41,9 +41,10 @@ bool avx512_bf16() { return avx512_vnni() && __builtin_cpu_supports("avx512bf16"
 
 #if defined(PWCPU_HAVE_AMX_KERNELS)
 // AMX's tile data (8 KiB of state per thread) is off until a process asks Linux for it; asked once.
-bool amx_bf16() {
+bool amx() {
     static const bool usable = [] {
-        if (!avx512_bf16() || __builtin_cpu_supports("amx-tile") == 0 || __builtin_cpu_supports("amx-bf16") == 0) {
+        if (!avx512_bf16() || __builtin_cpu_supports("amx-tile") == 0 || __builtin_cpu_supports("amx-bf16") == 0 ||
+            __builtin_cpu_supports("amx-int8") == 0) {
             return false;
         }
 #if defined(__linux__)
@@ -64,7 +65,7 @@ bool amx_bf16() {
 const std::vector<IsaEntry>& known_isas() {
     static const std::vector<IsaEntry> isas{
 #if defined(PWCPU_HAVE_AMX_KERNELS)
-        {"avx512amx", kernels::avx512amx_kernels, amx_bf16, family_bit(Precision::bf16)},
+        {"avx512amx", kernels::avx512amx_kernels, amx, family_bit(Precision::bf16) | family_bit(Precision::int8)},
 #endif
 #if defined(PWCPU_HAVE_X86_KERNELS)
         {"avx512bf16", kernels::avx512bf16_kernels, avx512_bf16, family_bit(Precision::bf16)},

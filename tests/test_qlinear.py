@@ -49,7 +49,7 @@ def test_exact_against_the_integer_reference(isa, rng, x_dtype, w_dtype, c, k):
 
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
 def test_weights_beyond_a_byte_take_the_int16_kernels(isa, rng, x_dtype):
-    """Kernels that take weights as bytes (VNNI's quads) cannot hold int8 weights less a zero point
+    """Kernels that take weights as bytes (VNNI's and AMX's quads) cannot hold int8 weights less a zero point
     other than 0 (up to 255 in magnitude): such layers run the int16 kernels of the ISA below, and
     both kinds of layer stay exact."""
     kernels = {}
@@ -62,7 +62,7 @@ def test_weights_beyond_a_byte_take_the_int16_kernels(isa, rng, x_dtype):
         kernels[name] = layer.kernel
     int8_isa = pwcpu.runtime_info()["int8_isa"]
     assert kernels["bytes"].endswith("_" + int8_isa)
-    if int8_isa == "avx512vnni":
+    if int8_isa in ("avx512vnni", "avx512amx"):
         assert kernels["wide"].endswith("_avx2")
     else:
         assert kernels["wide"] == kernels["bytes"]
@@ -100,7 +100,7 @@ def test_packed_layer_out_and_threads(rng):
     layer = pwcpu.QuantizedPointwiseConv(args.pop("weight"), args.pop("w_scale"), args.pop("w_zero_point"),
                                          args.pop("x_scale"), args.pop("x_zero_point"), args.pop("y_scale"),
                                          args.pop("y_zero_point"), args.pop("bias"))
-    assert layer.x_dtype == layer.y_dtype == np.uint8 and layer.kernel.startswith("int8_f32_gemm")
+    assert layer.x_dtype == layer.y_dtype == np.uint8 and layer.kernel.startswith("int8_f32_") and "_gemm_" in layer.kernel
     assert "QuantizedPointwiseConv(96, 200" in repr(layer)
     with pwcpu.num_threads(1):
         one = layer(x)

@@ -1,13 +1,17 @@
-// AMX (Intel Sapphire Rapids and later Xeons): the AVX-512 BF16 unit's kernels, except bf16's
-// GEMM, whose tiles are multiplied by the AMX unit: one tdpbf16ps multiplies a 16 x 32 tile of
-// bfloat16 activations by a 32 x 16 tile of weights into 16 x 16 float32 sums (8192 multiply-adds,
-// 16 times a 512-bit vdpbf16ps's).
-// Compiled with -mamx-tile -mamx-bf16 (and AVX-512's flags) only; called only when the CPU reports
-// AMX and the OS has granted this process the tile data state (see dispatch.cpp).
+// AMX (Intel Sapphire Rapids and later Xeons): the AVX-512 BF16 and VNNI units' kernels, except
+// the bf16 and int8 GEMMs, whose tiles the AMX unit multiplies: one tdpbf16ps multiplies a 16 x 32
+// tile of bfloat16 activations by a 32 x 16 tile of weights into 16 x 16 float32 sums (8192
+// multiply-adds, 16 times a 512-bit vdpbf16ps's), one tdpbusd a 16 x 64 tile of unsigned bytes
+// by a 64 x 16 tile of int8 weights into int32 sums, exactly (as vpdpbusd, 16 times as many).
+// Compiled with -mamx-tile -mamx-bf16 -mamx-int8 (and AVX-512's flags) only; called only when the
+// CPU reports AMX and the OS has granted this process the tile data state (see dispatch.cpp).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "kernels/ukernel.hpp"
@@ -17,15 +21,19 @@ namespace avx512amx {
 
 constexpr char kUnitIsa[] = "avx512amx";
 #include "kernels/avx512_vec.inl"
+#include "kernels/avx512vnni_ivec.inl"
 #include "kernels/f32_epilogue.inl"
 #include "kernels/f32_gemm_tile.inl"
+#include "kernels/grouped_dot.inl"
+#include "kernels/int8_gemm_tile.inl"
 
-// Every tile register is 16 rows of 64 bytes: 16 rows of 32 bfloat16 activations, 16 rows of 16
-// pairs of weights (32 channels deep), or 16 x 16 float32 sums. Registers 0-3 hold the sums
-// (rows block i, columns block j in 2i + j), 4-5 the activations, 6-7 the weights.
+// Every tile register is 16 rows of 64 bytes: 16 rows of 64 bytes of activations (32 bfloat16
+// values, or 64 bytes), 16 rows of 16 groups of weights (pairs or quads: 32 or 64 channels deep),
+// or 16 x 16 sums. Registers 0-3 hold the sums (rows block i, columns block j in 2i + j), 4-5 the
+// activations, 6-7 the weights.
 constexpr int kTileRows = 16;
 constexpr int kTileRowBytes = 64;
-constexpr int kTileDepth = 32;  // bfloat16 channels per tile multiply
+constexpr int kTileColumns = 16;
 
 struct alignas(64) TileConfig {
     uint8_t palette = 1;
@@ -52,10 +60,38 @@ void configure_tiles() {
 
 void release_tiles() { _tile_release(); }
 
+// What a tile multiply takes and gives: bfloat16 pairs into float32 sums, or unsigned bytes times
+// int8 weights (quads) into exact int32 sums. multiply_add<I>() adds to sums block I its rows
+// block's activations times its columns block's weights. (The intrinsics take register numbers as
+// literal tokens, pasted into the assembly: hence one line per block.)
+struct Bf16Tiles {
+    using Sum = float;
+    static constexpr int kGroup = 2;
+    template <int I>
+    static void multiply_add() {
+        if constexpr (I == 0) _tile_dpbf16ps(0, 4, 6);
+        if constexpr (I == 1) _tile_dpbf16ps(1, 4, 7);
+        if constexpr (I == 2) _tile_dpbf16ps(2, 5, 6);
+        if constexpr (I == 3) _tile_dpbf16ps(3, 5, 7);
+    }
+};
+
+struct Int8Tiles {
+    using Sum = int32_t;
+    static constexpr int kGroup = 4;
+    template <int I>
+    static void multiply_add() {
+        if constexpr (I == 0) _tile_dpbusd(0, 4, 6);
+        if constexpr (I == 1) _tile_dpbusd(1, 4, 7);
+        if constexpr (I == 2) _tile_dpbusd(2, 5, 6);
+        if constexpr (I == 3) _tile_dpbusd(3, 5, 7);
+    }
+};
+
 // The MT x NT blocks of 16 x 16 sums of a tile of MT * 16 rows by NT * 16 columns, over the whole
-// (tile-padded) reduction. Weights: the panel's pairs, a row of NT * 16 pairs per two channels.
-template <int MT, int NT>
-PWCPU_INLINE void amx_bf16_sums(const GemmTileArgs& p, float (&sums)[MT * kTileRows][NT * 16]) {
+// (tile-padded) reduction. Weights: the panel's groups, a row of NT * 16 groups per group of channels.
+template <class Tiles, int MT, int NT>
+PWCPU_INLINE void tile_sums(const GemmTileArgs& p, typename Tiles::Sum (&sums)[MT * kTileRows][NT * kTileColumns]) {
     _tile_zero(0);
     if constexpr (NT == 2) _tile_zero(1);
     if constexpr (MT == 2) _tile_zero(2);
@@ -64,71 +100,85 @@ PWCPU_INLINE void amx_bf16_sums(const GemmTileArgs& p, float (&sums)[MT * kTileR
     const long a_stride = static_cast<long>(p.a_converted_stride);
     const char* w = static_cast<const char*>(p.w);
     constexpr long kWeightStride = NT * kTileRowBytes;
-    for (size_t kk = 0; kk < p.kc; kk += kTileDepth) {
+    constexpr size_t kDepth = kTileRowBytes / (4 / Tiles::kGroup);  // channels per multiply: 32 or 64
+    for (size_t kk = 0; kk < p.kc; kk += kDepth) {
         _tile_loadd(6, w, kWeightStride);
         if constexpr (NT == 2) _tile_loadd(7, w + kTileRowBytes, kWeightStride);
         _tile_loadd(4, a, a_stride);
-        _tile_dpbf16ps(0, 4, 6);
-        if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
+        Tiles::template multiply_add<0>();
+        if constexpr (NT == 2) Tiles::template multiply_add<1>();
         if constexpr (MT == 2) {
             _tile_loadd(5, a + kTileRows * a_stride, a_stride);
-            _tile_dpbf16ps(2, 5, 6);
-            if constexpr (NT == 2) _tile_dpbf16ps(3, 5, 7);
+            Tiles::template multiply_add<2>();
+            if constexpr (NT == 2) Tiles::template multiply_add<3>();
         }
-        a += kTileDepth * sizeof(int16_t);
+        a += kTileRowBytes;
         w += kTileRows * kWeightStride;
     }
-    constexpr long kSumStride = NT * 16 * sizeof(float);
+    constexpr long kSumStride = NT * kTileColumns * sizeof(typename Tiles::Sum);
     _tile_stored(0, &sums[0][0], kSumStride);
-    if constexpr (NT == 2) _tile_stored(1, &sums[0][16], kSumStride);
+    if constexpr (NT == 2) _tile_stored(1, &sums[0][kTileColumns], kSumStride);
     if constexpr (MT == 2) _tile_stored(2, &sums[kTileRows][0], kSumStride);
-    if constexpr (MT == 2 && NT == 2) _tile_stored(3, &sums[kTileRows][16], kSumStride);
+    if constexpr (MT == 2 && NT == 2) _tile_stored(3, &sums[kTileRows][kTileColumns], kSumStride);
 }
 
-// Rows FIRST..ROWS-1 of the sums, plus the bias, through the shared epilogue (residual,
-// activation, stores) a few rows at a time, as many as registers hold.
-template <int FIRST, int ROWS, int NV, size_t kSumRows>
-PWCPU_INLINE void store_sum_rows(const float (&sums)[kSumRows][NV * 16], const GemmTileArgs& p) {
+// Rows FIRST..ROWS-1 of the sums through the shared tile ends (bias, residual, activation, stores;
+// int8's zero points and scales) a few rows at a time, as many as registers hold.
+template <class Tiles, int FIRST, int ROWS, int NV, size_t kSumRows>
+PWCPU_INLINE void finish_rows(const typename Tiles::Sum (&sums)[kSumRows][NV * kTileColumns], const GemmTileArgs& p) {
     constexpr int kRowsAtOnce = 8;
     constexpr int n = ROWS - FIRST < kRowsAtOnce ? ROWS - FIRST : kRowsAtOnce;
-    R acc[n][NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-        const R b = Vec::load(p.bias + v * Vec::W);
-#pragma GCC unroll 8
-        for (int m = 0; m < n; ++m) acc[m][v] = Vec::add(Vec::load(&sums[FIRST + m][v * Vec::W]), b);
-    }
     GemmTileArgs rows = p;
-    rows.c = p.c + FIRST;
+    rows.c = p.c != nullptr ? p.c + FIRST : nullptr;
     rows.residual = p.residual != nullptr ? p.residual + FIRST : nullptr;
-    store_tile<n, NV>(acc, rows);
-    if constexpr (FIRST + n < ROWS) store_sum_rows<FIRST + n, ROWS, NV>(sums, p);
+    if constexpr (std::is_same_v<Tiles, Bf16Tiles>) {
+        R acc[n][NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+            const R b = Vec::load(p.bias + v * Vec::W);
+#pragma GCC unroll 8
+            for (int m = 0; m < n; ++m) acc[m][v] = Vec::add(Vec::load(&sums[FIRST + m][v * Vec::W]), b);
+        }
+        store_tile<n, NV>(acc, rows);
+    } else {
+        rows.c_quantized = p.c_quantized != nullptr ? p.c_quantized + FIRST : nullptr;
+        rows.row_scale = p.row_scale != nullptr ? p.row_scale + FIRST : nullptr;
+        rows.row_zero_point = p.row_zero_point + FIRST;
+        IVec::I acc[n][NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 8
+            for (int m = 0; m < n; ++m) acc[m][v] = IVec::load_i32(&sums[FIRST + m][v * Vec::W]);
+        finish_int8_tile<n, NV>(acc, rows);
+    }
+    if constexpr (FIRST + n < ROWS) finish_rows<Tiles, FIRST + n, ROWS, NV>(sums, p);
 }
 
 // A tile of ROWS (1..32) rows: blocks of 16 rows are multiplied whole (see
 // GemmKernel::loads_row_blocks), and the rows past ROWS dropped.
-template <int ROWS, int NT>
-void amx_bf16_gemm_tile(const GemmTileArgs& p) {
+template <class Tiles, int ROWS, int NT>
+void amx_gemm_tile(const GemmTileArgs& p) {
     constexpr int MT = ROWS > kTileRows ? 2 : 1;
-    alignas(64) float sums[MT * kTileRows][NT * 16];
-    amx_bf16_sums<MT, NT>(p, sums);
-    store_sum_rows<0, ROWS, NT>(sums, p);
+    alignas(64) typename Tiles::Sum sums[MT * kTileRows][NT * kTileColumns];
+    tile_sums<Tiles, MT, NT>(p, sums);
+    finish_rows<Tiles, 0, ROWS, NT>(sums, p);
 }
 
-template <int NT, int... R>
-constexpr std::array<GemmTileFn, sizeof...(R)> amx_bf16_tiles_by_rows(std::integer_sequence<int, R...>) {
-    return {{&amx_bf16_gemm_tile<R + 1, NT>...}};
+template <class Tiles, int NT, int... R>
+constexpr std::array<GemmTileFn, sizeof...(R)> amx_tiles_by_rows(std::integer_sequence<int, R...>) {
+    return {{&amx_gemm_tile<Tiles, R + 1, NT>...}};
 }
 
 // Tiles of 32 rows by NT * 16 columns: two blocks of rows share each weight tile loaded.
-template <int NT>
-GemmKernel amx_bf16_gemm_kernel(float throughput) {
-    constexpr int kMr = 2 * kTileRows, kNr = NT * 16;
+template <class Tiles, int NT>
+GemmKernel amx_gemm_kernel(float throughput) {
+    constexpr int kMr = 2 * kTileRows, kNr = NT * kTileColumns;
     static constexpr std::array<GemmTileFn, kMr> tiles =
-        amx_bf16_tiles_by_rows<NT>(std::make_integer_sequence<int, kMr>{});
-    static constexpr KernelName name = gemm_kernel_name<kMr, kNr>("bf16_f32_amx_gemm_bias_act_");
-    GemmKernel kernel{tiles.data(), kMr, kNr, name.data(), throughput, 2};
-    kernel.reduction_multiple = kTileDepth;
+        amx_tiles_by_rows<Tiles, NT>(std::make_integer_sequence<int, kMr>{});
+    static constexpr KernelName name = gemm_kernel_name<kMr, kNr>(
+        std::is_same_v<Tiles, Bf16Tiles> ? "bf16_f32_amx_gemm_bias_act_" : "int8_f32_amx_gemm_bias_act_");
+    GemmKernel kernel{tiles.data(), kMr, kNr, name.data(), throughput, Tiles::kGroup};
+    kernel.reduction_multiple = kTileRowBytes / (4 / Tiles::kGroup);
     kernel.loads_row_blocks = true;
     kernel.begin_thread = configure_tiles;
     kernel.end_thread = release_tiles;
@@ -141,7 +191,16 @@ const IsaKernels& avx512amx_kernels() {
     static const IsaKernels table = [] {
         IsaKernels t = avx512bf16_kernels();
         t.isa = "avx512amx";
-        t.gemm_bf16 = {avx512amx::amx_bf16_gemm_kernel<2>(1.0f), avx512amx::amx_bf16_gemm_kernel<1>(0.8f)};
+        using avx512amx::Bf16Tiles;
+        using avx512amx::Int8Tiles;
+        t.gemm_bf16 = {avx512amx::amx_gemm_kernel<Bf16Tiles, 2>(1.0f), avx512amx::amx_gemm_kernel<Bf16Tiles, 1>(0.8f)};
+        // int8 rows are quantized as the VNNI unit quantizes them (quads of unsigned bytes).
+        const IsaKernels& vnni = avx512vnni_kernels();
+        t.gemm_int8 = {avx512amx::amx_gemm_kernel<Int8Tiles, 2>(1.0f), avx512amx::amx_gemm_kernel<Int8Tiles, 1>(0.8f)};
+        t.quantize_rows_int8 = vnni.quantize_rows_int8;
+        t.widen_row_int8 = vnni.widen_row_int8;
+        t.int8_isa = "avx512amx";
+        t.int8_wide_weights = vnni.int8_wide_weights;
         return t;
     }();
     return table;

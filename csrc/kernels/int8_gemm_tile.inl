@@ -51,16 +51,25 @@ PWCPU_INLINE void subtract_zero_points(typename Quads::I (&sums)[MR][NV], const 
 // over 65536 channels, and the zero point (at most 255) times a column's weight sum, stay within
 // int32, and their difference is the sum of the values less their zero point, exactly.
 template <int MR, int NV>
+PWCPU_INLINE void finish_int8_tile(typename IVec::I (&sums)[MR][NV], const GemmTileArgs& p);
+
+template <int MR, int NV>
 void int8_gemm_tile(const GemmTileArgs& p) {
-    constexpr int W = Vec::W;
     typename IVec::I sums[MR][NV];
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) sums[m][v] = IVec::zero();
     grouped_dot_loop<MR, NV, IVec>(p, sums);
-    if constexpr (IVec::kGroup == 4) subtract_zero_points<IVec, MR, NV>(sums, p);
+    finish_int8_tile<MR, NV>(sums, p);
+}
 
+// A tile's end from its exact sums (of u * w for quads): the zero points taken out, then
+// requantized (static int8) or dequantized with bias, residual and activation.
+template <int MR, int NV>
+PWCPU_INLINE void finish_int8_tile(typename IVec::I (&sums)[MR][NV], const GemmTileArgs& p) {
+    constexpr int W = Vec::W;
+    if constexpr (IVec::kGroup == 4) subtract_zero_points<IVec, MR, NV>(sums, p);
     if (p.c_quantized != nullptr) {
         requantize_tile<MR, NV>(sums, p);
         return;

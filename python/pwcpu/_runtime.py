@@ -91,6 +91,7 @@ def _cpu_model() -> str:
 
 # How each ISA's own bf16 kernels multiply (elsewhere: the float32 kernels on rounded operands).
 _BF16_SUMS = {"avx512bf16": "vdpbf16ps pairs", "avx512amx": "AMX tiles (tdpbf16ps)"}
+_INT8_SUMS = {"avx512vnni": "vpdpbusd quads", "avx512amx": "AMX tiles of quads (tdpbusd)"}
 
 
 def show_runtime() -> None:
@@ -110,7 +111,7 @@ def show_runtime() -> None:
         f"{_BF16_SUMS.get(info['bf16_isa'], 'the float32 kernels on rounded operands')}; "
         f"{info['bf16_isa_reason']})",
         f"int8 kernels:   {', '.join(info['int8_gemm_kernels'])} (precision='int8' and static int8: exact int32 "
-        f"sums of {'vpdpbusd quads' if info['int8_isa'] == 'avx512vnni' else 'int16 pairs'}; {info['int8_isa_reason']})",
+        f"sums of {_INT8_SUMS.get(info['int8_isa'], 'int16 pairs')}; {info['int8_isa_reason']})",
         f"threads:        {info['threads']} (OMP_NUM_THREADS={info['OMP_NUM_THREADS']})"
         + (" - single-threaded: forked after pwcpu ran threads" if info["single_threaded_after_fork"] else ""),
         f"caches:         L1d {info['l1d_bytes'] // kib} KiB, L2 {info['l2_bytes'] // kib} KiB, "
