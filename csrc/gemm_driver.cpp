@@ -76,16 +76,22 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
 // Rows of an NHWC tile lie one pixel apart in x. When that distance is a multiple of 4 KiB (C of
 // 1024, 2048, 3072...), every row falls in the same L1 set (4 KiB is sets x line size on the
 // 32 KiB 8-way and 48 KiB 12-way L1s of current x86 cores), and a tile of more rows than the set
-// has ways evicts its own rows on every k step. Such layers take tiles of half the rows: the
-// kernel has a variant for every row count. Measured on Zen 4 (AVX-512, 14x32 kernel, 1 thread):
-// 14x14x1024->256 82 -> 108 GFLOP/s, 7x7x2048->512 72 -> 106, ffn 512x3072->768 84 -> 110 (of 118).
+// has ways evicts its own rows on every k step. Such layers' rows are copied (a band at a time, or
+// a thread's rows up front, as bf16 rounds them) into a buffer whose rows are a cache line longer,
+// and the kernels run whole tiles: each row is copied once, a small share of the multiply-adds
+// that read it. Against tiles of half the rows (what such layers took before), on an Intel Xeon
+// with AMX (AVX-512, 14x32 kernel, alternating runs): 14x14x1024->256 +5 % / +8 % at 1 / 2
+// threads, 7x7x2048->512 +7 % / +7 %, 7x7x1024->1024 +11 % / +11 %. (On Zen 4, half tiles had
+// taken 14x14x1024->256 from 82 to 108 GFLOP/s, 7x7x2048->512 from 72 to 106, of 118.)
 template <class T>
-int64_t tile_rows(const GemmKernel& kernel, const BasicTensorView<T>& x, const ConvGeometry& geo) {
-    constexpr int64_t kSetPeriodBytes = 4096, kFewestL1Ways = 8;
+bool aliased_rows(const BasicTensorView<T>& x, const ConvGeometry& geo) {
     const int64_t pixel_bytes = std::abs(x.strides[2] * geo.stride_w) * static_cast<int64_t>(sizeof(T));
-    const bool aliased = pixel_bytes != 0 && pixel_bytes % kSetPeriodBytes == 0;
-    return aliased && kernel.mr >= kFewestL1Ways ? kernel.mr / 2 : kernel.mr;
+    return pixel_bytes != 0 && pixel_bytes % 4096 == 0;
 }
+
+// Floats from one row of a driver's buffer of rows of `span` floats to the next: a cache line more
+// where the span alone would alias (see aliased_rows).
+int64_t unaliased_stride(int64_t span) { return span * int64_t{sizeof(float)} % 4096 == 0 ? span + 16 : span; }
 
 // Sets up the tile arguments for K block kb of a reduction of length cg: its length, and for the
 // last block the epilogue (activation, streaming stores). Returns the block's first channel.
@@ -98,19 +104,25 @@ int64_t begin_k_block(GemmTileArgs& args, const Blocking& blk, int64_t kb, int64
     return k0;
 }
 
-// bf16 without a dot product: `count` rows of `span` floats rounded to bfloat16 into consecutive
-// rows of dst. Rows that follow each other in memory (a stride-1 layer read whole) are rounded in
-// one run: a call per row would cost as much as rounding a short row (C = 16-32) itself.
-void round_rows_to_bf16(const kernels::IsaKernels& isa, const float* const* rows, int64_t count, int64_t span,
-                        float* dst) {
+// `count` rows of `span` floats into rows of dst `dst_stride` floats apart: rounded to bfloat16
+// (bf16 without a dot product) or copied. Rows that follow each other in memory (a stride-1 layer
+// read whole), into rows that do too, are rounded in one run: a call per row would cost as much
+// as rounding a short row (C = 16-32) itself.
+void copy_rows(const kernels::IsaKernels& isa, const float* const* rows, int64_t count, int64_t span, float* dst,
+               int64_t dst_stride, bool round) {
     const auto address = [](const float* p) { return reinterpret_cast<uintptr_t>(p); };
     const uintptr_t row_bytes = static_cast<uintptr_t>(span) * sizeof(float);
     for (int64_t m = 0; m < count;) {
         int64_t run = 1;
-        while (m + run < count && address(rows[m + run]) == address(rows[m]) + static_cast<uintptr_t>(run) * row_bytes) {
+        while (dst_stride == span && m + run < count &&
+               address(rows[m + run]) == address(rows[m]) + static_cast<uintptr_t>(run) * row_bytes) {
             ++run;
         }
-        isa.round_to_bf16(rows[m], dst + m * span, static_cast<size_t>(run * span));
+        if (round) {
+            isa.round_to_bf16(rows[m], dst + m * dst_stride, static_cast<size_t>(run * span));
+        } else {
+            std::memcpy(dst + m * dst_stride, rows[m], static_cast<size_t>(run) * row_bytes);
+        }
         m += run;
     }
 }
@@ -464,10 +476,9 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     if (rows == 0 || k == 0) return;
 
     // Kernels that read converted activations read the driver's rows, whose stride is never a
-    // multiple of 4 KiB.
+    // multiple of 4 KiB; float32 kernels read x's rows in place, or where they alias, copies.
     const bool converted = kernel.converts();
-    const int64_t mr = converted ? kernel.mr : tile_rows(kernel, x, geo);
-    const int64_t tiles = ceil_div(rows, mr);
+    const bool aliased = !converted && !quantized && aliased_rows(x, geo);
     const int64_t panels_total = panel_count();
     const bool bf16 = precision == Precision::bf16;
     const bool int8 = precision == Precision::int8;
@@ -477,8 +488,21 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const int64_t value_bytes = converted ? kernel.converted_value_bytes() : int64_t{sizeof(float)};
     const bool quads = converted && kernel.converted_group == 4;
     const int64_t reduction = converted ? kernel.padded_reduction(cg) : cg;
-    const Blocking blk = choose_blocking(kernel, reduction, panels_total, tiles,
+    const Blocking blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}),
                                          converted ? value_bytes : sizeof(float), !converted);
+    const int threads =
+        runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg));
+    // Rows that alias are copied where each thread copies each of its rows once and the copies stay
+    // in L2: when every panel passes over a band (the weights in one block of panels), or a
+    // thread's rows fit half of L2. Elsewhere (a 512 x 3072 -> 768 feed-forward layer: its rows
+    // copied up front went to L3 at 2 threads, 8 % slower) the kernels read them in place in tiles
+    // of half the rows, within the L1 set's ways.
+    const int64_t channels = cg * groups;
+    const bool restride =
+        aliased && (panels_total <= blk.nc_panels ||
+                    ceil_div(rows, int64_t{threads}) * (channels + 16) * int64_t{sizeof(float)} <= detail::cache_sizes().l2 / 2);
+    constexpr int kFewestL1Ways = 8;
+    const int64_t mr = aliased && !restride && kernel.mr >= kFewestL1Ways ? kernel.mr / 2 : kernel.mr;
 
     // Padding reads a row of zeros (static int8: of the input's zero point), so border pixels get
     // bias, residual and activation only.
@@ -502,8 +526,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     constexpr double kRoundingWork = 8.0;
     const std::vector<WorkRange> ranges = runtime::partition(
         rows, 1, rows, panels_total, kernel.nr, cg,
-        runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg)),
-        bf16 || int8 ? kRoundingWork : 0.0);
+        threads, bf16 || int8 ? kRoundingWork : 0.0);
     const int64_t mc_rows = blk.mc_tiles * mr;
 
     // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a
@@ -518,7 +541,6 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const char* const what_rounded = "activations rounded to bf16";
     const char* const what_partial = "partial sums of a split reduction";
     const char* const what_quantized = "activations quantized to int8";
-    const int64_t channels = cg * groups;
     // Bytes of a converted pixel row in the buffer, and of a group's part of it: a stride of whole
     // cache lines that is no multiple of 4 KiB (rows that far apart would share L1's sets: see tile_rows).
     const int64_t group_bytes = reduction * value_bytes;
@@ -566,20 +588,23 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         // of a thread's panels pass over a band while it is in L1, and the band is rounded there;
         // where the weights take several blocks of panels (each read from L2 by all the rows), the
         // thread's rows are rounded once, up front, into a buffer of their own.
-        // int8 likewise, with the quantized rows and their scales (and zero points).
+        // int8 likewise, with the quantized rows and their scales (and zero points), and float32
+        // rows that alias (see aliased_rows), copied.
         const int64_t range_rows = range.m_end - range.m_begin;
-        const int64_t row_floats = converted ? row_bytes / int64_t{sizeof(float)} : channels;
-        const bool round_range = (bf16 || int8) && !read_in_place && range.n_end - range.n_begin > blk.nc_panels &&
+        // (A band's rows of float32 span at most the channels, and take a cache line more where they alias.)
+        const int64_t row_floats = converted ? row_bytes / int64_t{sizeof(float)} : unaliased_stride(channels);
+        const int64_t buffer_row_floats = converted ? row_floats : channels + 16;
+        const bool round_range = (bf16 || int8 || restride) && !read_in_place && range.n_end - range.n_begin > blk.nc_panels &&
                                  range_rows <= kMaxRoundedRangeFloats / std::max<int64_t>(row_floats, 1);
         // (Whole tiles of rows: kernels that load row blocks read every row of a tile's block.)
         const int64_t buffer_rows = round_range ? ceil_div(range_rows, mr) * mr : band_rows;
-        const char* const what_buffer = int8 ? what_quantized : what_rounded;
+        const char* const what_buffer = int8 ? what_quantized : bf16 ? what_rounded : "activations, copied a band at a time";
         runtime::AlignedBuffer rounded, row_scales, row_zero_points;
         GemmTileArgs args{};
         args.a_converted_stride = static_cast<size_t>(row_bytes);
         const ThreadSetup thread_setup(kernel);
-        if ((bf16 || int8) && !read_in_place) {
-            rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, row_floats, what_buffer), what_buffer),
+        if ((bf16 || int8 || restride) && !read_in_place) {
+            rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, buffer_row_floats, what_buffer), what_buffer),
                                       what_buffer);
             if (kernel.loads_row_blocks) {
                 // The rows a last, partial block reads past the thread's rows hold zeros, not
@@ -617,7 +642,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                   int8 && !quantized ? row_scales.get() + first : nullptr,
                                   quads && !quantized ? zero_points + first : nullptr, buffer_rows);
                 } else if constexpr (!quantized) {
-                    round_rows_to_bf16(*isa, source_rows, count, channels, rounded.get() + first * channels);
+                    copy_rows(*isa, source_rows, count, channels, rounded.get() + first * row_floats, row_floats, bf16);
                 }
             }
         }
@@ -678,13 +703,14 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         } else if constexpr (!quantized) {
                           if (round_range) {
                             for (int64_t m = 0; m < rows_in_band; ++m) {
-                                a_rows[m] = rounded.get() + (band - range.m_begin + m) * channels + a_offset;
+                                a_rows[m] = rounded.get() + (band - range.m_begin + m) * row_floats + a_offset;
                             }
-                        } else if (bf16) {
+                        } else if (bf16 || restride) {
                             // The channels the panels pb..pe-1 read: their groups' from this K block on.
                             const int64_t span = ((pe - 1) / panels_per_group - first_group) * cg + kc_floats;
-                            round_rows_to_bf16(*isa, a_rows, rows_in_band, span, rounded.get());
-                            for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] = rounded.get() + m * span;
+                            const int64_t stride = unaliased_stride(span);
+                            copy_rows(*isa, a_rows, rows_in_band, span, rounded.get(), stride, bf16);
+                            for (int64_t m = 0; m < rows_in_band; ++m) a_rows[m] = rounded.get() + m * stride;
                           }
                         }
                         // The next band's activations, fetched while this band computes: each row is

@@ -308,10 +308,15 @@ def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
     check_conv(accumulator, x, weight, bias, layout=layout, activation="relu", residual=residual)
 
 
-@pytest.mark.parametrize("c,stride,k", [(1024, 1, 40), (1024, 2, 33), (2048, 1, 7), (3072, 1, 17)])
-def test_channels_a_multiple_of_4_kib_take_shorter_tiles(isa, rng, c, stride, k):
-    """Pixel rows 4 KiB apart fall in one L1 set; those layers run half-height tiles, tails included."""
-    x, weight, bias = randn(rng, 2, 3, 11, c), randn(rng, k, c), randn(rng, k)
+# (h, w) = (3, 11): the rows copied a band at a time; (7, 7) with K = 300: weights beyond a block of
+# panels, the rows copied up front; (24, 24) with K = 600: rows too many to copy within L2, read in
+# place in tiles of half the rows.
+@pytest.mark.parametrize("h,w,c,stride,k", [(3, 11, 1024, 1, 40), (3, 11, 1024, 2, 33), (3, 11, 2048, 1, 7),
+                                            (3, 11, 3072, 1, 17), (7, 7, 2048, 1, 300), (24, 24, 1024, 1, 600)])
+def test_channels_a_multiple_of_4_kib_are_copied_or_take_shorter_tiles(isa, rng, h, w, c, stride, k):
+    """Pixel rows 4 KiB apart fall in one L1 set; those layers copy their rows to a buffer that does
+    not alias, or run half-height tiles, tails included."""
+    x, weight, bias = randn(rng, 2, h, w, c), randn(rng, k, c), randn(rng, k)
     y = pwcpu.conv1x1(x, weight, bias, stride=stride, activation="relu")
     check_conv(y, x, weight, bias, stride=stride, activation="relu")
 
