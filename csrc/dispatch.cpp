@@ -25,6 +25,8 @@ constexpr int kFamilies = 3;
 constexpr unsigned kEveryFamily = (1u << kFamilies) - 1u;
 constexpr unsigned family_bit(Precision family) { return 1u << static_cast<int>(family); }
 
+constexpr size_t kMaxIsas = 8;
+
 struct IsaEntry {
     const char* name;
     const kernels::IsaKernels& (*table)();
@@ -79,60 +81,81 @@ const std::vector<IsaEntry>& known_isas() {
     return isas;
 }
 
-// Each fp32 GEMM kernel of `gemm`'s speed per multiply-add lane relative to the first (main) one,
-// on full tiles of a reduction of 256 laid out as the driver lays them out (panels on cache lines:
-// a vector load that straddles two lines costs Zen 4 about a third of the 256-bit kernels' speed).
-// Every round times each kernel once, back to back; the median over rounds of each kernel's ratio
-// to the main one in the same round is robust to a slow phase of the machine (which slows a whole
-// round) and to a round a neighbour interrupts.
-std::vector<double> relative_speeds(const kernels::IsaKernels::GemmKernels& gemm) {
-    constexpr size_t kReduction = 256;
-    constexpr int kCalls = 48, kRounds = 15;
-    size_t rows = 0, columns = 0;
-    for (const kernels::GemmKernel& k : gemm) {
-        rows = std::max(rows, static_cast<size_t>(k.mr));
-        columns = std::max(columns, static_cast<size_t>(k.nr));
-    }
-    const char* what = "kernel timing";
-    const runtime::AlignedBuffer a = runtime::allocate_floats(rows * kReduction, what);
-    const runtime::AlignedBuffer panel = runtime::allocate_floats(columns * (kReduction + 1), what);
-    const runtime::AlignedBuffer c = runtime::allocate_floats(rows * columns, what);
-    std::fill_n(a.get(), rows * kReduction, 1e-3f);
-    std::fill_n(panel.get(), columns * (kReduction + 1), 1e-3f);
-    std::vector<const float*> a_rows(rows);
-    std::vector<float*> c_rows(rows);
-    for (size_t m = 0; m < rows; ++m) {
-        a_rows[m] = a.get() + m * kReduction;
-        c_rows[m] = c.get() + m * columns;
-    }
-    std::vector<std::vector<double>> ratios(gemm.size());
-    for (int round = 0; round < kRounds; ++round) {
-        std::vector<double> seconds_per_lane(gemm.size());
-        for (size_t i = 0; i < gemm.size(); ++i) {
-            const kernels::GemmKernel& k = gemm[i];
-            if (k.by_rows == nullptr) continue;
-            kernels::GemmTileArgs args{};
-            args.a = a_rows.data();
-            args.c = c_rows.data();
-            args.bias = panel.get();
-            args.w = panel.get() + k.nr;
-            args.kc = kReduction;
-            args.nr = static_cast<size_t>(k.nr);
-            args.final = true;
-            args.act = Activation::none;
-            const kernels::GemmTileFn tile = k.by_rows[k.mr - 1];
-            tile(args);  // warm up
-            const auto start = std::chrono::steady_clock::now();
-            for (int call = 0; call < kCalls; ++call) tile(args);
-            const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-            seconds_per_lane[i] = seconds / (static_cast<double>(kCalls) * k.mr * k.nr * kReduction);
+// Times GEMM kernels on full tiles of a reduction of 256 laid out as the driver lays them out
+// (panels on cache lines: a vector load that straddles two lines costs Zen 4 about a third of the
+// 256-bit kernels' speed): seconds per multiply-add lane, for kernels that read float32 rows and
+// for kernels that read converted ones (16-bit pairs, bytes).
+class TileTimer {
+public:
+    static constexpr size_t kReduction = 256;
+    static constexpr int kCalls = 48;
+
+    TileTimer() {
+        const char* what = "kernel timing";
+        a_ = runtime::allocate_floats(kMaxRows * kReduction, what);
+        panel_ = runtime::allocate_floats(kMaxColumns * (kReduction + 3), what);
+        c_ = runtime::allocate_floats(kMaxRows * kMaxColumns, what);
+        std::fill_n(a_.get(), kMaxRows * kReduction, 1e-3f);
+        std::fill_n(panel_.get(), kMaxColumns * (kReduction + 3), 1e-3f);
+        for (size_t m = 0; m < kMaxRows; ++m) {
+            a_rows_[m] = a_.get() + m * kReduction;
+            converted_rows_[m] = a_rows_[m];  // small values as floats, as int16 pairs and as bytes
+            c_rows_[m] = c_.get() + m * kMaxColumns;
         }
-        for (size_t i = 0; i < gemm.size(); ++i) ratios[i].push_back(seconds_per_lane[0] / seconds_per_lane[i]);
     }
+
+    double seconds_per_lane(const kernels::GemmKernel& k) {
+        if (static_cast<size_t>(k.mr) > kMaxRows || static_cast<size_t>(k.nr) > kMaxColumns) {
+            throw std::logic_error("TileTimer: a kernel larger than its buffers");
+        }
+        kernels::GemmTileArgs args{};
+        args.a = a_rows_;
+        args.a_converted = converted_rows_;
+        args.a_converted_stride = kReduction * sizeof(float);
+        args.c = c_rows_;
+        args.bias = panel_.get();
+        args.w = panel_.get() + (k.converts() ? 3 : 1) * k.nr;
+        args.kc = kReduction;
+        args.nr = static_cast<size_t>(k.nr);
+        args.final = true;
+        args.act = Activation::none;
+        const kernels::GemmTileFn tile = k.by_rows[k.mr - 1];
+        if (k.begin_thread != nullptr) k.begin_thread();
+        tile(args);  // warm up
+        const auto start = std::chrono::steady_clock::now();
+        for (int call = 0; call < kCalls; ++call) tile(args);
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        if (k.end_thread != nullptr) k.end_thread();
+        return seconds / (static_cast<double>(kCalls) * k.mr * k.nr * kReduction);
+    }
+
+private:
+    static constexpr size_t kMaxRows = 32, kMaxColumns = 64;
+    runtime::AlignedBuffer a_, panel_, c_;
+    const float* a_rows_[kMaxRows];
+    const void* converted_rows_[kMaxRows];
+    float* c_rows_[kMaxRows];
+};
+
+// The median over kRounds of f(), each round's value a ratio of two timings made back to back:
+// robust to a slow phase of the machine (which slows a whole round) and to a round a neighbour
+// interrupts.
+template <class F>
+double median_of_rounds(F&& f) {
+    constexpr int kRounds = 15;
+    std::vector<double> values;
+    for (int round = 0; round < kRounds; ++round) values.push_back(f());
+    std::nth_element(values.begin(), values.begin() + kRounds / 2, values.end());
+    return values[kRounds / 2];
+}
+
+// Each fp32 GEMM kernel of `gemm`'s speed per multiply-add lane relative to the first (main) one.
+std::vector<double> relative_speeds(const kernels::IsaKernels::GemmKernels& gemm) {
+    TileTimer timer;
     std::vector<double> speeds(gemm.size(), 1.0);
     for (size_t i = 1; i < gemm.size(); ++i) {
-        std::nth_element(ratios[i].begin(), ratios[i].begin() + kRounds / 2, ratios[i].end());
-        speeds[i] = ratios[i][kRounds / 2];
+        if (gemm[i].by_rows == nullptr) continue;
+        speeds[i] = median_of_rounds([&] { return timer.seconds_per_lane(gemm[0]) / timer.seconds_per_lane(gemm[i]); });
     }
     return speeds;
 }
@@ -145,7 +168,6 @@ std::vector<double> relative_speeds(const kernels::IsaKernels::GemmKernels& gemm
 // Kernels no layer width would take are dropped, so runtime_info lists what can run. Every kernel
 // computes the same sums in the same order: the choice changes speed, never results.
 const kernels::IsaKernels& usable_table(size_t entry) {
-    constexpr size_t kMaxIsas = 8;
     static std::once_flag once[kMaxIsas];
     static kernels::IsaKernels tables[kMaxIsas];
     if (entry >= kMaxIsas) throw std::logic_error("usable_table: too many ISAs");
@@ -191,6 +213,31 @@ std::mutex selection_mutex;
 std::atomic<const kernels::IsaKernels*> selected[kFamilies] = {};
 std::string selection_reason[kFamilies];
 
+// Whether entry j's bf16 kernels (vdpbf16ps pairs) run slower than the float32 kernels on rounded
+// weights that the next ISA down would run for bf16. They are twice the FMA rate on AMD Zen 4
+// (1.9x), but Intel's Sapphire Rapids runs vdpbf16ps at a quarter of its FMA rate (0.52-0.77x
+// measured with AMX's tiles set aside): the automatic choice times the two, once per process, on
+// CPUs where it is to be made. (Where AMX is usable, its tiles are chosen before.)
+bool own_bf16_kernels_are_slower(size_t j) {
+    const auto& isas = known_isas();
+    const unsigned bit = family_bit(Precision::bf16);
+    size_t below = j + 1;
+    while (below < isas.size() && (isas[below].families & bit) == 0) ++below;
+    if (below >= isas.size()) return false;
+    const kernels::IsaKernels& own = usable_table(j);
+    const kernels::IsaKernels& fallback = usable_table(below);
+    if (!own.gemm_of(Precision::bf16)[0].converts() || fallback.gemm_of(Precision::bf16)[0].converts()) return false;
+    static std::once_flag once[kMaxIsas];
+    static bool slower[kMaxIsas];
+    std::call_once(once[j], [&] {
+        TileTimer timer;
+        const kernels::GemmKernel& dot = own.gemm_of(Precision::bf16)[0];
+        const kernels::GemmKernel& float32 = fallback.gemm_of(Precision::bf16)[0];
+        slower[j] = median_of_rounds([&] { return timer.seconds_per_lane(dot) / timer.seconds_per_lane(float32); }) > 1.0;
+    });
+    return slower[j];
+}
+
 // The kernels of `family` at the ISA `requested` names (empty or "auto": the best the CPU supports):
 // that ISA's own, or where it has none of the family's, the next ISA down's.
 Selection choose(const std::string& requested, const char* source, int family) {
@@ -206,6 +253,12 @@ Selection choose(const std::string& requested, const char* source, int family) {
         }
         size_t j = i;
         while ((isas[j].families & bit) == 0) ++j;  // scalar serves every family
+        if (automatic && family == static_cast<int>(Precision::bf16) && own_bf16_kernels_are_slower(j)) {
+            size_t below = j + 1;
+            while ((isas[below].families & bit) == 0) ++below;
+            return {&usable_table(below), "best ISA this CPU supports, less " + std::string(isas[j].name) +
+                                              ", whose bf16 kernels timed slower here than the float32 ones on rounded weights"};
+        }
         return {&usable_table(j), automatic ? std::string("best ISA this CPU supports") : std::string("requested by ") + source};
     }
     std::string names;
@@ -258,7 +311,7 @@ const kernels::IsaKernels& active_kernels() {
         for (int f = 0; f < kFamilies; ++f) {
             const int from = set[f] ? f : 0;
             chosen[f] = choose(set[from] ? requested[from] : "", kFamilyOverride[from], f);
-            if (!set[from]) chosen[f].reason = "best ISA this CPU supports (PWCPU_ISA not set)";
+            if (!set[from]) chosen[f].reason += " (PWCPU_ISA not set)";
         }
         for (int f = kFamilies - 1; f >= 0; --f) {  // fp32 last: it marks the choice as made
             selection_reason[f] = chosen[f].reason;
