@@ -282,6 +282,25 @@ protected:
 
     // Computes into views that execute() has checked; the GIL is held on entry.
     virtual void run(const TensorView& x, const TensorView& out, const TensorView* residual) = 0;
+    virtual void run_bfloat16(const pwcpu::BFloat16View&, const TensorView&, const TensorView*) {
+        throw std::logic_error("this operator does not read bfloat16");
+    }
+
+    // The NHWC view of a 4-D array of bfloat16 bits (uint16) whose channels are contiguous (a
+    // copy where they are not).
+    static pwcpu::BFloat16View bfloat16_view(py::array& x) {
+        const py::ssize_t item = sizeof(uint16_t);
+        bool whole = x.shape(3) <= 1 || x.strides(3) == item;
+        for (int d = 0; d < 4; ++d) whole = whole && x.strides(d) % item == 0;
+        if (!whole) x = numpy().attr("ascontiguousarray")(x);
+        pwcpu::BFloat16View v;
+        v.data = const_cast<uint16_t*>(static_cast<const uint16_t*>(x.data()));  // read only
+        for (int d = 0; d < 4; ++d) {
+            v.shape[d] = x.shape(d);
+            v.strides[d] = x.strides(d) / item;
+        }
+        return v;
+    }
     // x's channel count, and the NHWC output shape for an NHWC x, for conv_channels_last.
     virtual int64_t expected_in_channels() const = 0;
     virtual std::array<int64_t, 4> output_shape_of(const TensorView& x) const = 0;
@@ -318,8 +337,9 @@ protected:
         }
     }
 
+    // x_bfloat16: x holds bfloat16 bits (uint16, 4-D NHWC), for run_bfloat16.
     py::array execute(const py::array& x, const py::object& residual_in, const py::object& out_in,
-                      const std::vector<py::ssize_t>& shape, bool merge_leading) {
+                      const std::vector<py::ssize_t>& shape, bool merge_leading, bool x_bfloat16 = false) {
         // (A default-constructed py::array is an empty array, not a null handle: keep a flag.)
         const bool has_residual = !residual_in.is_none();
         py::array residual;
@@ -349,8 +369,18 @@ protected:
         }
 
         TensorView xv, ov, rv;
-        py::array x_read = readable(x, layout_, true);
         py::array r_read = has_residual ? (same_view(out, residual) ? out : readable(residual, layout_)) : out;
+        if (x_bfloat16) {
+            const py::array* arrays[] = {&out, &r_read};
+            TensorView* views[] = {&ov, &rv};
+            if (!tensor_views(arrays, views, has_residual ? 2 : 1, false)) {
+                throw py::value_error("out and residual must be 4-D views with float-sized strides");
+            }
+            py::array x_bits = x;  // (or its contiguous copy, kept alive here)
+            run_bfloat16(bfloat16_view(x_bits), ov, has_residual ? &rv : nullptr);
+            return out;
+        }
+        py::array x_read = readable(x, layout_, true);
         const py::array* arrays[] = {&out, &x_read, &r_read};
         TensorView* views[] = {&ov, &xv, &rv};
         const int count = has_residual ? 3 : 2;
@@ -420,6 +450,23 @@ public:
         return execute(x, residual, out, shape, false);
     }
 
+    // x: the bits (uint16) of a 4-D NHWC bfloat16 array, read as they are where reads_bfloat16().
+    py::array conv_bfloat16(const py::array& x_bits, const py::object& residual, const py::object& out) {
+        if (!reads_bfloat16()) throw py::value_error("this layer's kernels do not read bfloat16 (reads_bfloat16)");
+        if (x_bits.dtype().kind() != 'u' || x_bits.itemsize() != 2 || x_bits.ndim() != 4) {
+            throw py::type_error("conv_bfloat16 takes the uint16 bits of a 4-D bfloat16 array");
+        }
+        check_channels(x_bits, 3, "");
+        const py::ssize_t ho = pwcpu::conv_output_size(x_bits.shape(1), geometry_.pad_h, geometry_.stride_h);
+        const py::ssize_t wo = pwcpu::conv_output_size(x_bits.shape(2), geometry_.pad_w, geometry_.stride_w);
+        return execute(x_bits, residual, out, {x_bits.shape(0), ho, wo, out_channels()}, false, true);
+    }
+
+    bool reads_bfloat16() {
+        if (!packed_->current()) pack();
+        return packed_->reads_bfloat16();
+    }
+
     py::array pointwise(const py::object& x_in, const py::object& residual, const py::object& out) {
         const py::array x = float32_array(x_in, "x");
         if (layout_ != pwcpu::Layout::nhwc) throw py::value_error("pointwise() takes channels-last data");
@@ -439,6 +486,12 @@ private:
         const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
         py::gil_scoped_release release;
         packed->run(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
+    }
+
+    void run_bfloat16(const pwcpu::BFloat16View& x, const TensorView& out, const TensorView* residual) override {
+        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;  // packed for the current ISA (conv_bfloat16)
+        py::gil_scoped_release release;
+        packed->run_bfloat16(x, out, residual, geometry_, static_cast<pwcpu::Activation>(activation_));
     }
 
     void pack() {
@@ -822,6 +875,8 @@ PYBIND11_MODULE(_core, m) {
              py::arg("pad_h"), py::arg("pad_w"), py::arg("activation"), py::arg("weights_private"),
              py::arg("layout") = 0, py::arg("precision") = 0)
         .def("conv", &ConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
+        .def("conv_bfloat16", &ConvPlan::conv_bfloat16, py::arg("x_bits"), py::arg("residual"), py::arg("out"))
+        .def_property_readonly("reads_bfloat16", &ConvPlan::reads_bfloat16)
         .def("pointwise", &ConvPlan::pointwise, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("conv_channels_last", &ConvPlan::conv_channels_last)
         .def_property_readonly("isa", [](const ConvPlan& p) { return p.packed().isa(); })

@@ -270,10 +270,14 @@ struct PackedWeights::Impl {
     bool quantized_io = false;
     QuantizedConvParams io;
 
-    // NHWC. T: float, or uint8_t for static int8's 8-bit tensors (no residual, no activation).
-    template <class T>
-    void run(const BasicTensorView<T>& x, const BasicTensorView<T>& out, const BasicTensorView<T>* residual,
+    // NHWC. T: float, uint8_t for static int8's 8-bit tensors (no residual, no activation), or
+    // uint16_t for bfloat16 inputs (their bits) read by bf16 kernels that convert them; TOut: out's
+    // and residual's element (float, or uint8_t with T).
+    template <class T, class TOut = T>
+    void run(const BasicTensorView<T>& x, const BasicTensorView<TOut>& out, const BasicTensorView<TOut>* residual,
              const ConvGeometry& geo, Activation act) const;
+    // Whether bfloat16 inputs are read as they are (see PackedWeights::reads_bfloat16).
+    bool reads_bfloat16() const { return precision == Precision::bf16 && layout == Layout::nhwc && kernel.converts(); }
     void run_nchw(const TensorView& x, const TensorView& out, const TensorView* residual, const ConvGeometry& geo,
                   Activation act) const;
 };
@@ -458,6 +462,19 @@ void PackedWeights::run(const TensorView& x, const TensorView& out, const Tensor
     }
 }
 
+bool PackedWeights::reads_bfloat16() const { return impl_->reads_bfloat16(); }
+
+void PackedWeights::run_bfloat16(const BFloat16View& x, const TensorView& out, const TensorView* residual,
+                                 const ConvGeometry& geometry, Activation activation) const {
+    if (!impl_->reads_bfloat16()) {
+        throw std::invalid_argument("run_bfloat16: these weights' kernels do not read bfloat16 (reads_bfloat16())");
+    }
+    runtime::check_conv_inputs("conv1x1", x, out, geometry, Layout::nhwc, in_channels());
+    const TensorView shape_of_x{nullptr, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, {}};
+    runtime::check_conv_outputs("conv1x1", out, residual, output_shape(shape_of_x, geometry), Layout::nhwc);
+    impl_->run(x, out, residual, geometry, activation);
+}
+
 void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
              const TensorView* residual, const ConvOptions& options) {
     const bool nchw = options.layout == Layout::nchw;
@@ -467,10 +484,12 @@ void conv1x1(const TensorView& x, const float* weight, const float* bias, const 
     packed.run(x, out, residual, options.geometry, options.activation);
 }
 
-template <class T>
-void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView<T>& out,
-                              const BasicTensorView<T>* residual, const ConvGeometry& geo, Activation act) const {
+template <class T, class TOut>
+void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView<TOut>& out,
+                              const BasicTensorView<TOut>* residual, const ConvGeometry& geo, Activation act) const {
     constexpr bool quantized = std::is_same_v<T, uint8_t>;
+    constexpr bool float_input = std::is_same_v<T, float>;
+    constexpr bool bfloat16_input = std::is_same_v<T, uint16_t>;
     const int64_t batch = out.shape[0], ho = out.shape[1], wo = out.shape[2];
     const int64_t rows = batch * ho * wo;
     if (rows == 0 || k == 0) return;
@@ -514,7 +533,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         std::memset(zeros.get(), quantized ? io.x_zero_point : 0, count * sizeof(T));
     }
 
-    const runtime::BasicRowWalker<T> walker_template(x, out, residual, geo, reinterpret_cast<const T*>(zeros.get()));
+    const runtime::BasicRowWalker<T, TOut> walker_template(x, out, residual, geo, reinterpret_cast<const T*>(zeros.get()));
     // (Static int8 writes bytes with plain stores.)
     const bool stream = !quantized && runtime::streams_output(rows * k);
 
@@ -565,17 +584,22 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         const size_t n = static_cast<size_t>(cg), padded_n = static_cast<size_t>(reduction);
         for (int64_t g = 0; g < groups; ++g) {
             if (bf16) {
-                if constexpr (!quantized) {
-                    isa->round_rows_to_bf16_pairs(sources, offset + g * cg, static_cast<size_t>(count), n,
-                                                  reinterpret_cast<int16_t*>(values + g * group_bytes), row_values,
-                                                  padded_n);
+                int16_t* const dst = reinterpret_cast<int16_t*>(values + g * group_bytes);
+                if constexpr (bfloat16_input) {
+                    for (int64_t m = 0; m < count; ++m) {  // bfloat16 already: copied
+                        std::memcpy(dst + m * row_values, sources[m] + offset + g * cg, n * sizeof(uint16_t));
+                        std::memset(dst + m * row_values + n, 0, (padded_n - n) * sizeof(uint16_t));
+                    }
+                } else if constexpr (float_input) {
+                    isa->round_rows_to_bf16_pairs(sources, offset + g * cg, static_cast<size_t>(count), n, dst,
+                                                  row_values, padded_n);
                 }
             } else if constexpr (quantized) {
                 for (int64_t m = 0; m < count; ++m) {
                     isa->widen_row_int8(sources[m] + offset + g * cg, n, io.x_signed, io.x_zero_point,
                                         values + m * row_bytes + g * group_bytes, padded_n);
                 }
-            } else {
+            } else if constexpr (float_input) {
                 isa->quantize_rows_int8(sources, offset + g * cg, static_cast<size_t>(count), n, values + g * group_bytes,
                                         row_values, padded_n, scales + g * capacity,
                                         quads ? zero_points + g * capacity : nullptr);
@@ -583,7 +607,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         }
     };
     const auto work = [&](const WorkRange& range) {
-        runtime::BasicRowWalker<T> walker = walker_template;
+        runtime::BasicRowWalker<T, TOut> walker = walker_template;
         // bf16: activations are rounded once for all the panels that pass over them. Usually all
         // of a thread's panels pass over a band while it is in L1, and the band is rounded there;
         // where the weights take several blocks of panels (each read from L2 by all the rows), the
@@ -630,8 +654,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         int32_t* const zero_points = reinterpret_cast<int32_t*>(row_zero_points.get());
         if (round_range) {
             const T* source_rows[kMaxBandRows];
-            T* unused_out[kMaxBandRows];
-            const T* unused_res[kMaxBandRows];
+            TOut* unused_out[kMaxBandRows];
+            const TOut* unused_res[kMaxBandRows];
             walker.seek(range.m_begin);
             for (int64_t m0 = range.m_begin; m0 < range.m_end; m0 += kMaxBandRows) {
                 const int64_t count = std::min(kMaxBandRows, range.m_end - m0);
@@ -641,7 +665,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                     quantize_rows(source_rows, 0, count, converted_values + first * row_bytes,
                                   int8 && !quantized ? row_scales.get() + first : nullptr,
                                   quads && !quantized ? zero_points + first : nullptr, buffer_rows);
-                } else if constexpr (!quantized) {
+                } else if constexpr (float_input) {
                     copy_rows(*isa, source_rows, count, channels, rounded.get() + first * row_floats, row_floats, bf16);
                 }
             }
@@ -657,8 +681,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         // The rows of the band being computed and of the next one (walked a band ahead, so that its
         // activations can be prefetched), used in turn.
         struct BandRows {
-            T* out[kMaxBandRows];
-            const T* res[kMaxBandRows];
+            TOut* out[kMaxBandRows];
+            const TOut* res[kMaxBandRows];
             const T* a[kMaxBandRows];
         } band_rows_of[2];
         if constexpr (quantized) {
@@ -684,8 +708,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                     for (int64_t band = mb; band < me; band += band_rows, current ^= 1) {
                         const int64_t rows_in_band = std::min(band_rows, me - band);
                         const T** a_rows = band_rows_of[current].a;
-                        T** out_rows = band_rows_of[current].out;
-                        const T** res_rows = band_rows_of[current].res;
+                        TOut** out_rows = band_rows_of[current].out;
+                        const TOut** res_rows = band_rows_of[current].res;
                         if (converted) {
                             // The band's rows converted (here, or up front), from the first panel's group on.
                             const int64_t first_row = round_range ? band - range.m_begin : 0;
@@ -700,7 +724,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                             }
                             if (int8 && !quantized) band_scales = row_scales.get() + first_group * buffer_rows + first_row;
                             if (quads) band_zero_points = zero_points + first_group * buffer_rows + first_row;
-                        } else if constexpr (!quantized) {
+                        } else if constexpr (float_input) {
                           if (round_range) {
                             for (int64_t m = 0; m < rows_in_band; ++m) {
                                 a_rows[m] = rounded.get() + (band - range.m_begin + m) * row_floats + a_offset;
@@ -751,7 +775,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                 if constexpr (quantized) {
                                     args.c_quantized = out_rows + row;
                                 } else {
-                                    args.a = a_rows + row;
+                                    if constexpr (float_input) args.a = a_rows + row;
                                     args.row_scale = int8 ? band_scales + row : nullptr;
                                     args.c = out_rows + row;
                                     args.residual = args.final && residual != nullptr ? res_rows + row : nullptr;

@@ -141,6 +141,45 @@ def test_bfloat16_arrays_in_and_out(rng):
     np.testing.assert_array_equal(acc.view(np.uint16), expected.astype(bf16).view(np.uint16))
 
 
+@pytest.mark.parametrize("view,stride,padding", [("whole", 1, 0), ("strided", 2, 1), ("channel_slice", 1, 1),
+                                                  ("reversed", 1, 0)])
+def test_bfloat16_x_read_as_it_is_equals_the_widened_path(isa, rng, view, stride, padding):
+    """Where precision "bf16" has kernels of its own (a bfloat16 dot product, AMX), a 4-D bfloat16 x
+    is read as it is, without a widening copy: the same values, so the same results, on any view."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    big = randn(rng, 2, 9, 11, 80).astype(ml_dtypes.bfloat16)
+    xb = {"whole": big[..., :37], "strided": big[:, ::2, 1::3, :37], "channel_slice": big[..., 5:42],
+          "reversed": big[:, ::-1, ::-1, :37]}[view]
+    if view == "whole":
+        xb = np.ascontiguousarray(xb)
+        xb.flags.writeable = False  # read only
+    weight, bias, residual_shape = randn(rng, 19, 37), randn(rng, 19), None
+    layer = pwcpu.PointwiseConv(weight, bias, stride=stride, padding=padding, activation="relu", precision="bf16")
+    assert layer._plan.reads_bfloat16 == (not float32_kernels()), isa
+    expected = layer(xb.astype(np.float32))
+    residual = randn(rng, *expected.shape)
+    np.testing.assert_array_equal(layer(xb), expected)
+    np.testing.assert_array_equal(layer(xb, residual=residual), layer(xb.astype(np.float32), residual=residual))
+    np.testing.assert_array_equal(
+        pwcpu.conv1x1(xb, weight, bias, stride=stride, padding=padding, activation="relu", precision="bf16"), expected)
+    out = np.empty(expected.shape, ml_dtypes.bfloat16)
+    assert layer(xb, out=out) is out
+    np.testing.assert_array_equal(out.view(np.uint16), expected.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_reading_bfloat16_errors(rng):
+    layer = pwcpu.PointwiseConv(randn(rng, 3, 4), precision="fp32")
+    assert not layer._plan.reads_bfloat16  # float32 precision widens bfloat16 inputs
+    with pytest.raises(ValueError, match="do not read bfloat16"):
+        layer._plan.conv_bfloat16(np.zeros((1, 2, 2, 4), np.uint16), None, None)
+    bf16_layer = pwcpu.PointwiseConv(randn(rng, 3, 4), precision="bf16")
+    if bf16_layer._plan.reads_bfloat16:
+        with pytest.raises(TypeError, match="uint16 bits"):
+            bf16_layer._plan.conv_bfloat16(np.zeros((1, 2, 2, 4), np.float32), None, None)
+        with pytest.raises(ValueError, match="channels"):
+            bf16_layer._plan.conv_bfloat16(np.zeros((1, 2, 2, 5), np.uint16), None, None)
+
+
 def test_bfloat16_out_errors(rng):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x, weight = randn(rng, 1, 2, 2, 4), randn(rng, 3, 4)

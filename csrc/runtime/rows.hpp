@@ -11,13 +11,14 @@ namespace pwcpu::runtime {
 
 // Maps output pixels, in (n, oh, ow) order, to the rows a tile reads and writes: the input row
 // (or a row of zeros where the pixel falls in the padding), the output row and the residual row.
-// The first pixel's position costs divisions, the rest are increments. T: float, or uint8_t for
-// 8-bit quantized tensors.
-template <class T>
+// The first pixel's position costs divisions, the rest are increments. T: float, uint8_t for 8-bit
+// quantized tensors, or uint16_t for bfloat16 inputs (their bits); TOut: the output's and residual's.
+template <class T, class TOut = T>
 class BasicRowWalker {
 public:
     using View = BasicTensorView<T>;
-    BasicRowWalker(const View& x, const View& out, const View* residual, const ConvGeometry& geo, const T* zeros)
+    using OutView = BasicTensorView<TOut>;
+    BasicRowWalker(const View& x, const OutView& out, const OutView* residual, const ConvGeometry& geo, const T* zeros)
         : x_(x.data), out_(out.data), res_(residual != nullptr ? residual->data : nullptr), zeros_(zeros),
           h_(x.shape[1]), w_(x.shape[2]), ho_(out.shape[1]), wo_(out.shape[2]),
           xs0_(x.strides[0]), xs1_(x.strides[1]), xs2_(x.strides[2]),
@@ -37,7 +38,7 @@ public:
     // Rows of the next `count` pixels, input rows offset by `channel` (never steps past the output).
     // Pixels of one output row are equally spaced in every tensor, so each run of them along the
     // row is filled by strided loops; only pixels in the horizontal padding need a test.
-    void next(int64_t count, int64_t channel, const T** x_rows, T** out_rows, const T** res_rows) {
+    void next(int64_t count, int64_t channel, const T** x_rows, TOut** out_rows, const TOut** res_rows) {
         for (int64_t m = 0; m < count;) {
             if (ow_ == wo_) {
                 ow_ = 0;
@@ -48,10 +49,10 @@ public:
                 line_ = line_at(n_, oh_);
             }
             const int64_t run = std::min(count - m, wo_ - ow_);
-            T* const out = line_.out + ow_ * os2_;
+            TOut* const out = line_.out + ow_ * os2_;
             for (int64_t i = 0; i < run; ++i) out_rows[m + i] = out + i * os2_;
             if (res_ != nullptr) {
-                const T* const res = line_.res + ow_ * rs2_;
+                const TOut* const res = line_.res + ow_ * rs2_;
                 for (int64_t i = 0; i < run; ++i) res_rows[m + i] = res + i * rs2_;
             }
             const int64_t iw0 = ow_ * sw_ - pw_, iw_last = iw0 + (run - 1) * sw_;
@@ -73,8 +74,8 @@ public:
 private:
     struct Line {
         const T* x;  // null: the whole output row lies in the vertical padding
-        T* out;
-        const T* res;
+        TOut* out;
+        const TOut* res;
     };
 
     Line line_at(int64_t n, int64_t oh) const {
@@ -84,8 +85,8 @@ private:
     }
 
     const T* x_;
-    T* out_;
-    const T* res_;
+    TOut* out_;
+    const TOut* res_;
     const T* zeros_;
     int64_t h_, w_, ho_, wo_;
     int64_t xs0_, xs1_, xs2_, os0_, os1_, os2_, rs0_, rs1_, rs2_;

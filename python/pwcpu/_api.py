@@ -92,7 +92,7 @@ def _has_bfloat16(*arrays) -> bool:
     return any(_is_bfloat16(a) for a in arrays)
 
 
-def _run(compute, x, residual, out):
+def _run(compute, x, residual, out, plan=None):
     """``compute(x, residual, out)``, float32 arrays straight through; where the core refuses the
     dtypes (TypeError, before it touches any memory) and some array is bfloat16, the bfloat16 path.
     The common call pays nothing for bfloat16: the dtypes are looked at only after a refusal."""
@@ -101,14 +101,22 @@ def _run(compute, x, residual, out):
     except TypeError:
         if not _has_bfloat16(x, residual, out):
             raise
-    return _with_bfloat16_arrays(compute, x, residual, out)
+    return _with_bfloat16_arrays(compute, x, residual, out, plan)
 
 
-def _with_bfloat16_arrays(compute, x, residual, out):
+def _with_bfloat16_arrays(compute, x, residual, out, plan=None):
     """``compute`` on bfloat16 arrays: x and residual are widened to float32 (exactly), a bfloat16
-    ``out`` receives the float32 result rounded to nearest even."""
+    ``out`` receives the float32 result rounded to nearest even. Where ``plan`` (a ConvPlan) has
+    kernels that read bfloat16 (precision "bf16", NHWC, on CPUs with a bfloat16 dot product or
+    AMX), a 4-D x is read as it is instead: the same values, without the widening copy."""
     if _is_bfloat16(x):
-        x = x.astype(np.float32)
+        if plan is not None and x.ndim == 4 and plan.reads_bfloat16:
+            bits = x.view(np.uint16)
+
+            def compute(_, residual, out, plan=plan):
+                return plan.conv_bfloat16(bits, residual, out)
+        else:
+            x = x.astype(np.float32)
     if _is_bfloat16(residual):
         residual = residual.astype(np.float32)
     if not _is_bfloat16(out):
@@ -255,7 +263,7 @@ def conv1x1(
     w = _weight_matrix(weight, groups)
     b = _bias_vector(bias, w.shape[0])
     plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False, layout_code, precision_code)
-    return _run(plan.conv, x, residual, out)
+    return _run(plan.conv, x, residual, out, plan)
 
 
 def pointwise(
@@ -492,7 +500,7 @@ class PointwiseConv(_PackedLayer):
         except TypeError:
             if not _has_bfloat16(x, residual, out):
                 raise
-        return _with_bfloat16_arrays(self._plan.conv, x, residual, out)
+        return _with_bfloat16_arrays(self._plan.conv, x, residual, out, self._plan)
 
     def __reduce__(self):
         options = (self._stride, self._padding, self._groups, self._activation, self._layout, self._precision)

@@ -45,6 +45,8 @@ struct BasicTensorView {
 using TensorView = BasicTensorView<float>;
 // 8-bit quantized values (uint8, or int8 seen as their bytes), NHWC.
 using QuantizedView = BasicTensorView<uint8_t>;
+// bfloat16 values (their bits: the high half of the float32 they stand for), NHWC.
+using BFloat16View = BasicTensorView<uint16_t>;
 
 // Static int8, as ONNX QLinearConv (1x1): x, weight and y are 8-bit integers with scales and zero
 // points (real = scale * (q - zero_point)), bias int32 in units of x_scale * weight_scale,
@@ -132,6 +134,13 @@ public:
     // mismatched shapes or a non-contiguous channel axis. Thread-safe: concurrent runs are fine.
     void run(const TensorView& x, const TensorView& out, const TensorView* residual,
              const ConvGeometry& geometry, Activation activation) const;
+    // As run(), for bfloat16 x, read as it is by the bf16 kernels that take bfloat16 activations
+    // (precision bf16, NHWC, on CPUs with a bfloat16 dot product or AMX): reads_bfloat16().
+    // Elsewhere x is to be widened to float32 and run() called; run_bfloat16 throws
+    // std::invalid_argument.
+    void run_bfloat16(const BFloat16View& x, const TensorView& out, const TensorView* residual,
+                      const ConvGeometry& geometry, Activation activation) const;
+    bool reads_bfloat16() const;
     // Static int8: out = the requantized convolution of x (see QuantizedConvParams).
     void run_quantized(const QuantizedView& x, const QuantizedView& out, const ConvGeometry& geometry) const;
     bool quantized_io() const;  // packed from QuantizedConvParams
