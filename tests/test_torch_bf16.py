@@ -96,6 +96,9 @@ def test_bfloat16_tensors_in_and_out():
         assert y.dtype == z.dtype == torch.bfloat16
         assert torch.equal(y, conv(x.float(), r.float()).to(torch.bfloat16))
         assert torch.equal(z, linear(tokens.float()).to(torch.bfloat16))
+        # channels_last memory, read as it is where the bf16 kernels take bfloat16 (the same values).
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(conv(x_last, r), y) and torch.equal(conv(x_last), conv(x.float()).to(torch.bfloat16))
     # A float32 layer takes them too (the values widen exactly).
     plain = pt.PwcpuLinear(torch.randn(6, 12), None)
     with torch.inference_mode():

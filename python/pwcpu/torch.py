@@ -416,6 +416,17 @@ class PwcpuConv2d(_ConvolutionLayer):
             self._remember_shape(x, out)
         return out
 
+    def _bfloat16_call(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
+        """Where the layer's kernels read bfloat16 (precision "bf16" on CPUs with a bfloat16 dot
+        product or AMX), x's memory is read as it is, without the widening copy; else as the base."""
+        plan = self._layer._plan
+        if x.dim() != 4 or not plan.reads_bfloat16:
+            return super()._bfloat16_call(x, residual)
+        bits = x.permute(0, 2, 3, 1).view(torch.int16).numpy().view(np.uint16)  # NHWC, in place
+        nhwc_residual = None if residual is None else residual.float().permute(0, 2, 3, 1).numpy()
+        y = plan.conv_bfloat16(bits, nhwc_residual, None)
+        return torch.from_numpy(y).permute(0, 3, 1, 2).to(torch.bfloat16)
+
     def extra_repr(self) -> str:
         k, cg = self._traced_weight.shape
         return (f"{cg * self.groups}, {k}, stride={self.stride}, padding={self.padding}, groups={self.groups}, "
