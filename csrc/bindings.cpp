@@ -462,6 +462,39 @@ public:
         return execute(x_bits, residual, out, {x_bits.shape(0), ho, wo, out_channels()}, false, true);
     }
 
+    // The same into out_bits, the uint16 bits of a bfloat16 array of the output's shape (channels
+    // contiguous), each value rounded to nearest even as the kernels store it; no residual.
+    py::array conv_bfloat16_into(const py::array& x_bits, py::array& out_bits) {
+        if (!reads_bfloat16()) throw py::value_error("this layer's kernels do not read bfloat16 (reads_bfloat16)");
+        const py::array* arrays[] = {&x_bits, &out_bits};
+        for (const py::array* a : arrays) {
+            if (a->dtype().kind() != 'u' || a->itemsize() != 2 || a->ndim() != 4) {
+                throw py::type_error("conv_bfloat16_into takes the uint16 bits of 4-D bfloat16 arrays");
+            }
+        }
+        check_channels(x_bits, 3, "");
+        const std::vector<py::ssize_t> shape{
+            x_bits.shape(0), pwcpu::conv_output_size(x_bits.shape(1), geometry_.pad_h, geometry_.stride_h),
+            pwcpu::conv_output_size(x_bits.shape(2), geometry_.pad_w, geometry_.stride_w), out_channels()};
+        if (shape_of(out_bits) != shape) {
+            throw py::value_error("out must have shape " + text(shape_tuple(shape)) + ", got " + text(out_bits.attr("shape")));
+        }
+        if (!out_bits.writeable()) throw py::value_error("out must be writable");
+        if (overlaps(out_bits, x_bits)) throw py::value_error("out overlaps x in memory; use a separate output array");
+        if (overlaps_itself(out_bits)) throw py::value_error("out must not overlap itself");
+        py::array x = x_bits;
+        const pwcpu::BFloat16View xv = bfloat16_view(x);
+        py::array out = out_bits;
+        const pwcpu::BFloat16View ov = bfloat16_view(out);
+        if (ov.data != out_bits.data()) throw py::value_error("out must have a contiguous channel (last) axis");
+        const std::shared_ptr<const pwcpu::PackedWeights> packed = packed_;
+        {
+            py::gil_scoped_release release;
+            packed->run_bfloat16(xv, ov, geometry_, static_cast<pwcpu::Activation>(activation_));
+        }
+        return out_bits;
+    }
+
     bool reads_bfloat16() {
         if (!packed_->current()) pack();
         return packed_->reads_bfloat16();
@@ -876,6 +909,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("layout") = 0, py::arg("precision") = 0)
         .def("conv", &ConvPlan::conv, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("conv_bfloat16", &ConvPlan::conv_bfloat16, py::arg("x_bits"), py::arg("residual"), py::arg("out"))
+        .def("conv_bfloat16_into", &ConvPlan::conv_bfloat16_into, py::arg("x_bits"), py::arg("out_bits"))
         .def_property_readonly("reads_bfloat16", &ConvPlan::reads_bfloat16)
         .def("pointwise", &ConvPlan::pointwise, py::arg("x"), py::arg("residual"), py::arg("out"))
         .def("conv_channels_last", &ConvPlan::conv_channels_last)

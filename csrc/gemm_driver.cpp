@@ -272,7 +272,8 @@ struct PackedWeights::Impl {
 
     // NHWC. T: float, uint8_t for static int8's 8-bit tensors (no residual, no activation), or
     // uint16_t for bfloat16 inputs (their bits) read by bf16 kernels that convert them; TOut: out's
-    // and residual's element (float, or uint8_t with T).
+    // and residual's element (float, uint8_t with T, or uint16_t for a bfloat16 output of those
+    // kernels, without a residual).
     template <class T, class TOut = T>
     void run(const BasicTensorView<T>& x, const BasicTensorView<TOut>& out, const BasicTensorView<TOut>* residual,
              const ConvGeometry& geo, Activation act) const;
@@ -473,6 +474,18 @@ void PackedWeights::run_bfloat16(const BFloat16View& x, const TensorView& out, c
     const TensorView shape_of_x{nullptr, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, {}};
     runtime::check_conv_outputs("conv1x1", out, residual, output_shape(shape_of_x, geometry), Layout::nhwc);
     impl_->run(x, out, residual, geometry, activation);
+}
+
+void PackedWeights::run_bfloat16(const BFloat16View& x, const BFloat16View& out, const ConvGeometry& geometry,
+                                 Activation activation) const {
+    if (!impl_->reads_bfloat16()) {
+        throw std::invalid_argument("run_bfloat16: these weights' kernels do not read bfloat16 (reads_bfloat16())");
+    }
+    runtime::check_conv_inputs("conv1x1", x, out, geometry, Layout::nhwc, in_channels());
+    const TensorView shape_of_x{nullptr, {x.shape[0], x.shape[1], x.shape[2], x.shape[3]}, {}};
+    runtime::check_conv_outputs("conv1x1", out, static_cast<const BFloat16View*>(nullptr),
+                                output_shape(shape_of_x, geometry), Layout::nhwc);
+    impl_->run(x, out, static_cast<const BFloat16View*>(nullptr), geometry, activation);
 }
 
 void conv1x1(const TensorView& x, const float* weight, const float* bias, const TensorView& out,
@@ -777,8 +790,12 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                 } else {
                                     if constexpr (float_input) args.a = a_rows + row;
                                     args.row_scale = int8 ? band_scales + row : nullptr;
-                                    args.c = out_rows + row;
-                                    args.residual = args.final && residual != nullptr ? res_rows + row : nullptr;
+                                    if constexpr (std::is_same_v<TOut, float>) {
+                                        args.c = out_rows + row;
+                                        args.residual = args.final && residual != nullptr ? res_rows + row : nullptr;
+                                    } else {
+                                        args.c_bfloat16 = out_rows + row;
+                                    }
                                     if (partial) args.partial = partial.get() + (band - mb + row) * partial_stride + (p - pb) * kernel.nr;
                                 }
                                 kernel.by_rows[rows_in_tile - 1](args);

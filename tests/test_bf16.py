@@ -162,9 +162,37 @@ def test_bfloat16_x_read_as_it_is_equals_the_widened_path(isa, rng, view, stride
     np.testing.assert_array_equal(layer(xb, residual=residual), layer(xb.astype(np.float32), residual=residual))
     np.testing.assert_array_equal(
         pwcpu.conv1x1(xb, weight, bias, stride=stride, padding=padding, activation="relu", precision="bf16"), expected)
+    # A bfloat16 out: stored rounded by the kernels where they take bfloat16, as the copy rounds.
+    rounded = expected.astype(ml_dtypes.bfloat16).view(np.uint16)
     out = np.empty(expected.shape, ml_dtypes.bfloat16)
     assert layer(xb, out=out) is out
-    np.testing.assert_array_equal(out.view(np.uint16), expected.astype(ml_dtypes.bfloat16).view(np.uint16))
+    np.testing.assert_array_equal(out.view(np.uint16), rounded)
+    wide = np.zeros(expected.shape[:3] + (2 * expected.shape[3],), ml_dtypes.bfloat16)
+    assert layer(xb, out=wide[..., 1::2]) is not None  # channels strided: computed, then copied
+    np.testing.assert_array_equal(wide[..., 1::2].view(np.uint16), rounded)
+    assert not wide[..., ::2].view(np.uint16).any()
+    reversed_out = np.empty(expected.shape, ml_dtypes.bfloat16)[:, ::-1]
+    layer(xb, out=reversed_out)
+    np.testing.assert_array_equal(reversed_out.view(np.uint16), rounded)
+
+
+def test_bfloat16_out_over_its_input_and_errors(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = randn(rng, 1, 3, 4, 6).astype(ml_dtypes.bfloat16)
+    layer = pwcpu.PointwiseConv(randn(rng, 6, 6), precision="bf16")
+    expected = layer(x.astype(np.float32)).astype(ml_dtypes.bfloat16).view(np.uint16)
+    layer(x, out=x)  # out over x: computed first, then stored (never read while written)
+    np.testing.assert_array_equal(x.view(np.uint16), expected)
+    if layer._plan.reads_bfloat16:
+        bits = np.zeros((1, 3, 4, 6), np.uint16)
+        with pytest.raises(ValueError, match="shape"):
+            layer._plan.conv_bfloat16_into(bits, np.zeros((1, 3, 4, 5), np.uint16))
+        with pytest.raises(ValueError, match="overlaps x"):
+            layer._plan.conv_bfloat16_into(bits, bits)
+        with pytest.raises(ValueError, match="contiguous channel"):
+            layer._plan.conv_bfloat16_into(bits, np.zeros((1, 3, 4, 12), np.uint16)[..., ::2])
+        with pytest.raises(TypeError, match="uint16 bits"):
+            layer._plan.conv_bfloat16_into(bits, np.zeros((1, 3, 4, 6), np.float32))
 
 
 def test_reading_bfloat16_errors(rng):

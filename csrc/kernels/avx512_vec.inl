@@ -26,6 +26,12 @@ struct Vec {
         return __builtin_shufflevector(x, _mm256_setzero_ps(), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     }
     static void store_n(float* p, R x, size_t n) { _mm512_mask_storeu_ps(p, mask(n), x); }
+#if defined(__AVX512BF16__)
+    // The first n lanes rounded to bfloat16 (to nearest even, NaN quieted, as round_to_bf16).
+    static void store_bfloat16_n(uint16_t* p, R x, size_t n) {
+        _mm256_mask_storeu_epi16(p, mask(n), (__m256i)_mm512_cvtneps_pbh(x));
+    }
+#endif
     static void store_stream_n(float* p, R x, size_t n) {
         if (n == W && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
             _mm512_stream_ps(p, x);  // a whole cache line

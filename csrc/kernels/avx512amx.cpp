@@ -130,6 +130,7 @@ PWCPU_INLINE void finish_rows(const typename Tiles::Sum (&sums)[kSumRows][NV * k
     constexpr int n = ROWS - FIRST < kRowsAtOnce ? ROWS - FIRST : kRowsAtOnce;
     GemmTileArgs rows = p;
     rows.c = p.c != nullptr ? p.c + FIRST : nullptr;
+    rows.c_bfloat16 = p.c_bfloat16 != nullptr ? p.c_bfloat16 + FIRST : nullptr;
     rows.residual = p.residual != nullptr ? p.residual + FIRST : nullptr;
     if constexpr (std::is_same_v<Tiles, Bf16Tiles>) {
         R acc[n][NV];

@@ -159,6 +159,16 @@ void f32_gemm_tile(const GemmTileArgs& p) {
     store_tile<MR, NV>(acc, p);
 }
 
+// Whether V rounds to bfloat16 as it stores (ISAs with AVX512-BF16), for bf16 outputs.
+template <class V, class = void>
+struct StoresBfloat16 : std::false_type {};
+template <class V>
+struct StoresBfloat16<V, std::void_t<decltype(&V::store_bfloat16_n)>> : std::true_type {};
+template <class V>  // (looked up when used: only where V has it)
+PWCPU_INLINE void store_bfloat16_lanes(uint16_t* p, typename V::R x, size_t n) {
+    V::store_bfloat16_n(p, x, n);
+}
+
 // A final tile's end, for every kernel family: the residual (joining after the sums, so that its
 // loads need not wait in front of the k loop), the activation, and the stores.
 template <int MR, int NV>
@@ -166,6 +176,16 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
     constexpr int W = Vec::W;
     size_t lanes[NV];
     valid_lanes(p.nr, lanes);
+    if constexpr (StoresBfloat16<Vec>::value) {
+        if (p.c_bfloat16 != nullptr) {  // (no residual)
+            activate_tile<MR, NV>(acc, p.act);
+#pragma GCC unroll 32
+            for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) store_bfloat16_lanes<Vec>(p.c_bfloat16[m] + p.col + v * W, acc[m][v], lanes[v]);
+            return;
+        }
+    }
     if (p.residual != nullptr) {
 #pragma GCC unroll 32
         for (int m = 0; m < MR; ++m)

@@ -37,6 +37,8 @@
 //   Static int8 (c_quantized set): the tile is requantized instead, no residual or activation:
 //   q = clamp(round_to_nearest_even(float(sum + bias_int32[n]) * col_scale[n]), out_min, out_max)
 //   + out_zero_point, stored as 8-bit values (int8 when out_signed) at c_quantized[m] + col.
+// - c_bfloat16 (bf16 kernels of ISAs with AVX512-BF16 only): final tiles are stored rounded to
+//   bfloat16 (to nearest even, their bits) at c_bfloat16[m] + col instead of c; no residual.
 // - No threads, no allocation, no Python. The kernel's name carries dtype, op, epilogue,
 //   MRxNR and ISA, e.g. f32_gemm_bias_act_14x32_avx512.
 #pragma once
@@ -77,6 +79,8 @@ struct GemmTileArgs {
     // static int8 only
     const int32_t* bias_int32;
     uint8_t* const* c_quantized;
+    // bf16 output
+    uint16_t* const* c_bfloat16;
     float out_min, out_max;          // the output type's range less its zero point
     int32_t out_zero_point;
     bool out_signed;

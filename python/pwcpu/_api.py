@@ -108,7 +108,13 @@ def _with_bfloat16_arrays(compute, x, residual, out, plan=None):
     """``compute`` on bfloat16 arrays: x and residual are widened to float32 (exactly), a bfloat16
     ``out`` receives the float32 result rounded to nearest even. Where ``plan`` (a ConvPlan) has
     kernels that read bfloat16 (precision "bf16", NHWC, on CPUs with a bfloat16 dot product or
-    AMX), a 4-D x is read as it is instead: the same values, without the widening copy."""
+    AMX), a 4-D x is read as it is instead: the same values, without the widening copy; and a
+    bfloat16 out (without a residual) is written by the kernels, rounded as the copy rounds."""
+    if _is_bfloat16(x) and _is_bfloat16(out) and residual is None and plan is not None and x.ndim == out.ndim == 4 \
+            and (out.shape[3] <= 1 or out.strides[3] == 2) and plan.reads_bfloat16 and not np.may_share_memory(x, out):
+        # Both bfloat16 where the kernels take it: read as it is, stored rounded as computed.
+        plan.conv_bfloat16_into(x.view(np.uint16), out.view(np.uint16))
+        return out
     if _is_bfloat16(x):
         if plan is not None and x.ndim == 4 and plan.reads_bfloat16:
             bits = x.view(np.uint16)

@@ -423,8 +423,12 @@ class PwcpuConv2d(_ConvolutionLayer):
         if x.dim() != 4 or not plan.reads_bfloat16:
             return super()._bfloat16_call(x, residual)
         bits = x.permute(0, 2, 3, 1).view(torch.int16).numpy().view(np.uint16)  # NHWC, in place
-        nhwc_residual = None if residual is None else residual.float().permute(0, 2, 3, 1).numpy()
-        y = plan.conv_bfloat16(bits, nhwc_residual, None)
+        if residual is None:  # the kernels store bfloat16 too
+            y = torch.empty((x.shape[0],) + _output_hw(x, self.stride, self.padding) + (plan.out_channels,),
+                            dtype=torch.bfloat16)
+            plan.conv_bfloat16_into(bits, y.view(torch.int16).numpy().view(np.uint16))
+            return y.permute(0, 3, 1, 2)
+        y = plan.conv_bfloat16(bits, residual.float().permute(0, 2, 3, 1).numpy(), None)
         return torch.from_numpy(y).permute(0, 3, 1, 2).to(torch.bfloat16)
 
     def extra_repr(self) -> str:

@@ -140,6 +140,9 @@ public:
     // std::invalid_argument.
     void run_bfloat16(const BFloat16View& x, const TensorView& out, const TensorView* residual,
                       const ConvGeometry& geometry, Activation activation) const;
+    // The same into a bfloat16 out, each value rounded to nearest even as the kernels store it.
+    void run_bfloat16(const BFloat16View& x, const BFloat16View& out, const ConvGeometry& geometry,
+                      Activation activation) const;
     bool reads_bfloat16() const;
     // Static int8: out = the requantized convolution of x (see QuantizedConvParams).
     void run_quantized(const QuantizedView& x, const QuantizedView& out, const ConvGeometry& geometry) const;
