@@ -88,6 +88,8 @@ def test_bf16_precision_run(tmp_path):
         assert row["over_fp32"] == pytest.approx(row["gflops"]["bf16"] / row["gflops"]["fp32"])
         if importlib.util.find_spec("torch") is not None:
             assert row["over_torch"] == pytest.approx(row["gflops"]["bf16"] / row["gflops"]["torch"])
+            if "bf16_io" in row["gflops"]:  # bfloat16 arrays in and out (ml_dtypes)
+                assert row["bf16_io_over_torch"] == pytest.approx(row["gflops"]["bf16_io"] / row["gflops"]["torch"])
     assert "geometric mean bf16 over fp32" in stdout
 
 

@@ -857,13 +857,17 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                     rounds: int, pause: float) -> List[Dict]:
     """pwcpu at ``precision`` against pwcpu's fp32 on the same layer (float32 arrays in and out, weights
     packed beforehand), and for bf16 against PyTorch's conv2d on bf16 tensors (channels_last, oneDNN)
-    where PyTorch is installed. int8 rows carry the relative RMS error against the exact float32
+    where PyTorch is installed, pwcpu bf16 also on bfloat16 arrays in and out (ml_dtypes) as PyTorch
+    takes them. int8 rows carry the relative RMS error against the exact float32
     result, and that of the same quantization computed exactly (float64), as a ratio; and the static
     int8 layer (qlinear_conv1x1: uint8 in and out) against ONNX Runtime's QLinearConv, PyTorch's
     quantized Conv2d and TFLite's int8 conv, each where installed."""
     torch = None
     if precision == "bf16" and importlib.util.find_spec("torch") is not None:
         import torch
+    bfloat16 = None
+    if precision == "bf16" and importlib.util.find_spec("ml_dtypes") is not None:
+        from ml_dtypes import bfloat16
     with_ort = precision == "int8" and all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
     with_torch_int8 = precision == "int8" and importlib.util.find_spec("torch") is not None
     with_tflite_int8 = precision == "int8" and importlib.util.find_spec("tensorflow") is not None
@@ -879,6 +883,10 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                 y, y32 = fast(d.x), exact(d.x)
                 check_result(f"pwcpu {precision}", y, d, precision)
                 runners = {precision: lambda: fast(d.x, out=y), "fp32": lambda: exact(d.x, out=y32)}
+                if precision == "bf16" and bfloat16 is not None:
+                    # bfloat16 arrays in and out, as PyTorch's bf16 conv2d takes and gives tensors.
+                    xb, yb = d.x.astype(bfloat16), np.empty(y.shape, bfloat16)
+                    runners["bf16_io"] = lambda: fast(xb, out=yb)
                 if precision == "int8":
                     static, xq, wq, args = _static_int8_layer(d)
                     yq = static(xq)
@@ -906,6 +914,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                        "over_fp32": gflops[precision] / gflops["fp32"]}
                 if "torch" in gflops:
                     row["over_torch"] = gflops[precision] / gflops["torch"]
+                    if "bf16_io" in gflops:
+                        row["bf16_io_over_torch"] = gflops["bf16_io"] / gflops["torch"]
                 if "ort_qlinear" in gflops:
                     row["qlinear_over_ort"] = gflops["qlinear"] / gflops["ort_qlinear"]
                 if "torch_qconv" in gflops:
@@ -919,6 +929,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
                 results.append(row)
                 line = "   ".join(f"{n} {g:6.1f}" for n, g in gflops.items())
                 torch_ratio = f"   {row['over_torch']:.2f}x PyTorch" if "over_torch" in row else ""
+                if "bf16_io_over_torch" in row:
+                    torch_ratio += f" (bfloat16 arrays {row['bf16_io_over_torch']:.2f}x)"
                 if "rms_error" in row:
                     torch_ratio += (f"   RMS error {100 * row['rms_error']:.2f} % "
                                     f"({row['rms_error_over_exact_scheme']:.3f}x the scheme's, computed exactly)")
@@ -933,6 +945,8 @@ def bench_precision(layers: Sequence[Layer], threads_list: Sequence[int], precis
         print(f"geometric mean {precision} over fp32: {_geomean([r['over_fp32'] for r in rows]):.2f}x"
               + (f", over PyTorch {precision}: {_geomean([r['over_torch'] for r in rows]):.2f}x"
                  if torch is not None else "")
+              + (f" (bfloat16 arrays in and out: {_geomean([r['bf16_io_over_torch'] for r in rows]):.2f}x)"
+                 if torch is not None and bfloat16 is not None else "")
               + (f", static int8 over ONNX Runtime QLinearConv: {_geomean([r['qlinear_over_ort'] for r in rows]):.2f}x"
                  if with_ort else "")
               + (f", over PyTorch's quantized Conv2d: {_geomean([r['qlinear_over_torch'] for r in rows]):.2f}x"
