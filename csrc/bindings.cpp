@@ -81,6 +81,18 @@ py::array aligned_output(const std::vector<py::ssize_t>& shape) {
 
 bool is_native_float32(const py::array& a) { return a.dtype().equal(py::dtype::of<float>()); }
 
+// A NumPy array of ml_dtypes' bfloat16, recognised by its dtype's name (ml_dtypes not imported).
+bool is_bfloat16(const py::handle& value) {
+    if (!py::isinstance<py::array>(value)) return false;
+    const py::array a = py::reinterpret_borrow<py::array>(value);
+    return a.itemsize() == 2 && a.dtype().kind() == 'V' && py::str(a.dtype().attr("name")).cast<std::string>() == "bfloat16";
+}
+
+// A bfloat16 array's bits: a uint16 view of the same memory.
+py::array bits_of(const py::handle& bfloat16_array) {
+    return bfloat16_array.attr("view")(py::dtype::of<uint16_t>());
+}
+
 bool is_masked(const py::handle& array) {
     static auto* ndarray = new py::object(numpy().attr("ndarray"));
     if (py::type::handle_of(array).is(*ndarray)) return false;  // the common case, without looking up numpy.ma
@@ -435,6 +447,23 @@ public:
     const pwcpu::PackedWeights& packed() const { return *packed_; }
 
     py::array conv(const py::object& x_in, const py::object& residual, const py::object& out) {
+        // A 4-D bfloat16 x, where the kernels take bfloat16: read as it is (conv_bfloat16), and a
+        // bfloat16 out without a residual written by them (conv_bfloat16_into). Other bfloat16
+        // calls are refused here (TypeError), and widened by the Python layer.
+        if (py::isinstance<py::array>(x_in) && py::reinterpret_borrow<py::array>(x_in).itemsize() == 2 &&
+            is_bfloat16(x_in) && reads_bfloat16()) {
+            py::array x_bits = bits_of(x_in);
+            if (x_bits.ndim() == 4 && residual.is_none() && is_bfloat16(out)) {
+                py::array out_bits = bits_of(out);
+                if (out_bits.ndim() == 4 && (out_bits.shape(3) <= 1 || out_bits.strides(3) == 2) &&
+                    !overlaps(out_bits, x_bits)) {
+                    conv_bfloat16_into(x_bits, out_bits);
+                    return py::reinterpret_borrow<py::array>(out);
+                }
+            } else if (x_bits.ndim() == 4 && !is_bfloat16(residual) && !is_bfloat16(out)) {
+                return conv_bfloat16(x_bits, residual, out);
+            }
+        }
         const py::array x = float32_array(x_in, "x");
         const bool nchw = layout_ == pwcpu::Layout::nchw;
         if (x.ndim() != 4) {

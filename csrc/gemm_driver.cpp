@@ -574,7 +574,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const char* const what_partial = "partial sums of a split reduction";
     const char* const what_quantized = "activations quantized to int8";
     // Bytes of a converted pixel row in the buffer, and of a group's part of it: a stride of whole
-    // cache lines that is no multiple of 4 KiB (rows that far apart would share L1's sets: see tile_rows).
+    // cache lines that is no multiple of 4 KiB (rows that far apart would share L1's sets: see aliased_rows).
     const int64_t group_bytes = reduction * value_bytes;
     const int64_t row_bytes = [&] {
         const int64_t bytes = ceil_div(groups * group_bytes, int64_t{64}) * 64;

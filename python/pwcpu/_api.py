@@ -92,7 +92,7 @@ def _has_bfloat16(*arrays) -> bool:
     return any(_is_bfloat16(a) for a in arrays)
 
 
-def _run(compute, x, residual, out, plan=None):
+def _run(compute, x, residual, out):
     """``compute(x, residual, out)``, float32 arrays straight through; where the core refuses the
     dtypes (TypeError, before it touches any memory) and some array is bfloat16, the bfloat16 path.
     The common call pays nothing for bfloat16: the dtypes are looked at only after a refusal."""
@@ -101,28 +101,16 @@ def _run(compute, x, residual, out, plan=None):
     except TypeError:
         if not _has_bfloat16(x, residual, out):
             raise
-    return _with_bfloat16_arrays(compute, x, residual, out, plan)
+    return _with_bfloat16_arrays(compute, x, residual, out)
 
 
-def _with_bfloat16_arrays(compute, x, residual, out, plan=None):
+def _with_bfloat16_arrays(compute, x, residual, out):
     """``compute`` on bfloat16 arrays: x and residual are widened to float32 (exactly), a bfloat16
-    ``out`` receives the float32 result rounded to nearest even. Where ``plan`` (a ConvPlan) has
-    kernels that read bfloat16 (precision "bf16", NHWC, on CPUs with a bfloat16 dot product or
-    AMX), a 4-D x is read as it is instead: the same values, without the widening copy; and a
-    bfloat16 out (without a residual) is written by the kernels, rounded as the copy rounds."""
-    if _is_bfloat16(x) and _is_bfloat16(out) and residual is None and plan is not None and x.ndim == out.ndim == 4 \
-            and (out.shape[3] <= 1 or out.strides[3] == 2) and plan.reads_bfloat16 and not np.may_share_memory(x, out):
-        # Both bfloat16 where the kernels take it: read as it is, stored rounded as computed.
-        plan.conv_bfloat16_into(x.view(np.uint16), out.view(np.uint16))
-        return out
+    ``out`` receives the float32 result rounded to nearest even. (Where the kernels take bfloat16,
+    ConvPlan.conv reads a 4-D bfloat16 x as it is, and writes a bfloat16 out without a residual,
+    itself: the same values, without the copies.)"""
     if _is_bfloat16(x):
-        if plan is not None and x.ndim == 4 and plan.reads_bfloat16:
-            bits = x.view(np.uint16)
-
-            def compute(_, residual, out, plan=plan):
-                return plan.conv_bfloat16(bits, residual, out)
-        else:
-            x = x.astype(np.float32)
+        x = x.astype(np.float32)
     if _is_bfloat16(residual):
         residual = residual.astype(np.float32)
     if not _is_bfloat16(out):
@@ -269,7 +257,7 @@ def conv1x1(
     w = _weight_matrix(weight, groups)
     b = _bias_vector(bias, w.shape[0])
     plan = _core.ConvPlan(w, b, groups, *stride_hw, *padding_hw, code, False, layout_code, precision_code)
-    return _run(plan.conv, x, residual, out, plan)
+    return _run(plan.conv, x, residual, out)
 
 
 def pointwise(
@@ -506,7 +494,7 @@ class PointwiseConv(_PackedLayer):
         except TypeError:
             if not _has_bfloat16(x, residual, out):
                 raise
-        return _with_bfloat16_arrays(self._plan.conv, x, residual, out, self._plan)
+        return _with_bfloat16_arrays(self._plan.conv, x, residual, out)
 
     def __reduce__(self):
         options = (self._stride, self._padding, self._groups, self._activation, self._layout, self._precision)
