@@ -122,52 +122,79 @@ PWCPU_INLINE void tile_sums(const GemmTileArgs& p, typename Tiles::Sum (&sums)[M
     if constexpr (MT == 2 && NT == 2) _tile_stored(3, &sums[kTileRows][kTileColumns], kSumStride);
 }
 
-// Rows FIRST..ROWS-1 of the sums through the shared tile ends (bias, residual, activation, stores;
-// int8's zero points and scales) a few rows at a time, as many as registers hold.
-template <class Tiles, int FIRST, int ROWS, int NV, size_t kSumRows>
-PWCPU_INLINE void finish_rows(const typename Tiles::Sum (&sums)[kSumRows][NV * kTileColumns], const GemmTileArgs& p) {
-    constexpr int kRowsAtOnce = 8;
-    constexpr int n = ROWS - FIRST < kRowsAtOnce ? ROWS - FIRST : kRowsAtOnce;
+// N rows of the sums, from row `first` on, through the shared tile ends (bias, residual,
+// activation, stores; int8's zero points and scales): at most as many rows as registers hold.
+template <class Tiles, int NV, int N>
+PWCPU_INLINE void finish_rows(const typename Tiles::Sum (*sums)[NV * kTileColumns], int first, const GemmTileArgs& p) {
     GemmTileArgs rows = p;
-    rows.c = p.c != nullptr ? p.c + FIRST : nullptr;
-    rows.c_bfloat16 = p.c_bfloat16 != nullptr ? p.c_bfloat16 + FIRST : nullptr;
-    rows.residual = p.residual != nullptr ? p.residual + FIRST : nullptr;
+    rows.c = p.c != nullptr ? p.c + first : nullptr;
+    rows.c_bfloat16 = p.c_bfloat16 != nullptr ? p.c_bfloat16 + first : nullptr;
+    rows.residual = p.residual != nullptr ? p.residual + first : nullptr;
     if constexpr (std::is_same_v<Tiles, Bf16Tiles>) {
-        R acc[n][NV];
+        R acc[N][NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) {
             const R b = Vec::load(p.bias + v * Vec::W);
 #pragma GCC unroll 8
-            for (int m = 0; m < n; ++m) acc[m][v] = Vec::add(Vec::load(&sums[FIRST + m][v * Vec::W]), b);
+            for (int m = 0; m < N; ++m) acc[m][v] = Vec::add(Vec::load(&sums[first + m][v * Vec::W]), b);
         }
-        store_tile<n, NV>(acc, rows);
+        store_tile<N, NV>(acc, rows);
     } else {
-        rows.c_quantized = p.c_quantized != nullptr ? p.c_quantized + FIRST : nullptr;
-        rows.row_scale = p.row_scale != nullptr ? p.row_scale + FIRST : nullptr;
-        rows.row_zero_point = p.row_zero_point + FIRST;
-        IVec::I acc[n][NV];
+        rows.c_quantized = p.c_quantized != nullptr ? p.c_quantized + first : nullptr;
+        rows.row_scale = p.row_scale != nullptr ? p.row_scale + first : nullptr;
+        rows.row_zero_point = p.row_zero_point + first;
+        IVec::I acc[N][NV];
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 8
-            for (int m = 0; m < n; ++m) acc[m][v] = IVec::load_i32(&sums[FIRST + m][v * Vec::W]);
-        finish_int8_tile<n, NV>(acc, rows);
+            for (int m = 0; m < N; ++m) acc[m][v] = IVec::load_i32(&sums[first + m][v * Vec::W]);
+        finish_int8_tile<N, NV>(acc, rows);
     }
-    if constexpr (FIRST + n < ROWS) finish_rows<Tiles, FIRST + n, ROWS, NV>(sums, p);
 }
 
-// A tile of ROWS (1..32) rows: blocks of 16 rows are multiplied whole (see
-// GemmKernel::loads_row_blocks), and the rows past ROWS dropped.
-template <class Tiles, int ROWS, int NT>
-void amx_gemm_tile(const GemmTileArgs& p) {
-    constexpr int MT = ROWS > kTileRows ? 2 : 1;
+constexpr int kRowsAtOnce = 8;
+
+template <class Tiles, int NV, int N>
+void finish_rows_apart(const typename Tiles::Sum (*sums)[NV * kTileColumns], int first, const GemmTileArgs& p) {
+    finish_rows<Tiles, NV, N>(sums, first, p);
+}
+
+template <class Tiles, int NV, int... N>
+constexpr std::array<void (*)(const typename Tiles::Sum (*)[NV * kTileColumns], int, const GemmTileArgs&), sizeof...(N)>
+finish_rows_by_count(std::integer_sequence<int, N...>) {
+    return {{&finish_rows_apart<Tiles, NV, N + 1>...}};
+}
+
+// A tile of ROWS rows (1..32), MT blocks of 16 rows multiplied whole (see
+// GemmKernel::loads_row_blocks) and the rows past ROWS dropped; the rows kept are finished
+// kRowsAtOnce at a time. Whole tiles (16 or 32 rows, nearly all of them) have their own code;
+// tiles of other row counts (a thread's last) share one, which takes its row count at run time:
+// a copy of the tile ends for every row count made this unit the slowest to compile.
+template <class Tiles, int MT, int NT, int ROWS>
+void amx_gemm_tile(const GemmTileArgs& p, int rows) {
     alignas(64) typename Tiles::Sum sums[MT * kTileRows][NT * kTileColumns];
     tile_sums<Tiles, MT, NT>(p, sums);
-    finish_rows<Tiles, 0, ROWS, NT>(sums, p);
+    if constexpr (ROWS == MT * kTileRows) {
+#pragma GCC unroll 4
+        for (int first = 0; first < ROWS; first += kRowsAtOnce) finish_rows<Tiles, NT, kRowsAtOnce>(sums, first, p);
+    } else {
+        static constexpr auto finish = finish_rows_by_count<Tiles, NT>(std::make_integer_sequence<int, kRowsAtOnce>{});
+        int first = 0;
+        for (; first + kRowsAtOnce <= rows; first += kRowsAtOnce) finish[kRowsAtOnce - 1](sums, first, p);
+        if (first < rows) finish[rows - first - 1](sums, first, p);
+    }
+}
+
+template <class Tiles, int ROWS, int NT>
+void amx_gemm_tile_of_rows(const GemmTileArgs& p) {
+    constexpr int kBlocks = ROWS > kTileRows ? 2 : 1;
+    constexpr bool kWhole = ROWS == kBlocks * kTileRows;
+    amx_gemm_tile<Tiles, kBlocks, NT, kWhole ? ROWS : 0>(p, ROWS);
 }
 
 template <class Tiles, int NT, int... R>
 constexpr std::array<GemmTileFn, sizeof...(R)> amx_tiles_by_rows(std::integer_sequence<int, R...>) {
-    return {{&amx_gemm_tile<Tiles, R + 1, NT>...}};
+    return {{&amx_gemm_tile_of_rows<Tiles, R + 1, NT>...}};
 }
 
 // Tiles of 32 rows by NT * 16 columns: two blocks of rows share each weight tile loaded.
