@@ -163,7 +163,8 @@ void f32_gemm_tile(const GemmTileArgs& p) {
 template <class V, class = void>
 struct StoresBfloat16 : std::false_type {};
 template <class V>
-struct StoresBfloat16<V, std::void_t<decltype(&V::store_bfloat16_n)>> : std::true_type {};
+struct StoresBfloat16<V, std::void_t<decltype(V::store_bfloat16_n(static_cast<uint16_t*>(nullptr), typename V::R{}, size_t{}))>>
+    : std::true_type {};
 template <class V>  // (looked up when used: only where V has it)
 PWCPU_INLINE void store_bfloat16_lanes(uint16_t* p, typename V::R x, size_t n) {
     V::store_bfloat16_n(p, x, n);
