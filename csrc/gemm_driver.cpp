@@ -51,15 +51,17 @@ struct Blocking {
     int64_t mc_tiles;    // tiles per M block when the reduction is split
 };
 
+// kc_limit (> 0): K blocks of at most this many channels, whatever the reduction.
 Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, int64_t tiles,
-                         int64_t weight_bytes = sizeof(float), bool splittable = true) {
+                         int64_t weight_bytes = sizeof(float), bool splittable = true, int64_t kc_limit = 0) {
     const detail::CacheSizes& cache = detail::cache_sizes();
     const int64_t bytes = sizeof(float);
     // The reduction is split only when an MR x kc tile of activations would crowd L2: streaming
     // each row of the tile from L2 costs less than storing and re-reading partial sums, so
     // on a 1 MiB L2 even ResNet's C = 2048 and a 3072-wide feed-forward layer run unsplit.
     const int64_t forced = forced_reduction_block.load(std::memory_order_relaxed);
-    const int64_t kc_max = forced > 0 ? forced : std::max<int64_t>(256, cache.l2 / 4 / (kernel.mr * bytes) / 16 * 16);
+    int64_t kc_max = forced > 0 ? forced : std::max<int64_t>(256, cache.l2 / 4 / (kernel.mr * bytes) / 16 * 16);
+    if (kc_limit > 0) kc_max = std::min(kc_max, kc_limit);
     Blocking b{};
     b.k_blocks = cg <= kc_max || !splittable ? 1 : ceil_div(cg, kc_max);
     b.kc = std::max<int64_t>(1, ceil_div(cg, b.k_blocks));
@@ -520,19 +522,28 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const int64_t value_bytes = converted ? kernel.converted_value_bytes() : int64_t{sizeof(float)};
     const bool quads = converted && kernel.converted_group == 4;
     const int64_t reduction = converted ? kernel.padded_reduction(cg) : cg;
-    const Blocking blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}),
-                                         converted ? value_bytes : sizeof(float), !converted);
     const int threads =
         runtime::call_threads(2.0 * static_cast<double>(rows) * static_cast<double>(k) * static_cast<double>(cg));
     // Rows that alias are copied where each thread copies each of its rows once and the copies stay
     // in L2: when every panel passes over a band (the weights in one block of panels), or a
-    // thread's rows fit half of L2. Elsewhere (a 512 x 3072 -> 768 feed-forward layer: its rows
-    // copied up front went to L3 at 2 threads, 8 % slower) the kernels read them in place in tiles
-    // of half the rows, within the L1 set's ways.
+    // thread's rows fit half of L2. Where neither holds (a 512 x 3072 -> 768 feed-forward layer:
+    // its rows copied up front went to L3 at 2 threads, 8 % slower), the reduction is split into
+    // K blocks short enough for every panel's weights to share half of L2, and bands are copied.
+    // Against tiles of half the rows read in place, on an Intel Xeon (14x32 AVX-512), 11 alternating
+    // rounds: 384 and 512 x 3072 -> 768 +4 % / +2 % at 1 / 2 threads, 2048 x 3072 -> 768 even.
     const int64_t channels = cg * groups;
-    const bool restride =
-        aliased && (panels_total <= blk.nc_panels ||
-                    ceil_div(rows, int64_t{threads}) * (channels + 16) * int64_t{sizeof(float)} <= detail::cache_sizes().l2 / 2);
+    const bool thread_rows_fit_l2 =
+        ceil_div(rows, int64_t{threads}) * (channels + 16) * int64_t{sizeof(float)} <= detail::cache_sizes().l2 / 2;
+    const int64_t weight_bytes = converted ? value_bytes : int64_t{sizeof(float)};
+    Blocking blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}), weight_bytes,
+                                   !converted);
+    constexpr int64_t kShortestCopiedBlock = 128;
+    const int64_t kc_all_panels = detail::cache_sizes().l2 / 2 / (panels_total * kernel.nr * weight_bytes) / 16 * 16;
+    if (aliased && panels_total > blk.nc_panels && !thread_rows_fit_l2 && kc_all_panels >= kShortestCopiedBlock) {
+        blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}), weight_bytes, true,
+                              kc_all_panels);
+    }
+    const bool restride = aliased && (panels_total <= blk.nc_panels || thread_rows_fit_l2);
     constexpr int kFewestL1Ways = 8;
     const int64_t mr = aliased && !restride && kernel.mr >= kFewestL1Ways ? kernel.mr / 2 : kernel.mr;
 

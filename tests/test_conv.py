@@ -309,10 +309,12 @@ def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
 
 
 # (h, w) = (3, 11): the rows copied a band at a time; (7, 7) with K = 300: weights beyond a block of
-# panels, the rows copied up front; (24, 24) with K = 600: rows too many to copy within L2, read in
-# place in tiles of half the rows.
+# panels, the rows copied up front; (24, 24): rows too many to copy within L2, with K = 600 the
+# reduction split so that every panel's weights share L2 and the rows copied a band at a time, with
+# K = 2100 (too many panels for that, on L2s of up to 2 MiB) read in place in tiles of half the rows.
 @pytest.mark.parametrize("h,w,c,stride,k", [(3, 11, 1024, 1, 40), (3, 11, 1024, 2, 33), (3, 11, 2048, 1, 7),
-                                            (3, 11, 3072, 1, 17), (7, 7, 2048, 1, 300), (24, 24, 1024, 1, 600)])
+                                            (3, 11, 3072, 1, 17), (7, 7, 2048, 1, 300), (24, 24, 1024, 1, 600),
+                                            (24, 24, 1024, 1, 2100)])
 def test_channels_a_multiple_of_4_kib_are_copied_or_take_shorter_tiles(isa, rng, h, w, c, stride, k):
     """Pixel rows 4 KiB apart fall in one L1 set; those layers copy their rows to a buffer that does
     not alias, or run half-height tiles, tails included."""
