@@ -344,16 +344,18 @@ def test_every_gemm_kernel_over_its_tile_shapes(isa, rng, precision, kernel_list
     assert all(k.endswith("_" + family_isa) for k in kernels)
     widths = {}
     for k in range(1, 3 * max(_kernel_shape(name)[1] for name in kernels) + 1):
-        widths.setdefault(pwcpu.PointwiseConv(np.zeros((k, 3), np.float32), precision=precision).kernel, []).append(k)
+        widths.setdefault(pwcpu.PointwiseConv(np.zeros((k, 64), np.float32), precision=precision).kernel, []).append(k)
     assert set(widths) == set(kernels), f"kernels no layer width selects: {set(kernels) - set(widths)}"
     for name, ks in widths.items():
         mr, nr = _kernel_shape(name)
         chosen = sorted({ks[0], ks[-1]} | {k for k in ks if k % nr in (0, 1, nr - 1)})
         for k in chosen:
-            for c in (1, 5, 33):
+            for c in (1, 5, 33, 70):
                 weight, bias = randn(rng, k, c), randn(rng, k)
                 layer = pwcpu.PointwiseConv(weight, bias, activation="relu", precision=precision)
-                assert layer.kernel == name
+                if layer.kernel != name:  # int8 on AMX: layers of few channels take VNNI's kernels
+                    assert family_isa == "avx512amx" and c < 22 and layer.kernel.endswith("_avx512vnni"), layer.kernel
+                    continue
                 for m in range(1, mr + 2):
                     x = randn(rng, 1, 1, m, c)
                     check_conv(layer(x), x, weight, bias, activation="relu", precision=precision,

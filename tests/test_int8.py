@@ -165,3 +165,19 @@ def test_errors(rng):
         pwcpu.PointwiseConv(np.ones((1, 65537), np.float32), precision="int8")
     with pytest.raises(ValueError, match="precision"):
         pwcpu.conv1x1(x, weight, precision="int4")
+
+
+@pytest.mark.parametrize("c,groups,deep", [(16, 1, False), (21, 1, False), (64, 4, False), (22, 1, True), (64, 1, True)])
+def test_layers_of_few_channels_on_amx_take_the_vnni_kernels(rng, c, groups, deep):
+    """AMX multiplies tiles 64 channels deep: a layer whose groups have fewer than 22 channels would
+    mostly multiply padding, and takes VNNI's kernels instead (dynamic and static int8 alike)."""
+    if pwcpu.runtime_info()["int8_isa"] != "avx512amx":
+        pytest.skip("the int8 family is not AMX's here")
+    suffix = "_avx512amx" if deep else "_avx512vnni"
+    x, weight, bias = randn(rng, 1, 5, 7, c), randn(rng, 32, c // groups), randn(rng, 32)
+    layer = pwcpu.PointwiseConv(weight, bias, groups=groups, activation="relu", precision="int8")
+    assert layer.kernel.endswith(suffix), layer.kernel
+    check_conv(layer(x), x, weight, bias, groups=groups, activation="relu", precision="int8")
+    static = pwcpu.QuantizedPointwiseConv(rng.integers(-128, 128, (32, c // groups), dtype=np.int8), 0.02, 0,
+                                          0.05, 3, 0.1, 128, groups=groups)
+    assert static.kernel.endswith(suffix), static.kernel

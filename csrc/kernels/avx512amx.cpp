@@ -229,6 +229,7 @@ const IsaKernels& avx512amx_kernels() {
         t.widen_row_int8 = vnni.widen_row_int8;
         t.int8_isa = "avx512amx";
         t.int8_wide_weights = vnni.int8_wide_weights;
+        t.int8_shallow = &vnni;
         return t;
     }();
     return table;

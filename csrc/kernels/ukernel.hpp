@@ -219,6 +219,10 @@ struct IsaKernels {
     RoundRowsFn round_rows_to_bf16_pairs;  // for bf16 kernels that read pairs; null where none do
     FmaProbeFn fma_probe;
     int fma_per_iteration;
+    // Where its int8 kernels pad each group's reduction deep (AMX: to 64 channels), the table whose
+    // int8 kernels serve the layers that padding would more than triple (see int8_kernels_for). Null
+    // elsewhere.
+    const struct IsaKernels* int8_shallow = nullptr;
 
     const GemmKernel& main() const { return gemm[0]; }
     const GemmKernels& gemm_of(Precision precision) const {

@@ -119,7 +119,8 @@ public:
     Layout layout() const;
     Precision precision() const;
     // Name of the ISA whose kernel the packing was made for ("scalar", "avx2", "avx512", and for bf16
-    // and int8 also "avx512bf16", "avx512vnni").
+    // and int8 also "avx512bf16", "avx512vnni", "avx512amx"). Usually the family's ISA; int8 layers
+    // of few channels per group on AMX take the VNNI kernels (AMX would pad their reduction).
     const char* isa() const;
     const char* kernel_name() const;
     // False once select_isa() has switched the kernels of this packing's family: pack again.
