@@ -542,24 +542,27 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // Rows that alias are copied where each thread copies each of its rows once and the copies stay
     // in L2: when every panel passes over a band (the weights in one block of panels), or a
     // thread's rows fit half of L2. Where neither holds (a 512 x 3072 -> 768 feed-forward layer:
-    // its rows copied up front went to L3 at 2 threads, 8 % slower), the reduction is split into
-    // K blocks short enough for every panel's weights to share half of L2, and bands are copied.
-    // Against tiles of half the rows read in place, on an Intel Xeon (14x32 AVX-512), 11 alternating
-    // rounds: 384 and 512 x 3072 -> 768 +4 % / +2 % at 1 / 2 threads, 2048 x 3072 -> 768 even.
+    // its rows copied up front went to L3 at 2 threads, 8 % slower), kernels of fewer rows than
+    // L1 has ways read them in place; the others would read them in tiles of half their rows, so
+    // for them the reduction is split into K blocks short enough for every panel's weights to
+    // share half of L2, and bands are copied. Against the half tiles, on an Intel Xeon (14x32
+    // AVX-512), 11 alternating rounds: 384 and 512 x 3072 -> 768 +4 % / +2 % at 1 / 2 threads,
+    // 2048 x 3072 -> 768 even. (AVX2's 6x16 tiles in place there: 9 % faster than split and copied.)
     const int64_t channels = cg * groups;
     const bool thread_rows_fit_l2 =
         ceil_div(rows, int64_t{threads}) * (channels + 16) * int64_t{sizeof(float)} <= detail::cache_sizes().l2 / 2;
     const int64_t weight_bytes = converted ? value_bytes : int64_t{sizeof(float)};
     Blocking blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}), weight_bytes,
                                    !converted);
+    constexpr int kFewestL1Ways = 8;
     constexpr int64_t kShortestCopiedBlock = 128;
     const int64_t kc_all_panels = detail::cache_sizes().l2 / 2 / (panels_total * kernel.nr * weight_bytes) / 16 * 16;
-    if (aliased && panels_total > blk.nc_panels && !thread_rows_fit_l2 && kc_all_panels >= kShortestCopiedBlock) {
+    if (aliased && kernel.mr >= kFewestL1Ways && panels_total > blk.nc_panels && !thread_rows_fit_l2 &&
+        kc_all_panels >= kShortestCopiedBlock) {
         blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}), weight_bytes, true,
                               kc_all_panels);
     }
     const bool restride = aliased && (panels_total <= blk.nc_panels || thread_rows_fit_l2);
-    constexpr int kFewestL1Ways = 8;
     const int64_t mr = aliased && !restride && kernel.mr >= kFewestL1Ways ? kernel.mr / 2 : kernel.mr;
 
     // Padding reads a row of zeros (static int8: of the input's zero point), so border pixels get

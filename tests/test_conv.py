@@ -309,9 +309,10 @@ def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
 
 
 # (h, w) = (3, 11): the rows copied a band at a time; (7, 7) with K = 300: weights beyond a block of
-# panels, the rows copied up front; (24, 24): rows too many to copy within L2, with K = 600 the
-# reduction split so that every panel's weights share L2 and the rows copied a band at a time, with
-# K = 2100 (too many panels for that, on L2s of up to 2 MiB) read in place in tiles of half the rows.
+# panels, the rows copied up front; (24, 24): rows too many to copy within L2, read in place (in
+# tiles of half the rows by kernels of 8 rows or more) or, by those kernels with K = 600, in split
+# K blocks whose panels all share L2, the rows copied a band at a time (K = 2100 has too many
+# panels for that, on L2s of up to 2 MiB).
 @pytest.mark.parametrize("h,w,c,stride,k", [(3, 11, 1024, 1, 40), (3, 11, 1024, 2, 33), (3, 11, 2048, 1, 7),
                                             (3, 11, 3072, 1, 17), (7, 7, 2048, 1, 300), (24, 24, 1024, 1, 600),
                                             (24, 24, 1024, 1, 2100)])
