@@ -35,6 +35,19 @@ def test_isa_option_reruns_with_the_peers_held(tmp_path):
     assert data["runtime"]["isa"] == "scalar"
     assert data["runtime"]["peer_isa_limits"] == {"PWCPU_ISA": "scalar"}
     assert "peers held by: PWCPU_ISA=scalar" in stdout
+    # No switch holds NumPy's BLAS to scalar code: timed and shown, outside the ratio.
+    assert data["peers"] == ["numpy"] and data["compared_peers"] == []
+    assert "not held to scalar" in stdout and all(r["ratio"] != r["ratio"] for r in data["results"])
+
+
+def test_isa_option_compares_with_the_held_peers_only(tmp_path):
+    import pwcpu
+
+    if "avx2" not in pwcpu.runtime_info()["supported_isas"]:
+        pytest.skip("no AVX2 here")
+    data, _ = bench(tmp_path, "--suite", "resnet50", "--peers", "numpy", "--isa", "avx2")
+    assert data["compared_peers"] == ["numpy"]
+    assert all(r["fastest_peer"] == "numpy" and r["ratio"] > 0 for r in data["results"])
 
 
 def test_torch_overhead_run(tmp_path):
