@@ -450,8 +450,7 @@ public:
         // A 4-D bfloat16 x, where the kernels take bfloat16: read as it is (conv_bfloat16), and a
         // bfloat16 out without a residual written by them (conv_bfloat16_into). Other bfloat16
         // calls are refused here (TypeError), and widened by the Python layer.
-        if (py::isinstance<py::array>(x_in) && py::reinterpret_borrow<py::array>(x_in).itemsize() == 2 &&
-            is_bfloat16(x_in) && reads_bfloat16()) {
+        if (is_bfloat16(x_in) && reads_bfloat16()) {
             py::array x_bits = bits_of(x_in);
             if (x_bits.ndim() == 4 && residual.is_none() && is_bfloat16(out)) {
                 py::array out_bits = bits_of(out);

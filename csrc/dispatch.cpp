@@ -120,12 +120,11 @@ public:
         args.final = true;
         args.act = Activation::none;
         const kernels::GemmTileFn tile = k.by_rows[k.mr - 1];
-        if (k.begin_thread != nullptr) k.begin_thread();
+        const kernels::ThreadSetup thread_setup(k);
         tile(args);  // warm up
         const auto start = std::chrono::steady_clock::now();
         for (int call = 0; call < kCalls; ++call) tile(args);
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        if (k.end_thread != nullptr) k.end_thread();
         return seconds / (static_cast<double>(kCalls) * k.mr * k.nr * kReduction);
     }
 

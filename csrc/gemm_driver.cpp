@@ -129,22 +129,6 @@ void copy_rows(const kernels::IsaKernels& isa, const float* const* rows, int64_t
     }
 }
 
-// A kernel's per-thread set-up (see GemmKernel::begin_thread) for the lifetime of a thread's work.
-class ThreadSetup {
-public:
-    explicit ThreadSetup(const GemmKernel& kernel) : end_(kernel.end_thread) {
-        if (kernel.begin_thread != nullptr) kernel.begin_thread();
-    }
-    ~ThreadSetup() {
-        if (end_ != nullptr) end_();
-    }
-    ThreadSetup(const ThreadSetup&) = delete;
-    ThreadSetup& operator=(const ThreadSetup&) = delete;
-
-private:
-    void (*end_)();
-};
-
 // int8: the most input channels per group, so that sums of products of at most 255 x 127 stay exact
 // in int32 (see int8_gemm_tile.inl).
 constexpr int64_t kMaxInt8Channels = 65536;
@@ -668,7 +652,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         runtime::AlignedBuffer rounded, row_scales, row_zero_points;
         GemmTileArgs args{};
         args.a_converted_stride = static_cast<size_t>(row_bytes);
-        const ThreadSetup thread_setup(kernel);
+        const kernels::ThreadSetup thread_setup(kernel);
         if ((bf16 || int8 || restride) && !read_in_place) {
             rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, buffer_row_floats, what_buffer), what_buffer),
                                       what_buffer);

@@ -123,6 +123,22 @@ struct GemmKernel {
     }
 };
 
+// A kernel's per-thread set-up (see GemmKernel::begin_thread) for the lifetime of a thread's work.
+class ThreadSetup {
+public:
+    explicit ThreadSetup(const GemmKernel& kernel) : end_(kernel.end_thread) {
+        if (kernel.begin_thread != nullptr) kernel.begin_thread();
+    }
+    ~ThreadSetup() {
+        if (end_ != nullptr) end_();
+    }
+    ThreadSetup(const ThreadSetup&) = delete;
+    ThreadSetup& operator=(const ThreadSetup&) = delete;
+
+private:
+    void (*end_)();
+};
+
 // The depthwise-convolution microkernel: a run of equally spaced output pixels, every channel.
 //
 //   for p < pixels, c < channels:
