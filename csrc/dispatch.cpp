@@ -159,6 +159,15 @@ std::vector<double> relative_speeds(const kernels::IsaKernels::GemmKernels& gemm
     return speeds;
 }
 
+// Whether `name` is in PWCPU_SKIP_KERNELS, a comma-separated list of kernel names the dispatch
+// leaves out (to compare kernels, or to run one the timing would not pick; the tests do).
+bool skipped_kernel(const char* name) {
+    const char* list = std::getenv("PWCPU_SKIP_KERNELS");
+    if (list == nullptr) return false;
+    const std::string names = std::string(",") + list + ",";
+    return names.find(std::string(",") + name + ",") != std::string::npos;
+}
+
 // Entry i's table as the dispatch hands it out. Where it serves fp32, its fp32 GEMM kernels'
 // relative speeds are timed on this CPU (unless PWCPU_KERNEL_TIMING=0), for they differ between
 // machines: AMD Zen 4 runs a 512-bit FMA as two 256-bit halves, so the 14x24 kernel, whose last
@@ -172,6 +181,10 @@ const kernels::IsaKernels& usable_table(size_t entry) {
     if (entry >= kMaxIsas) throw std::logic_error("usable_table: too many ISAs");
     std::call_once(once[entry], [entry] {
         kernels::IsaKernels table = known_isas()[entry].table();
+        // (Never the main kernel: NCHW layers and the timing's reference need it.)
+        for (size_t i = 1; i < table.gemm.size(); ++i) {
+            if (table.gemm[i].by_rows != nullptr && skipped_kernel(table.gemm[i].name)) table.gemm[i] = kernels::GemmKernel{};
+        }
         const char* timing = std::getenv("PWCPU_KERNEL_TIMING");
         const bool serves_fp32 = (known_isas()[entry].families & family_bit(Precision::fp32)) != 0;
         if (serves_fp32 && (timing == nullptr || std::string(timing) != "0")) {

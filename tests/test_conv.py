@@ -1,5 +1,9 @@
 """conv1x1 and PointwiseConv against the float64 reference, on every ISA the machine supports."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -361,3 +365,32 @@ def test_every_gemm_kernel_over_its_tile_shapes(isa, rng, precision, kernel_list
                     x = randn(rng, 1, 1, m, c)
                     check_conv(layer(x), x, weight, bias, activation="relu", precision=precision,
                                context=f"{name} m={m} k={k} c={c}")
+
+
+# The plain forms of the kernels that also come in a shuffled form (see TileForm in
+# f32_gemm_tile.inl): the tables' figures, which the tests use, pick the plain ones.
+PLAIN_TWINS_OF_SHUFFLED = ("f32_gemm_bias_act_14x16_avx512", "f32_gemm_bias_act_12x8_avx2")
+
+
+def test_shuffled_kernels_over_their_tile_shapes():
+    """The shuffled forms, which only the timing on some CPUs picks: in a process that skips the
+    plain forms (PWCPU_SKIP_KERNELS), every x86 ISA lists its shuffled kernel, and the fp32 kernel
+    sweep above passes with it on every ISA."""
+    env = dict(os.environ, PWCPU_SKIP_KERNELS=",".join(PLAIN_TWINS_OF_SHUFFLED))
+    listing = """
+import pwcpu
+from pwcpu import _core
+for isa in pwcpu.runtime_info()["supported_isas"]:
+    _core.select_isa(isa)
+    print(isa, " ".join(pwcpu.runtime_info()["gemm_kernels"]))
+"""
+    listed = subprocess.run([sys.executable, "-c", listing], capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    for line in listed.stdout.splitlines():
+        isa, *kernels = line.split()
+        assert (isa == "scalar") != any("_shuffled_" in k for k in kernels), line
+        assert not set(kernels) & set(PLAIN_TWINS_OF_SHUFFLED), line
+    sweep = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                            "test_every_gemm_kernel_over_its_tile_shapes and fp32"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert sweep.returncode == 0 and " passed" in sweep.stdout, sweep.stdout[-3000:]

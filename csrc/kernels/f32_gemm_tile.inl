@@ -9,9 +9,9 @@
 // load_n/store_n (first n lanes, 0 <= n <= W), store_stream_n (as store_n, non-temporal for a
 // whole aligned vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c, max(a, b)/min(a, b)
 // with x86 semantics (b is returned when either is NaN, so passing the data as b keeps NaN), abs,
-// low_bits_to_exponent (each lane's bits shifted left by 23), select_neg(x, a, b) = x < 0 ? a : b,
-// dup4(p) (p[0..3] in every group of four lanes) and lane<j>(v) (lane j of every group of four,
-// broadcast within the group).
+// low_bits_to_exponent (each lane's bits shifted left by 23) and select_neg(x, a, b) = x < 0 ? a : b;
+// for the shuffled form (below) also dup4(p) (p[0..3] in every group of four lanes) and lane<j>(v)
+// (lane j of every group of four, broadcast within the group).
 // The ISA's unit includes f32_epilogue.inl (activations) before this file.
 
 // How many of each of a tile's NV vectors' lanes hold its nr valid columns.
@@ -26,19 +26,30 @@ PWCPU_INLINE void valid_lanes(size_t nr, size_t (&lanes)[NV]) {
 template <int MR, int NV>
 PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p);
 
+// A tile kernel's form beyond its MR x NV shape:
+// - half_last (ISAs whose Vec has a Half): the last vector's columns are half a register wide,
+//   NR = (NV - 0.5) * W, and their multiply-adds run on half vectors. On a CPU that splits full
+//   vectors into halves (Zen 4), 24 columns then cost 24 lanes of work rather than 32.
+// - shuffled (NV = 1): with one weight vector per k, every a[m][k] broadcast from memory is a load
+//   for each FMA. Half the rows instead load four k at once and broadcast them in registers, which
+//   moves work from the load ports to the shuffle units. Where shuffles share a port with the
+//   FMAs (Intel's AVX-512 cores) that costs: on an Intel Xeon the plain 14x16 kernel ran at 0.89
+//   of the 14x32 one's speed and the shuffled one at 0.68. Both forms are in the tables; the
+//   dispatch times them on the CPU at hand (see dispatch.cpp), and they sum in the same order.
+enum class TileForm { plain, half_last, shuffled };
+
 // Broadcast a[m][k], multiply by the NR-wide weight row k, accumulate: MR x NV registers stay
 // live across the whole K block; the N tail costs nothing here because panels are zero-padded.
-// kHalfLast (ISAs whose Vec has a Half): the last vector's columns are half a register wide,
-// NR = (NV - 0.5) * W, and their multiply-adds run on half vectors. On a CPU that splits full
-// vectors into halves (Zen 4), 24 columns then cost 24 lanes of work rather than 32.
-template <int MR, int NV, bool kHalfLast = false>
+template <int MR, int NV, TileForm kForm = TileForm::plain>
 void f32_gemm_tile(const GemmTileArgs& p) {
     constexpr int W = Vec::W;
+    constexpr bool kHalfLast = kForm == TileForm::half_last;
+    static_assert(kForm != TileForm::shuffled || NV == 1, "shuffled broadcasts serve one weight vector per k");
     // Vectors read and written whole; with kHalfLast the last one is read and written as a half.
     constexpr int kWhole = kHalfLast ? NV - 1 : NV;
-    // Vec, as a type that depends on kHalfLast: its half-vector members are looked up only in the
-    // kernels that use them (ISAs without half vectors have none).
-    using V = std::conditional_t<kHalfLast, Vec, Vec>;
+    // Vec, as a type that depends on the form: its half-vector and shuffle members are looked up
+    // only in the kernels that use them (ISAs without such kernels have none).
+    using V = std::conditional_t<kForm == TileForm::plain, Vec, Vec>;
     struct Row {
         R v[NV];
     };
@@ -87,26 +98,27 @@ void f32_gemm_tile(const GemmTileArgs& p) {
     const float* w = static_cast<const float*>(p.w);
     size_t kk = 0;
     if constexpr (NV == 1) {
-        // With one weight vector per k, broadcasting every a[m][k] from memory saturates the load
-        // ports before the FMA units. Half the rows instead load four k at once and broadcast in
-        // registers (shuffle ports): both kinds of port share the work.
+        // Four k at a time, a row after another: each row's pointer (most are spilled: there are
+        // more rows than free registers) is loaded once for four broadcasts.
         for (; kk + 4 <= p.kc; kk += 4) {
             const R b0 = Vec::load(w), b1 = Vec::load(w + W), b2 = Vec::load(w + 2 * W),
                     b3 = Vec::load(w + 3 * W);
 #pragma GCC unroll 32
             for (int m = 0; m < MR; ++m) {
-                if (m % 2 == 0) {
-                    const R quad = Vec::dup4(a[m] + kk);
-                    acc[m][0] = Vec::fma(Vec::template lane<0>(quad), b0, acc[m][0]);
-                    acc[m][0] = Vec::fma(Vec::template lane<1>(quad), b1, acc[m][0]);
-                    acc[m][0] = Vec::fma(Vec::template lane<2>(quad), b2, acc[m][0]);
-                    acc[m][0] = Vec::fma(Vec::template lane<3>(quad), b3, acc[m][0]);
-                } else {
-                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk]), b0, acc[m][0]);
-                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 1]), b1, acc[m][0]);
-                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 2]), b2, acc[m][0]);
-                    acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 3]), b3, acc[m][0]);
+                if constexpr (kForm == TileForm::shuffled) {
+                    if (m % 2 == 0) {
+                        const R quad = V::dup4(a[m] + kk);
+                        acc[m][0] = Vec::fma(V::template lane<0>(quad), b0, acc[m][0]);
+                        acc[m][0] = Vec::fma(V::template lane<1>(quad), b1, acc[m][0]);
+                        acc[m][0] = Vec::fma(V::template lane<2>(quad), b2, acc[m][0]);
+                        acc[m][0] = Vec::fma(V::template lane<3>(quad), b3, acc[m][0]);
+                        continue;
+                    }
                 }
+                acc[m][0] = Vec::fma(Vec::set1(a[m][kk]), b0, acc[m][0]);
+                acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 1]), b1, acc[m][0]);
+                acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 2]), b2, acc[m][0]);
+                acc[m][0] = Vec::fma(Vec::set1(a[m][kk + 3]), b3, acc[m][0]);
             }
             w += 4 * W;
         }
@@ -209,14 +221,14 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
 }
 
 // The kernel for every row count 1..sizeof(R): the table a GemmKernel points to.
-template <int NV, bool kHalfLast, int... R>
+template <int NV, TileForm kForm, int... R>
 constexpr std::array<GemmTileFn, sizeof...(R)> tiles_by_rows(std::integer_sequence<int, R...>) {
-    return {{&f32_gemm_tile<R + 1, NV, kHalfLast>...}};
+    return {{&f32_gemm_tile<R + 1, NV, kForm>...}};
 }
 
-template <int MR, int NV, bool kHalfLast = false>
+template <int MR, int NV, TileForm kForm = TileForm::plain>
 constexpr std::array<GemmTileFn, MR> tiles_by_rows() {
-    return tiles_by_rows<NV, kHalfLast>(std::make_integer_sequence<int, MR>{});
+    return tiles_by_rows<NV, kForm>(std::make_integer_sequence<int, MR>{});
 }
 
 // "f32_gemm_bias_act_<MR>x<NR>_<isa>" ("bf16_f32_..." for bfloat16 weights), built at compile
@@ -253,11 +265,13 @@ constexpr KernelName gemm_kernel_name(const char* prefix) {
 }
 
 // The GEMM kernel of MR x (NV vectors) tiles: its shape and name follow from the template
-// arguments, so they cannot disagree with the code that runs.
-template <int MR, int NV, bool kHalfLast = false>
+// arguments, so they cannot disagree with the code that runs. ("..._shuffled_<MR>x<NR>_<isa>":
+// the shuffled form.)
+template <int MR, int NV, TileForm kForm = TileForm::plain>
 GemmKernel gemm_kernel(float throughput) {
-    constexpr int kNr = NV * Vec::W - (kHalfLast ? Vec::W / 2 : 0);
-    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, kHalfLast>();
-    static constexpr KernelName name = gemm_kernel_name<MR, kNr>("f32_gemm_bias_act_");
+    constexpr int kNr = NV * Vec::W - (kForm == TileForm::half_last ? Vec::W / 2 : 0);
+    static constexpr std::array<GemmTileFn, MR> tiles = tiles_by_rows<MR, NV, kForm>();
+    static constexpr KernelName name =
+        gemm_kernel_name<MR, kNr>(kForm == TileForm::shuffled ? "f32_gemm_bias_act_shuffled_" : "f32_gemm_bias_act_");
     return {tiles.data(), MR, kNr, name.data(), throughput};
 }

@@ -54,9 +54,6 @@ struct Vec {
             return shifted;
         });
     }
-    static R dup4(const float* p) { return load(p); }
-    template <int J>
-    static R lane(R v) { return set1(v.lane[J]); }
     static R select_neg(R x, R a, R b) { return map([&](int i) { return x.lane[i] < 0.0f ? a.lane[i] : b.lane[i]; }); }
     static float reduce_min(R x) {
         float m = x.lane[0];

@@ -211,7 +211,7 @@ using FmaProbeFn = float (*)(size_t iterations);
 // main one, which NCHW layers use), kernels of its own for bf16 where it has a bfloat16 dot
 // product, the depthwise kernel, the rounding of activations to bfloat16, and its FMA peak probe.
 struct IsaKernels {
-    static constexpr int kMaxGemmKernels = 3;
+    static constexpr int kMaxGemmKernels = 4;
     using GemmKernels = std::array<GemmKernel, kMaxGemmKernels>;  // unused entries have no by_rows
     const char* isa;
     GemmKernels gemm;
