@@ -14,6 +14,8 @@ struct HalfVec {
 struct Vec {
     static constexpr const char* isa = kUnitIsa;
     static constexpr int W = 16;
+    static constexpr int kRegisters = 32;  // zmm0-31
+    static constexpr bool kEmbeddedBroadcast = true;  // an FMA broadcasts its operand from memory
     using R = __m512;
     static __mmask16 mask(size_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
     static R set1(float x) { return _mm512_set1_ps(x); }

@@ -18,6 +18,8 @@ namespace avx2 {
 struct Vec {
     static constexpr char isa[] = "avx2";
     static constexpr int W = 8;
+    static constexpr int kRegisters = 16;  // ymm0-15
+    static constexpr bool kEmbeddedBroadcast = false;
     using R = __m256;
     static __m256i mask(size_t n) {
         return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));

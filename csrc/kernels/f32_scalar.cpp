@@ -17,6 +17,8 @@ namespace scalar {
 struct Vec {
     static constexpr char isa[] = "scalar";
     static constexpr int W = 4;
+    static constexpr int kRegisters = 16;  // (what the compiler has for them: xmm0-15)
+    static constexpr bool kEmbeddedBroadcast = false;
     struct R {
         float lane[W];
     };
