@@ -6,11 +6,12 @@
 // never be picked by the linker for the scalar path.
 //
 // Vec provides: isa (its name), W (lanes), kRegisters (vector registers), kEmbeddedBroadcast
-// (whether an FMA can broadcast an operand from memory), R (register type), set1,
-// load (aligned to nothing), load_n/store_n (first n lanes, 0 <= n <= W), store_stream_n (as
-// store_n, non-temporal for a whole aligned vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c, max(a, b)/min(a, b)
-// with x86 semantics (b is returned when either is NaN, so passing the data as b keeps NaN), abs,
-// low_bits_to_exponent (each lane's bits shifted left by 23) and select_neg(x, a, b) = x < 0 ? a : b;
+// (whether an FMA can broadcast an operand from memory), R (register type), set1, load (aligned
+// to nothing), load_n/store_n (first n lanes, 0 <= n <= W), store_stream_n (as store_n,
+// non-temporal for a whole aligned vector), store, add, sub, mul, div, fma(a, b, c) = a * b + c,
+// max(a, b)/min(a, b) with x86 semantics (b is returned when either is NaN, so passing the data
+// as b keeps NaN), abs, low_bits_to_exponent (each lane's bits shifted left by 23) and
+// select_neg(x, a, b) = x < 0 ? a : b;
 // for the shuffled form (below) also dup4(p) (p[0..3] in every group of four lanes) and lane<j>(v)
 // (lane j of every group of four, broadcast within the group).
 // The ISA's unit includes f32_epilogue.inl (activations) before this file.
