@@ -1,5 +1,6 @@
 #include "dispatch.hpp"
 #include "runtime/memory.hpp"
+#include "runtime/timed_choice.hpp"
 
 #include <unistd.h>
 #if defined(__linux__)
@@ -421,6 +422,9 @@ RuntimeInfo runtime_info() {
     info.l3_bytes = caches.l3;
     info.stream_store_min_bytes = detail::stream_store_min_bytes();
     info.streamed_output_calls = runtime::streamed_output_calls().load(std::memory_order_relaxed);
+    for (size_t way = 0; way < 2; ++way) {
+        info.timed_choice_calls[way] = runtime::timed_choice_calls()[way].load(std::memory_order_relaxed);
+    }
     return info;
 }
 

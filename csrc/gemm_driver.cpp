@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -17,6 +18,7 @@
 #include "runtime/memory.hpp"
 #include "runtime/rows.hpp"
 #include "runtime/threads.hpp"
+#include "runtime/timed_choice.hpp"
 
 namespace pwcpu {
 
@@ -266,6 +268,10 @@ struct PackedWeights::Impl {
     }
     const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
     const int32_t* column_sums(int64_t p) const { return reinterpret_cast<const int32_t*>(panel(p) + 2 * kernel.nr); }
+
+    // float32 rows that alias, in layers where both ways below are open: split and copied, or
+    // read in place by half tiles (see Impl::run).
+    mutable runtime::TimedChoice aliased_rows_way;
 
     // Static int8 (packed from QuantizedConvParams): the input's zero point and sign, the output's.
     bool quantized_io = false;
@@ -527,11 +533,14 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // in L2: when every panel passes over a band (the weights in one block of panels), or a
     // thread's rows fit half of L2. Where neither holds (a 512 x 3072 -> 768 feed-forward layer:
     // its rows copied up front went to L3 at 2 threads, 8 % slower), kernels of fewer rows than
-    // L1 has ways read them in place; the others would read them in tiles of half their rows, so
-    // for them the reduction is split into K blocks short enough for every panel's weights to
-    // share half of L2, and bands are copied. Against the half tiles, on an Intel Xeon (14x32
-    // AVX-512), 11 alternating rounds: 384 and 512 x 3072 -> 768 +4 % / +2 % at 1 / 2 threads,
-    // 2048 x 3072 -> 768 even. (AVX2's 6x16 tiles in place there: 9 % faster than split and copied.)
+    // L1 has ways read them in place. The others read them in place in tiles of half their rows,
+    // or split the reduction into K blocks short enough for every panel's weights to share half
+    // of L2 and copy bands; which is faster depends on the CPU, so the layer times both on its
+    // first calls of each shape (TimedChoice). 14x32 AVX-512 tiles, alternating rounds, split and
+    // copied against half tiles: on an Intel Xeon, 384 and 512 x 3072 -> 768 +4 % / +2 % at 1 / 2
+    // threads, 2048 x 3072 -> 768 even; on AMD Zen 4 (whose 512-bit FMAs are two 256-bit halves,
+    // so half tiles keep its FMA unit as busy), 512 x 3072 -> 768 -13 % / -10 %, 28x28x1024->256
+    // -7 % / -10 %. (AVX2's 6x16 tiles in place on the Xeon: 9 % faster than split and copied.)
     const int64_t channels = cg * groups;
     const bool thread_rows_fit_l2 =
         ceil_div(rows, int64_t{threads}) * (channels + 16) * int64_t{sizeof(float)} <= detail::cache_sizes().l2 / 2;
@@ -541,8 +550,12 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     constexpr int kFewestL1Ways = 8;
     constexpr int64_t kShortestCopiedBlock = 128;
     const int64_t kc_all_panels = detail::cache_sizes().l2 / 2 / (panels_total * kernel.nr * weight_bytes) / 16 * 16;
-    if (aliased && kernel.mr >= kFewestL1Ways && panels_total > blk.nc_panels && !thread_rows_fit_l2 &&
-        kc_all_panels >= kShortestCopiedBlock) {
+    const bool may_split = aliased && kernel.mr >= kFewestL1Ways && panels_total > blk.nc_panels &&
+                           !thread_rows_fit_l2 && kc_all_panels >= kShortestCopiedBlock;
+    enum Way { split_and_copied, half_tiles };
+    const runtime::TimedChoice::Pick way = may_split ? aliased_rows_way.pick(rows, threads)
+                                                     : runtime::TimedChoice::Pick{split_and_copied, false};
+    if (may_split && way.way == split_and_copied) {
         blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}), weight_bytes, true,
                               kc_all_panels);
     }
@@ -832,7 +845,12 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         }
     };
 
+    const auto start = std::chrono::steady_clock::now();
     runtime::run_ranges(ranges, stream, work);
+    if (way.timed) {
+        aliased_rows_way.record(rows, threads, way.way,
+                                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
 }
 
 // NCHW: per image, Y[K, P] = W[K, C] X[C, P] over the P = Ho * Wo output pixels. Rows of a tile

@@ -328,6 +328,54 @@ def test_channels_a_multiple_of_4_kib_are_copied_or_take_shorter_tiles(isa, rng,
     check_conv(y, x, weight, bias, stride=stride, activation="relu")
 
 
+def _timed_calls():
+    return np.array(pwcpu.runtime_info()["timed_choice_calls"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_that_alias_time_both_ways_and_keep_the_faster(isa, rng, threads):
+    """A layer whose rows alias, too many to copy within L2, with kernels of 8 rows or more and
+    several blocks of panels (1024 rows of C = 1024, K = 384, on L2s of 0.4-3 MiB) may split its
+    reduction over copied rows or run half tiles in place: its first calls alternate between the
+    two (two each), later ones keep one. Every call gives the same values, bit for bit."""
+    pwcpu.set_num_threads(threads)
+    x, weight, bias = randn(rng, 1, 4, 256, 1024), randn(rng, 384, 1024), randn(rng, 384)
+    layer = pwcpu.PointwiseConv(weight, bias, activation="relu")
+    before = _timed_calls()
+    results, ways = [], []
+    for _ in range(7):
+        calls = _timed_calls()
+        results.append(layer(x))
+        ways.append(_timed_calls() - calls)
+    check_conv(results[0], x, weight, bias, activation="relu")
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])
+    timed = _timed_calls() - before
+    mr = _kernel_shape(layer.kernel)[0]
+    l2 = pwcpu.runtime_info()["l2_bytes"]
+    if mr >= 8 and 400 << 10 <= l2 <= 3 << 20:
+        assert timed.sum() == 7
+    if timed.sum() == 0:
+        return
+    assert [list(w) for w in ways[:4]] == [[1, 0], [0, 1], [1, 0], [0, 1]]
+    assert ways[4].sum() == 1 and all(np.array_equal(w, ways[4]) for w in ways[5:])
+
+
+def test_layer_timing_can_be_switched_off():
+    """PWCPU_LAYER_TIMING=0: such a layer always splits its reduction over copied rows."""
+    code = ("import numpy as np, pwcpu\n"
+            "pwcpu.set_num_threads(1)\n"
+            "x = np.ones((1, 4, 256, 1024), np.float32); w = np.ones((384, 1024), np.float32)\n"
+            "layer = pwcpu.PointwiseConv(w)\n"
+            "for _ in range(6): assert (layer(x) == 1024).all()\n"
+            "print(*pwcpu.runtime_info()['timed_choice_calls'])\n")
+    env = dict(os.environ, PWCPU_LAYER_TIMING="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    split, half = map(int, out.stdout.split())
+    assert half == 0 and split in (0, 6)
+
+
 def _kernel_shape(name):
     """(mr, nr) from a kernel name, [bf16_|int8_]f32_gemm_bias_act_<mr>x<nr>_<isa>."""
     mr, nr = name.rsplit("_", 2)[-2].split("x")
