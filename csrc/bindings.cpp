@@ -1029,7 +1029,8 @@ PYBIND11_MODULE(_core, m) {
         d["l3_bytes"] = info.l3_bytes;
         d["stream_store_min_bytes"] = info.stream_store_min_bytes;
         d["streamed_output_calls"] = info.streamed_output_calls;
-        d["timed_choice_calls"] = py::make_tuple(info.timed_choice_calls[0], info.timed_choice_calls[1]);
+        const auto& timed = info.timed_choice_calls;
+        d["timed_choice_calls"] = py::make_tuple(timed[0], timed[1], timed[2], timed[3]);
         d["single_threaded_after_fork"] = pwcpu::single_threaded_after_fork();
         return d;
     });

@@ -422,7 +422,7 @@ RuntimeInfo runtime_info() {
     info.l3_bytes = caches.l3;
     info.stream_store_min_bytes = detail::stream_store_min_bytes();
     info.streamed_output_calls = runtime::streamed_output_calls().load(std::memory_order_relaxed);
-    for (size_t way = 0; way < 2; ++way) {
+    for (size_t way = 0; way < info.timed_choice_calls.size(); ++way) {
         info.timed_choice_calls[way] = runtime::timed_choice_calls()[way].load(std::memory_order_relaxed);
     }
     return info;

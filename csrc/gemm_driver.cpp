@@ -269,9 +269,9 @@ struct PackedWeights::Impl {
     const float* weight_scales(int64_t p) const { return panel(p) + kernel.nr; }  // int8
     const int32_t* column_sums(int64_t p) const { return reinterpret_cast<const int32_t*>(panel(p) + 2 * kernel.nr); }
 
-    // float32 rows that alias, in layers where both ways below are open: split and copied, or
-    // read in place by half tiles (see Impl::run).
-    mutable runtime::TimedChoice aliased_rows_way;
+    // Ways of running a layer that are timed on its first calls (see Impl::run): float32 rows that
+    // alias split and copied or read in place by half tiles, threads splitting rows or panels.
+    mutable runtime::TimedChoice timed_ways;
 
     // Static int8 (packed from QuantizedConvParams): the input's zero point and sign, the output's.
     bool quantized_io = false;
@@ -552,10 +552,31 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const int64_t kc_all_panels = detail::cache_sizes().l2 / 2 / (panels_total * kernel.nr * weight_bytes) / 16 * 16;
     const bool may_split = aliased && kernel.mr >= kFewestL1Ways && panels_total > blk.nc_panels &&
                            !thread_rows_fit_l2 && kc_all_panels >= kShortestCopiedBlock;
-    enum Way { split_and_copied, half_tiles };
-    const runtime::TimedChoice::Pick way = may_split ? aliased_rows_way.pick(rows, threads)
-                                                     : runtime::TimedChoice::Pick{split_and_copied, false};
-    if (may_split && way.way == split_and_copied) {
+    // Threads split the layer as the partition's model of work and traffic prefers, or, where
+    // that splits the panels, the rows as far as balance allows. On AMD Zen 4 at 2 threads (best
+    // median of alternating rounds), rows against panels: 14x14x96->576 1.16x, 14x14x384->96
+    // 1.31x, 7x7x576->160 1.20x, 7x7x160->960 1.11x, 14x14x192->64 1.10x, 7x7x512->2048 and
+    // 14x14x256->1024 even. Where the two differ the layer times both.
+    // bf16: every thread rounds the activations it reads (a few vector operations each, like a few
+    // columns of multiply-adds), so threads split the rows rather than share them.
+    constexpr double kRoundingWork = 8.0;
+    const double activation_work = bf16 || int8 ? kRoundingWork : 0.0;
+    const std::vector<WorkRange> modelled = runtime::partition(rows, 1, rows, panels_total, kernel.nr, cg, threads,
+                                                               activation_work);
+    const std::vector<WorkRange> rows_first = runtime::partition(rows, 1, rows, panels_total, kernel.nr, cg, threads,
+                                                                 activation_work, true);
+    const bool same_partition = modelled.size() == rows_first.size() &&
+                                std::equal(modelled.begin(), modelled.end(), rows_first.begin(),
+                                           [](const WorkRange& a, const WorkRange& b) {
+                                               return a.m_begin == b.m_begin && a.m_end == b.m_end &&
+                                                      a.n_begin == b.n_begin && a.n_end == b.n_end;
+                                           });
+    const int aliased_ways = may_split ? 2 : 1, partition_ways = same_partition ? 1 : 2;
+    const runtime::TimedChoice::Pick way = timed_ways.pick(rows, threads, aliased_ways * partition_ways);
+    enum AliasedWay { split_and_copied, half_tiles };
+    const int aliased_way = way.way % aliased_ways;
+    const std::vector<WorkRange>& ranges = way.way / aliased_ways == 0 ? modelled : rows_first;
+    if (may_split && aliased_way == split_and_copied) {
         blk = choose_blocking(kernel, reduction, panels_total, ceil_div(rows, int64_t{kernel.mr}), weight_bytes, true,
                               kc_all_panels);
     }
@@ -577,14 +598,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const bool stream = !quantized && runtime::streams_output(rows * k);
 
     runtime::CallGuard guard;
-    // Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go
-    // 25 + 24 rather than 28 + 21, at the price of one partial tile per thread.
-    // bf16: every thread rounds the activations it reads (a few vector operations each, like a few
-    // columns of multiply-adds), so threads split the rows rather than share them.
-    constexpr double kRoundingWork = 8.0;
-    const std::vector<WorkRange> ranges = runtime::partition(
-        rows, 1, rows, panels_total, kernel.nr, cg,
-        threads, bf16 || int8 ? kRoundingWork : 0.0);
+    // (Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go
+    // 25 + 24 rather than 28 + 21, at the price of one partial tile per thread.)
     const int64_t mc_rows = blk.mc_tiles * mr;
 
     // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a
@@ -848,7 +863,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const auto start = std::chrono::steady_clock::now();
     runtime::run_ranges(ranges, stream, work);
     if (way.timed) {
-        aliased_rows_way.record(rows, threads, way.way,
+        timed_ways.record(rows, threads, way.way,
                                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
 }

@@ -332,48 +332,81 @@ def _timed_calls():
     return np.array(pwcpu.runtime_info()["timed_choice_calls"])
 
 
+def _calls_by_way(layer, x, calls=9):
+    """The results of `calls` calls, checked equal bit for bit, and the way each call ran
+    (-1 where the layer timed nothing)."""
+    results, ways = [], []
+    for _ in range(calls):
+        before = _timed_calls()
+        results.append(layer(x))
+        ran = _timed_calls() - before
+        assert ran.sum() in (0, 1)
+        ways.append(int(np.argmax(ran)) if ran.sum() else -1)
+    for y in results[1:]:
+        np.testing.assert_array_equal(y, results[0])
+    return results[0], ways
+
+
+def _check_timed_ways(ways):
+    """The first calls take the n ways in turn, twice over; later ones keep one."""
+    n = max(ways) + 1
+    assert ways[:2 * n] == [i % n for i in range(2 * n)]
+    assert len(set(ways[2 * n:])) == 1
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_that_alias_time_both_ways_and_keep_the_faster(isa, rng, threads):
     """A layer whose rows alias, too many to copy within L2, with kernels of 8 rows or more and
     several blocks of panels (1024 rows of C = 1024, K = 384, on L2s of 0.4-3 MiB) may split its
-    reduction over copied rows or run half tiles in place: its first calls alternate between the
-    two (two each), later ones keep one. Every call gives the same values, bit for bit."""
+    reduction over copied rows or run half tiles in place: its first calls take the two in turn
+    (two each), later ones keep one. Every call gives the same values, bit for bit."""
     pwcpu.set_num_threads(threads)
     x, weight, bias = randn(rng, 1, 4, 256, 1024), randn(rng, 384, 1024), randn(rng, 384)
     layer = pwcpu.PointwiseConv(weight, bias, activation="relu")
-    before = _timed_calls()
-    results, ways = [], []
-    for _ in range(7):
-        calls = _timed_calls()
-        results.append(layer(x))
-        ways.append(_timed_calls() - calls)
-    check_conv(results[0], x, weight, bias, activation="relu")
-    for y in results[1:]:
-        np.testing.assert_array_equal(y, results[0])
-    timed = _timed_calls() - before
+    y, ways = _calls_by_way(layer, x)
+    check_conv(y, x, weight, bias, activation="relu")
     mr = _kernel_shape(layer.kernel)[0]
     l2 = pwcpu.runtime_info()["l2_bytes"]
     if mr >= 8 and 400 << 10 <= l2 <= 3 << 20:
-        assert timed.sum() == 7
-    if timed.sum() == 0:
-        return
-    assert [list(w) for w in ways[:4]] == [[1, 0], [0, 1], [1, 0], [0, 1]]
-    assert ways[4].sum() == 1 and all(np.array_equal(w, ways[4]) for w in ways[5:])
+        assert -1 not in ways and max(ways) >= 1
+    if ways != [-1] * len(ways):
+        _check_timed_ways(ways)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_time_splitting_rows_against_panels(isa, rng, threads):
+    """Where the partition's model splits the panels among threads (196 rows, K = 576) and
+    splitting the rows is as balanced, a layer times both on its first calls; one thread has
+    nothing to time. Every call gives the same values, bit for bit."""
+    pwcpu.set_num_threads(threads)
+    x, weight = randn(rng, 1, 14, 14, 96), randn(rng, 576, 96)
+    layer = pwcpu.PointwiseConv(weight)
+    y, ways = _calls_by_way(layer, x)
+    check_conv(y, x, weight)
+    if threads == 1 or pwcpu.get_num_threads() == 1:
+        assert ways == [-1] * len(ways)
+    else:
+        _check_timed_ways(ways)
+        assert max(ways) == 1
 
 
 def test_layer_timing_can_be_switched_off():
-    """PWCPU_LAYER_TIMING=0: such a layer always splits its reduction over copied rows."""
+    """PWCPU_LAYER_TIMING=0: such layers always run their first way (the partition's model,
+    the reduction split over copied rows)."""
     code = ("import numpy as np, pwcpu\n"
             "pwcpu.set_num_threads(1)\n"
             "x = np.ones((1, 4, 256, 1024), np.float32); w = np.ones((384, 1024), np.float32)\n"
             "layer = pwcpu.PointwiseConv(w)\n"
             "for _ in range(6): assert (layer(x) == 1024).all()\n"
+            "pwcpu.set_num_threads(2)\n"
+            "layer = pwcpu.PointwiseConv(np.ones((576, 96), np.float32))\n"
+            "for _ in range(6): assert (layer(np.ones((1, 14, 14, 96), np.float32)) == 96).all()\n"
             "print(*pwcpu.runtime_info()['timed_choice_calls'])\n")
     env = dict(os.environ, PWCPU_LAYER_TIMING="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    split, half = map(int, out.stdout.split())
-    assert half == 0 and split in (0, 6)
+    calls = list(map(int, out.stdout.split()))
+    assert calls[1:] == [0, 0, 0] and calls[0] in (0, 6, 12)
 
 
 def _kernel_shape(name):

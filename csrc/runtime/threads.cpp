@@ -70,13 +70,12 @@ int call_threads(double flops) {
 }
 
 std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
-                                 int64_t cg, int threads, double activation_work) {
+                                 int64_t cg, int threads, double activation_work, bool rows_first) {
     struct Candidate {
         int tm, tn;
-        double cost;
+        double cost, slowest;
     };
-    Candidate best{1, 1, 0.0};
-    bool have_best = false;
+    std::vector<Candidate> candidates;
     for (int tm = 1; tm <= threads; ++tm) {
         if (threads % tm != 0) continue;
         const int tn = threads / tm;
@@ -88,9 +87,18 @@ std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows,
                                thread_rows * static_cast<double>(cg) * activation_work;
         const double traffic = static_cast<double>(tn) * static_cast<double>(rows) * static_cast<double>(cg) +
                                static_cast<double>(tm) * static_cast<double>(panels * panel_size) * static_cast<double>(cg);
-        const double cost = slowest + 0.25 * traffic;
-        if (!have_best || cost < best.cost) best = {tm, tn, cost};
-        have_best = true;
+        candidates.push_back({tm, tn, slowest + 0.25 * traffic, slowest});
+    }
+    Candidate best{1, 1, 0.0, 0.0};
+    double most_balanced = 0.0;
+    for (size_t i = 0; i < candidates.size(); ++i) {
+        if (i == 0 || candidates[i].cost < best.cost) best = candidates[i];
+        if (i == 0 || candidates[i].slowest < most_balanced) most_balanced = candidates[i].slowest;
+    }
+    if (rows_first) {
+        for (const Candidate& c : candidates) {  // (tm rises through the list)
+            if (c.slowest <= 1.05 * most_balanced) best = c;
+        }
     }
     std::vector<WorkRange> ranges;
     for (int i = 0; i < best.tm; ++i) {

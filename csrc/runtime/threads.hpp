@@ -39,8 +39,10 @@ struct WorkRange {
 // balance, prefer the one that moves fewer bytes: each thread column reads all the weights of its
 // panels, each thread row all the activations of its tiles. `activation_work`: what each thread
 // spends on every activation it reads (bf16 rounding), in multiply-adds of one output column.
+// rows_first: instead, of the grids within 5 % of the best balance, the one that splits the rows
+// most (a layer may time the two: see TimedChoice).
 std::vector<WorkRange> partition(int64_t tiles, int64_t tile_size, int64_t rows, int64_t panels, int64_t panel_size,
-                                 int64_t cg, int threads, double activation_work = 0.0);
+                                 int64_t cg, int threads, double activation_work = 0.0, bool rows_first = false);
 
 // The calling thread's count for the duration of a scope: operators called inside a worker of a
 // parallel region run on that worker alone.

@@ -329,10 +329,10 @@ struct RuntimeInfo {
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
     int64_t streamed_output_calls = 0;   // calls so far that wrote their output that way
-    // Calls so far of layers that time two ways of running on their first calls (float32 rows that
-    // alias, where a split reduction over copied rows and half tiles in place are both open), by
-    // the way each ran: {split and copied, half tiles}.
-    std::array<int64_t, 2> timed_choice_calls{};
+    // Calls so far of layers that time ways of running on their first calls (threads splitting
+    // rows or panels; float32 rows that alias split and copied or read by half tiles), by the way
+    // each ran (0: the way taken with PWCPU_LAYER_TIMING=0).
+    std::array<int64_t, 4> timed_choice_calls{};
 };
 RuntimeInfo runtime_info();
 const char* active_isa();  // cheap: the name of the ISA whose kernels new packings use
