@@ -554,9 +554,11 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                            !thread_rows_fit_l2 && kc_all_panels >= kShortestCopiedBlock;
     // Threads split the layer as the partition's model of work and traffic prefers, or, where
     // that splits the panels, the rows as far as balance allows. On AMD Zen 4 at 2 threads (best
-    // median of alternating rounds), rows against panels: 14x14x96->576 1.16x, 14x14x384->96
-    // 1.31x, 7x7x576->160 1.20x, 7x7x160->960 1.11x, 14x14x192->64 1.10x, 7x7x512->2048 and
-    // 14x14x256->1024 even. Where the two differ the layer times both.
+    // median of alternating rounds, partitions forced), rows against panels: 14x14x96->576 1.16x,
+    // 14x14x384->96 1.31x, 7x7x576->160 1.20x, 7x7x160->960 1.11x, 14x14x192->64 1.10x,
+    // 7x7x512->2048 and 14x14x256->1024 even. Where the two differ the layer times both.
+    // (Rows are split one by one, not by tiles: 49 pixels (a 7x7 layer) go 25 + 24 rather than
+    // 28 + 21, at the price of one partial tile per thread.)
     // bf16: every thread rounds the activations it reads (a few vector operations each, like a few
     // columns of multiply-adds), so threads split the rows rather than share them.
     constexpr double kRoundingWork = 8.0;
@@ -598,8 +600,6 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const bool stream = !quantized && runtime::streams_output(rows * k);
 
     runtime::CallGuard guard;
-    // (Threads split the output pixels row by row, not tile by tile: 49 pixels (a 7x7 layer) go
-    // 25 + 24 rather than 28 + 21, at the price of one partial tile per thread.)
     const int64_t mc_rows = blk.mc_tiles * mr;
 
     // Within an M block, rows are taken a band at a time: the band's activations (band x kc, a
@@ -863,8 +863,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const auto start = std::chrono::steady_clock::now();
     runtime::run_ranges(ranges, stream, work);
     if (way.timed) {
-        timed_ways.record(rows, threads, way.way,
-                                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        timed_ways.record(rows, threads, aliased_ways * partition_ways, way.way, seconds);
     }
 }
 

@@ -34,8 +34,8 @@ public:
         bool timed;  // a trial: report its time through record()
     };
 
-    // The way, of `ways` (1 .. kMaxWays), a call of this shape (its rows and threads) runs. Off
-    // (PWCPU_LAYER_TIMING=0): the first.
+    // The way, of `ways` (1 .. kMaxWays), a call of this shape (its rows and threads, and the ways
+    // open to it) runs. Off (PWCPU_LAYER_TIMING=0): the first.
     Pick pick(int64_t rows, int threads, int ways) {
         if (ways <= 1) return {0, false};
         const Pick p = choose(rows, threads, ways);
@@ -43,9 +43,9 @@ public:
         return p;
     }
 
-    void record(int64_t rows, int threads, int way, double seconds) {
+    void record(int64_t rows, int threads, int ways, int way, double seconds) {
         const std::lock_guard<std::mutex> lock(mutex_);
-        Shape* shape = find(rows, threads);
+        Shape* shape = find(rows, threads, std::min(ways, kMaxWays));
         if (shape == nullptr || shape->chosen >= 0) return;
         ++shape->total_trials;
         if (seconds < shape->fastest[way]) shape->fastest[way] = seconds;
@@ -61,10 +61,11 @@ private:
     Pick choose(int64_t rows, int threads, int ways) {
         if (!enabled()) return {0, false};
         const std::lock_guard<std::mutex> lock(mutex_);
-        Shape* shape = find(rows, threads);
+        ways = std::min(ways, kMaxWays);
+        Shape* shape = find(rows, threads, ways);
         if (shape == nullptr) {
             if (shapes_.size() >= kMaxShapes) return {0, false};
-            shapes_.push_back(Shape{rows, threads, std::min(ways, kMaxWays)});
+            shapes_.push_back(Shape{rows, threads, ways});
             shape = &shapes_.back();
         }
         if (shape->chosen >= 0) return {shape->chosen, false};
@@ -89,9 +90,9 @@ private:
         return on;
     }
 
-    Shape* find(int64_t rows, int threads) {
+    Shape* find(int64_t rows, int threads, int ways) {
         for (Shape& s : shapes_) {
-            if (s.rows == rows && s.threads == threads) return &s;
+            if (s.rows == rows && s.threads == threads && s.ways == ways) return &s;
         }
         return nullptr;
     }
