@@ -573,8 +573,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                                return a.m_begin == b.m_begin && a.m_end == b.m_end &&
                                                       a.n_begin == b.n_begin && a.n_end == b.n_end;
                                            });
-    const int aliased_ways = may_split ? 2 : 1, partition_ways = same_partition ? 1 : 2;
-    const runtime::TimedChoice::Pick way = timed_ways.pick(rows, threads, aliased_ways * partition_ways);
+    const int aliased_ways = may_split ? 2 : 1, ways = aliased_ways * (same_partition ? 1 : 2);
+    const runtime::TimedChoice::Pick way = timed_ways.pick(rows, threads, ways);
     enum AliasedWay { split_and_copied, half_tiles };
     const int aliased_way = way.way % aliased_ways;
     const std::vector<WorkRange>& ranges = way.way / aliased_ways == 0 ? modelled : rows_first;
@@ -864,7 +864,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     runtime::run_ranges(ranges, stream, work);
     if (way.timed) {
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        timed_ways.record(rows, threads, aliased_ways * partition_ways, way.way, seconds);
+        timed_ways.record(rows, threads, ways, way.way, seconds);
     }
 }
 

@@ -401,12 +401,15 @@ def test_layer_timing_can_be_switched_off():
             "pwcpu.set_num_threads(2)\n"
             "layer = pwcpu.PointwiseConv(np.ones((576, 96), np.float32))\n"
             "for _ in range(6): assert (layer(np.ones((1, 14, 14, 96), np.float32)) == 96).all()\n"
-            "print(*pwcpu.runtime_info()['timed_choice_calls'])\n")
+            "print(pwcpu.get_num_threads(), *pwcpu.runtime_info()['timed_choice_calls'])\n")
     env = dict(os.environ, PWCPU_LAYER_TIMING="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    calls = list(map(int, out.stdout.split()))
-    assert calls[1:] == [0, 0, 0] and calls[0] in (0, 6, 12)
+    threads, *calls = map(int, out.stdout.split())
+    assert calls[1:] == [0, 0, 0]
+    # (The second layer's partitions differ wherever there are two threads; the first layer's
+    # rows alias on 14-row kernels only.)
+    assert calls[0] in ((6, 12) if threads == 2 else (0, 6))
 
 
 def _kernel_shape(name):
