@@ -77,6 +77,24 @@ Blocking choose_blocking(const GemmKernel& kernel, int64_t cg, int64_t panels, i
     return b;
 }
 
+// A thread's rows (or a block's) cut into tiles of at most mr rows and of heights that differ by
+// one at most: 49 rows of AVX2's 6x16 kernel as 4 x 6 + 5 x 5 rather than 8 x 6 + 1. A tile of one
+// row has two accumulators, so its k loop runs at the FMA's latency, not its throughput: it took
+// two thirds of a full tile's time for a sixth of its work. Kernels that load whole blocks of rows
+// (AMX) keep full tiles and a last partial one.
+class RowTiles {
+public:
+    RowTiles(int64_t rows, int64_t mr, bool even)
+        : rows_(rows), count_(ceil_div(rows, mr)),
+          height_(even && count_ > 0 ? rows / count_ : mr), taller_(even && count_ > 0 ? rows % count_ : 0) {}
+    int64_t count() const { return count_; }
+    // The first row of tile t (of the rows' end for t >= count).
+    int64_t start(int64_t t) const { return t >= count_ ? rows_ : t * height_ + std::min(t, taller_); }
+
+private:
+    int64_t rows_, count_, height_, taller_;  // `taller_` tiles of height_ + 1 rows first
+};
+
 // Rows of an NHWC tile lie one pixel apart in x. When that distance is a multiple of 4 KiB (C of
 // 1024, 2048, 3072...), every row falls in the same L1 set (4 KiB is sets x line size on the
 // 32 KiB 8-way and 48 KiB 12-way L1s of current x86 cores), and a tile of more rows than the set
@@ -558,7 +576,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // 14x14x384->96 1.31x, 7x7x576->160 1.20x, 7x7x160->960 1.11x, 14x14x192->64 1.10x,
     // 7x7x512->2048 and 14x14x256->1024 even. Where the two differ the layer times both.
     // (Rows are split one by one, not by tiles: 49 pixels (a 7x7 layer) go 25 + 24 rather than
-    // 28 + 21, at the price of one partial tile per thread.)
+    // 28 + 21; each thread then cuts its rows into tiles of even heights, see RowTiles.)
     // bf16: every thread rounds the activations it reads (a few vector operations each, like a few
     // columns of multiply-adds), so threads split the rows rather than share them.
     constexpr double kRoundingWork = 8.0;
@@ -610,6 +628,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     const int64_t activation_bytes = value_bytes;
     const int64_t band_rows = std::clamp<int64_t>(
         detail::cache_sizes().l1d / 4 / (blk.kc * activation_bytes) / mr * mr, mr, kMaxBandRows / mr * mr);
+    const int64_t band_tiles = band_rows / mr;
 
     const char* const what_rounded = "activations rounded to bf16";
     const char* const what_partial = "partial sums of a split reduction";
@@ -724,6 +743,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                 }
             }
         }
+        const RowTiles tiles(range_rows, mr, !kernel.loads_row_blocks);
+        const auto tile_row = [&](int64_t t) { return range.m_begin + tiles.start(t); };
         // A split reduction's partial sums: an M block's rows x the block of panels' columns.
         const int64_t partial_stride = blk.nc_panels * kernel.nr;
         const AlignedBuffer partial = blk.k_blocks > 1 ? allocate_floats(checked_floats(
@@ -749,18 +770,20 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
 
         for (int64_t pb = range.n_begin; pb < range.n_end; pb += blk.nc_panels) {
             const int64_t pe = std::min(range.n_end, pb + blk.nc_panels);
-            for (int64_t mb = range.m_begin; mb < range.m_end; mb += mc_rows) {
-                const int64_t me = std::min(range.m_end, mb + mc_rows);
+            // M blocks and bands are whole tiles; tile_row(t) is tile t's first row.
+            for (int64_t tb = 0; tb < tiles.count(); tb += blk.mc_tiles) {
+                const int64_t te = std::min(tiles.count(), tb + blk.mc_tiles), mb = tile_row(tb);
                 for (int64_t kb = 0; kb < blk.k_blocks; ++kb) {
                     const int64_t k0 = begin_k_block(args, blk, kb, reduction, act, stream);
                     walker.seek(mb);
                     const int64_t first_group = pb / panels_per_group, first_j = pb % panels_per_group;
                     const int64_t a_offset = first_group * cg + k0, kc_floats = static_cast<int64_t>(args.kc);
                     int current = 0;
-                    walker.next(std::min(band_rows, me - mb), a_offset, band_rows_of[0].a, band_rows_of[0].out,
-                                band_rows_of[0].res);
-                    for (int64_t band = mb; band < me; band += band_rows, current ^= 1) {
-                        const int64_t rows_in_band = std::min(band_rows, me - band);
+                    walker.next(tile_row(std::min(te, tb + band_tiles)) - mb, a_offset, band_rows_of[0].a,
+                                band_rows_of[0].out, band_rows_of[0].res);
+                    for (int64_t bt = tb; bt < te; bt += band_tiles, current ^= 1) {
+                        const int64_t band = tile_row(bt), bt_end = std::min(te, bt + band_tiles);
+                        const int64_t rows_in_band = tile_row(bt_end) - band;
                         const T** a_rows = band_rows_of[current].a;
                         TOut** out_rows = band_rows_of[current].out;
                         const TOut** res_rows = band_rows_of[current].res;
@@ -797,7 +820,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         // follow each other in memory (a stride-1 layer's rows read whole) are one
                         // stream, which the hardware follows: the prefetches would only cost issue
                         // slots (6 % of a 112x112x32->16 layer's time on Zen 4, data in L2).
-                        const int64_t next_rows = std::min(band_rows, me - band - rows_in_band);
+                        const int64_t next_rows = tile_row(std::min(te, bt_end + band_tiles)) - tile_row(bt_end);
                         if (next_rows > 0) {
                             BandRows& next = band_rows_of[current ^ 1];
                             walker.next(next_rows, a_offset, next.a, next.out, next.res);
@@ -822,8 +845,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                             args.col_scale = weight_scales(p);
                             args.col_sums = column_sums(p);
                             if constexpr (quantized) args.bias_int32 = reinterpret_cast<const int32_t*>(panel(p));
-                            for (int64_t row = 0; row < rows_in_band; row += mr) {
-                                const int64_t rows_in_tile = std::min<int64_t>(mr, rows_in_band - row);
+                            for (int64_t t = bt; t < bt_end; ++t) {
+                                const int64_t row = tile_row(t) - band, rows_in_tile = tile_row(t + 1) - tile_row(t);
                                 args.a_converted = converted_rows + row;
                                 args.row_zero_point = quads ? band_zero_points + row : nullptr;
                                 if constexpr (quantized) {
