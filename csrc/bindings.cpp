@@ -60,7 +60,7 @@ void check_allocatable(const std::vector<py::ssize_t>& shape) {
 
 // A new output array from pwcpu's output buffers (pwcpu.hpp: cache-line aligned, so that rows of
 // a multiple of 16 channels take whole-line non-temporal stores; huge pages; the last freed
-// block reused, so that `y = layer(x)` in a loop does not fault in fresh pages on every call).
+// blocks reused, so that `y = layer(x)` in a loop does not fault in fresh pages on every call).
 py::array aligned_output(const std::vector<py::ssize_t>& shape) {
     check_allocatable(shape);
     size_t bytes = sizeof(float);
@@ -997,6 +997,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("in_channels", &BlockPlan::in_channels)
         .def_property_readonly("out_channels", &BlockPlan::out_channels);
 
+    m.def("output_array", [](py::ssize_t floats) { return aligned_output({floats}); }, py::arg("floats"),
+          "A new float32 array of `floats` elements on pwcpu's output buffers (for the PyTorch bridge).");
     m.def("as_float32", [](const py::object& value, const std::string& name) { return float32_array(value, name); },
           py::arg("value"), py::arg("name"));
     m.def("get_num_threads", &pwcpu::get_num_threads);
@@ -1029,6 +1031,7 @@ PYBIND11_MODULE(_core, m) {
         d["l3_bytes"] = info.l3_bytes;
         d["stream_store_min_bytes"] = info.stream_store_min_bytes;
         d["streamed_output_calls"] = info.streamed_output_calls;
+        d["reused_output_buffers"] = info.reused_output_buffers;
         const auto& timed = info.timed_choice_calls;
         d["timed_choice_calls"] = py::make_tuple(timed[0], timed[1], timed[2], timed[3]);
         d["single_threaded_after_fork"] = pwcpu::single_threaded_after_fork();

@@ -1,12 +1,15 @@
 // Memory for packed weights and outputs (see pwcpu.hpp): 64-byte aligned, huge pages from 2 MiB,
-// and the most recently freed block of each kind kept for reuse.
+// and the last few freed blocks of each kind kept for reuse.
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "pwcpu/pwcpu.hpp"
 
@@ -15,14 +18,23 @@ namespace {
 
 constexpr size_t kLine = 64;
 constexpr size_t kHugePage = size_t{2} << 20;
-// The largest block kept as a spare: beyond it, holding memory nobody uses costs more than the
-// page faults it would save.
+// Freed blocks kept for reuse, per kind: the most recently freed first (the likeliest to be in
+// cache). A network's layers free and ask for outputs of a few sizes in turn, so a few blocks are
+// kept, not one; beyond kMaxSpareBytes in all, holding memory nobody uses costs more than the page
+// faults and cache misses it would save.
+constexpr size_t kSpareBlocks = 8;
 constexpr size_t kMaxSpareBytes = size_t{256} << 20;
+
+struct Block {
+    void* data = nullptr;
+    size_t bytes = 0;
+};
 
 struct Spare {
     std::mutex mutex;
-    void* data = nullptr;
+    std::deque<Block> blocks;  // most recently freed first
     size_t bytes = 0;
+    int64_t reused = 0;  // requests served from the blocks
 };
 
 Spare& spare(BufferKind kind) {
@@ -46,9 +58,14 @@ void* allocate_buffer(size_t bytes, BufferKind kind, const char* what) {
     Spare& s = spare(kind);
     {
         std::lock_guard<std::mutex> lock(s.mutex);
-        if (s.data != nullptr && s.bytes >= block && s.bytes <= 2 * block) {
-            s.bytes = 0;
-            return std::exchange(s.data, nullptr);
+        const auto fits = [block](const Block& b) { return b.bytes >= block && b.bytes <= 2 * block; };
+        const auto found = std::find_if(s.blocks.begin(), s.blocks.end(), fits);
+        if (found != s.blocks.end()) {
+            void* p = found->data;
+            s.bytes -= found->bytes;
+            s.blocks.erase(found);
+            ++s.reused;
+            return p;
         }
     }
     const bool huge = block >= kHugePage;
@@ -64,13 +81,29 @@ void* allocate_buffer(size_t bytes, BufferKind kind, const char* what) {
 void free_buffer(void* p, size_t bytes, BufferKind kind) {
     if (p == nullptr) return;
     const size_t block = block_bytes(bytes);
-    if (block <= kMaxSpareBytes) {  // the most recent block is the likeliest to be asked for again
+    if (block > kMaxSpareBytes) {
+        std::free(p);
+        return;
+    }
+    std::vector<void*> released;  // freed outside the lock
+    {
         Spare& s = spare(kind);
         std::lock_guard<std::mutex> lock(s.mutex);
-        std::swap(p, s.data);
-        s.bytes = block;
+        s.blocks.push_front({p, block});
+        s.bytes += block;
+        while (s.blocks.size() > kSpareBlocks || s.bytes > kMaxSpareBytes) {
+            released.push_back(s.blocks.back().data);
+            s.bytes -= s.blocks.back().bytes;
+            s.blocks.pop_back();
+        }
     }
-    std::free(p);
+    for (void* old : released) std::free(old);
+}
+
+int64_t reused_buffers(BufferKind kind) {
+    Spare& s = spare(kind);
+    std::lock_guard<std::mutex> lock(s.mutex);
+    return s.reused;
 }
 
 }  // namespace pwcpu

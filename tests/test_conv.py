@@ -312,6 +312,23 @@ def test_large_outputs_bypass_the_caches(isa, rng, layout, k):
     check_conv(accumulator, x, weight, bias, layout=layout, activation="relu", residual=residual)
 
 
+def test_outputs_reuse_the_last_freed_blocks_of_several_sizes(rng):
+    """Layers called in turn free and ask for outputs of a few sizes: pwcpu keeps the last few
+    blocks it freed, so every output of a size freed before is served from them, not only one
+    of the last size."""
+    small = pwcpu.PointwiseConv(randn(rng, 64, 16))
+    large = pwcpu.PointwiseConv(randn(rng, 256, 16))
+    x = randn(rng, 1, 64, 64, 16)  # outputs of 1 and 4 MiB
+    small(x), large(x)
+    reused = pwcpu.runtime_info()["reused_output_buffers"]
+    for _ in range(4):
+        a = small(x)
+        b = large(x)
+        assert a.ctypes.data != b.ctypes.data
+        del a, b  # freed: large's block last, small's before it
+    assert pwcpu.runtime_info()["reused_output_buffers"] == reused + 8
+
+
 # (h, w) = (3, 11): the rows copied a band at a time; (7, 7) with K = 300: weights beyond a block of
 # panels, the rows copied up front; (24, 24): rows too many to copy within L2, read in place (in
 # tiles of half the rows by kernels of 8 rows or more) or, by those kernels with K = 600, in split

@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
+import pwcpu  # noqa: E402
 import pwcpu.torch as pt  # noqa: E402
 from pwcpu.torch_models import Bottleneck, InvertedResidual, conv_bn, randomize_batchnorm  # noqa: E402
 
@@ -93,6 +94,28 @@ def test_channels_last_input_is_not_copied():
     assert y.is_contiguous(memory_format=torch.channels_last)
     expected = torch.relu(torch.nn.functional.conv2d(x, weight))
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_converted_layers_write_into_the_last_freed_output_buffers():
+    """A converted model's results live in pwcpu's output buffers: once a call's outputs are freed,
+    the next call's layers are given the same blocks back (warm in cache, no fresh pages) rather
+    than torch.empty's memory, and compute the same values."""
+    model = small_resnet().eval()
+    x = torch.randn(1, 64, 20, 20)
+    with torch.inference_mode():
+        converted = pt.convert(model)
+        expected = model(x)
+        torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-4)
+        reused = pwcpu.runtime_info()["reused_output_buffers"]
+        for _ in range(3):
+            torch.testing.assert_close(converted(x), expected, rtol=1e-4, atol=1e-4)
+        # Each of the six layers' outputs, every call (more than one size among them).
+        assert pwcpu.runtime_info()["reused_output_buffers"] >= reused + 3 * 6
+        y = converted(x)
+        held = y.data_ptr()
+        z = converted(x)  # y is still held: its memory is not handed out again
+        assert z.data_ptr() != held
+        torch.testing.assert_close(y, z)
 
 
 def test_residual_through_the_operator():

@@ -78,14 +78,16 @@ private:
     std::string message_;
 };
 
-// Memory for large tensors, as pwcpu allocates its packed weights and (from Python) its outputs:
-// 64-byte aligned, huge pages asked for from 2 MiB, and the most recently freed block of each
-// kind (up to 256 MiB) kept for the next request of a similar size, so that a layer called in a
-// loop reuses its last output's pages instead of faulting in fresh ones on every call.
+// Memory for large tensors, as pwcpu allocates its packed weights and (from Python and PyTorch)
+// its outputs: 64-byte aligned, huge pages asked for from 2 MiB, and the last few freed blocks of
+// each kind (8, 256 MiB in all) kept for the next requests of a similar size, the most recent
+// first, so that a layer called in a loop, or a model's layers in turn, reuse memory that is
+// mapped and in cache instead of faulting in fresh pages on every call.
 // allocate_buffer throws AllocationError (naming `what`); free_buffer takes the requested size.
 enum class BufferKind { packed_weights, output };
 void* allocate_buffer(size_t bytes, BufferKind kind, const char* what);
 void free_buffer(void* p, size_t bytes, BufferKind kind);
+int64_t reused_buffers(BufferKind kind);  // requests served so far from kept blocks
 
 // Output extent of a convolution along one axis: (in + 2 pad - kernel) / stride + 1, 0 when the
 // padded input is shorter than the kernel.
@@ -329,6 +331,7 @@ struct RuntimeInfo {
     int64_t l1d_bytes = 0, l2_bytes = 0, l3_bytes = 0;
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
     int64_t streamed_output_calls = 0;   // calls so far that wrote their output that way
+    int64_t reused_output_buffers = 0;   // outputs so far given a block freed before (see allocate_buffer)
     // Calls so far of layers that time ways of running on their first calls (threads splitting
     // rows or panels; float32 rows that alias split and copied or read by half tiles), by the way
     // each ran (0: the way taken with PWCPU_LAYER_TIMING=0).
