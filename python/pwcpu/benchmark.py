@@ -505,13 +505,15 @@ KERAS_MODELS = {"mobilenet_v2": "MobileNetV2", "mobilenet_v3_large": "MobileNetV
 
 def _tflite_model(name: str) -> Optional[bytes]:
     """Keras' definition of the same network (random weights, 224x224x3 input) converted to
-    TFLite, or None without TensorFlow or a Keras counterpart."""
-    if name not in KERAS_MODELS or importlib.util.find_spec("tensorflow") is None:
+    TFLite, or None without TensorFlow or a Keras counterpart. ``name`` is a torchvision name,
+    possibly followed by where the model came from ("mobilenet_v2 (pwcpu.torch_models)")."""
+    keras_name = KERAS_MODELS.get(name.split(" ")[0])
+    if keras_name is None or importlib.util.find_spec("tensorflow") is None:
         return None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
-    model = getattr(tf.keras.applications, KERAS_MODELS[name])(weights=None, input_shape=(224, 224, 3))
+    model = getattr(tf.keras.applications, keras_name)(weights=None, input_shape=(224, 224, 3))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the converter's notes
         warnings.simplefilter("ignore")
         return tf.lite.TFLiteConverter.from_keras_model(model).convert()
