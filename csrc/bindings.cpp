@@ -1032,6 +1032,7 @@ PYBIND11_MODULE(_core, m) {
         d["stream_store_min_bytes"] = info.stream_store_min_bytes;
         d["streamed_output_calls"] = info.streamed_output_calls;
         d["reused_output_buffers"] = info.reused_output_buffers;
+        d["scratch_misses"] = info.scratch_misses;
         const auto& timed = info.timed_choice_calls;
         d["timed_choice_calls"] = py::make_tuple(timed[0], timed[1], timed[2], timed[3]);
         d["single_threaded_after_fork"] = pwcpu::single_threaded_after_fork();

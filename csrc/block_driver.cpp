@@ -106,7 +106,7 @@ namespace {
 // A whole (batch, h, w, c) tensor in `buffer`.
 TensorView whole_tensor(runtime::AlignedBuffer& buffer, int64_t batch, int64_t h, int64_t w, int64_t c, const char* what) {
     const int64_t count = runtime::checked_mul(runtime::checked_mul(runtime::checked_mul(batch, h, what), w, what), c, what);
-    buffer = runtime::allocate_floats(runtime::checked_floats(count, what), what);
+    buffer = runtime::scratch_floats(runtime::checked_floats(count, what), what);
     return TensorView{buffer.get(), {batch, h, w, c}, {h * w * c, w * c, c, 1}};
 }
 
@@ -184,7 +184,7 @@ void InvertedResidual::Impl::expand_and_filter(const TensorView& x, int64_t ho, 
     const ConvGeometry& g = o.depthwise_geometry;
     const int64_t h = x.shape[1], w = x.shape[2], e = o.hidden_channels, kh = o.kernel_h, sh = g.stride_h;
     const int64_t expanded_row = w * e;
-    runtime::AlignedBuffer expanded = runtime::allocate_floats(
+    runtime::AlignedBuffer expanded = runtime::scratch_floats(
         runtime::checked_floats(runtime::checked_mul(bands.buffer_rows, expanded_row, "expanded rows"), "expanded rows"),
         "the block's expanded rows");
     for (int64_t row = range.m_begin; row < range.m_end;) {
@@ -260,7 +260,7 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
         runtime::partition(batch * ho, 1, batch * ho, 1, e, o.in_channels, runtime::call_threads(flops));
     runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
         runtime::ThreadsForThisThread one(1);
-        runtime::AlignedBuffer filtered = runtime::allocate_floats(
+        runtime::AlignedBuffer filtered = runtime::scratch_floats(
             runtime::checked_floats(runtime::checked_mul(bands.height, wo * e, "depthwise rows"), "depthwise rows"),
             "the block's depthwise rows");
         const auto band_buffer = [&](int64_t, int64_t, int64_t rows) {
@@ -289,7 +289,7 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
     const char* what = "the block's depthwise output";
     runtime::AlignedBuffer filtered;
     const TensorView mid = whole_tensor(filtered, batch, ho, wo, e, what);
-    runtime::AlignedBuffer row_sums = runtime::allocate_floats(runtime::checked_floats(rows * e, what), what);
+    runtime::AlignedBuffer row_sums = runtime::scratch_floats(runtime::checked_floats(rows * e, what), what);
     const auto sum_rows = [&](int64_t n, int64_t oh0, int64_t count, const TensorView& band) {
         for (int64_t r = 0; r < count; ++r) {
             channel_sums(band.data + r * wo * e, wo, e, row_sums.get() + (n * ho + oh0 + r) * e);
@@ -323,7 +323,7 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
     }
 
     // (2) Per image: channel means -> reduce + activation -> expand + gate = the scale.
-    runtime::AlignedBuffer means = runtime::allocate_floats(runtime::checked_floats(batch * e, what), what);
+    runtime::AlignedBuffer means = runtime::scratch_floats(runtime::checked_floats(batch * e, what), what);
     for (int64_t n = 0; n < batch; ++n) {
         for (int64_t c = 0; c < e; ++c) {
             double sum = 0.0;
@@ -331,8 +331,8 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
             means.get()[n * e + c] = static_cast<float>(sum / static_cast<double>(ho * wo));
         }
     }
-    runtime::AlignedBuffer squeezed = runtime::allocate_floats(runtime::checked_floats(batch * o.se_channels, what), what);
-    runtime::AlignedBuffer scale = runtime::allocate_floats(runtime::checked_floats(batch * e, what), what);
+    runtime::AlignedBuffer squeezed = runtime::scratch_floats(runtime::checked_floats(batch * o.se_channels, what), what);
+    runtime::AlignedBuffer scale = runtime::scratch_floats(runtime::checked_floats(batch * e, what), what);
     se_reduce->run(runtime::buffer_view(means.get(), 1, batch, e), runtime::buffer_view(squeezed.get(), 1, batch, o.se_channels),
                    nullptr, ConvGeometry{}, o.se_activation);
     se_expand->run(runtime::buffer_view(squeezed.get(), 1, batch, o.se_channels), runtime::buffer_view(scale.get(), 1, batch, e),

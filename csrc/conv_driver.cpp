@@ -132,7 +132,7 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
     const int64_t half_l2 = detail::cache_sizes().l2 / 2 / static_cast<int64_t>(sizeof(float));
     const int64_t band = std::clamp<int64_t>(std::max(half_l2, 2 * weight_floats) / std::max<int64_t>(row_floats, 1), 1, ho);
     const auto columns_buffer = [&] {
-        return runtime::allocate_floats(
+        return runtime::scratch_floats(
             checked_floats(checked_mul(band, row_floats, "conv2d's im2col band"), "conv2d's im2col band"),
             "conv2d's im2col rows");
     };

@@ -423,6 +423,7 @@ RuntimeInfo runtime_info() {
     info.stream_store_min_bytes = detail::stream_store_min_bytes();
     info.streamed_output_calls = runtime::streamed_output_calls().load(std::memory_order_relaxed);
     info.reused_output_buffers = reused_buffers(BufferKind::output);
+    info.scratch_misses = runtime::scratch_misses();
     for (size_t way = 0; way < info.timed_choice_calls.size(); ++way) {
         info.timed_choice_calls[way] = runtime::timed_choice_calls()[way].load(std::memory_order_relaxed);
     }

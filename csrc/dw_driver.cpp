@@ -104,7 +104,7 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
         const int64_t batch = x.shape[0], h = x.shape[1], w = x.shape[2];
         const int64_t hp = h + 2 * geo.pad_h, wp = w + 2 * geo.pad_w;
         const char* what = "the zero-padded input";
-        AlignedBuffer padded = runtime::allocate_floats(
+        AlignedBuffer padded = runtime::scratch_floats(
             checked_floats(checked_mul(checked_mul(checked_mul(batch, hp, what), wp, what), c, what), what), what);
         const TensorView padded_x{padded.get(), {batch, hp, wp, c}, {hp * wp * c, wp * c, c, 1}};
         const int64_t padded_rows = batch * hp;
@@ -138,7 +138,7 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
         const int64_t step = std::abs(x.strides[2]);  // a view may run backwards (or broadcast: 0)
         const int64_t columns = runtime::checked_mul(x.shape[2] + 2 * geo.pad_w + kw, step, what);
         const size_t count = runtime::checked_floats(columns + c, what);
-        zeros = runtime::allocate_floats(count, what);
+        zeros = runtime::scratch_floats(count, what);
         std::memset(zeros.get(), 0, count * sizeof(float));
         zero_row = zeros.get() + (x.strides[2] >= 0 ? geo.pad_w : x.shape[2] + geo.pad_w + kw) * step;
     }

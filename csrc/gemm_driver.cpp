@@ -609,7 +609,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     AlignedBuffer zeros;
     if (padded) {
         const size_t count = static_cast<size_t>(std::max<int64_t>(cg * groups, 1));
-        zeros = allocate_floats(ceil_div(count * sizeof(T), sizeof(float)), "the padding's row of zeros");
+        zeros = runtime::scratch_floats(ceil_div(count * sizeof(T), sizeof(float)), "the padding's row of zeros");
         std::memset(zeros.get(), quantized ? io.x_zero_point : 0, count * sizeof(T));
     }
 
@@ -701,8 +701,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         args.a_converted_stride = static_cast<size_t>(row_bytes);
         const kernels::ThreadSetup thread_setup(kernel);
         if ((bf16 || int8 || restride) && !read_in_place) {
-            rounded = allocate_floats(checked_floats(checked_mul(buffer_rows, buffer_row_floats, what_buffer), what_buffer),
-                                      what_buffer);
+            rounded = runtime::scratch_floats(
+                checked_floats(checked_mul(buffer_rows, buffer_row_floats, what_buffer), what_buffer), what_buffer);
             if (kernel.loads_row_blocks) {
                 // The rows a last, partial block reads past the thread's rows hold zeros, not
                 // whatever the allocator left (their results are dropped either way).
@@ -712,13 +712,13 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
             }
         }
         if (int8 && !quantized) {
-            row_scales = allocate_floats(checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer),
-                                         what_buffer);
+            row_scales = runtime::scratch_floats(
+                checked_floats(checked_mul(buffer_rows, groups, what_buffer), what_buffer), what_buffer);
         }
         if (quads) {
             static_assert(sizeof(int32_t) == sizeof(float), "zero points share the float buffers");
             const int64_t count = checked_mul(buffer_rows, groups, what_buffer);
-            row_zero_points = allocate_floats(checked_floats(count, what_buffer), what_buffer);
+            row_zero_points = runtime::scratch_floats(checked_floats(count, what_buffer), what_buffer);
             // Static int8: every row's bytes carry the input's zero point (made unsigned).
             const int32_t input_zero_point = io.x_zero_point + (io.x_signed ? 128 : 0);
             if (quantized) std::fill_n(reinterpret_cast<int32_t*>(row_zero_points.get()), count, input_zero_point);
@@ -747,7 +747,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
         const auto tile_row = [&](int64_t t) { return range.m_begin + tiles.start(t); };
         // A split reduction's partial sums: an M block's rows x the block of panels' columns.
         const int64_t partial_stride = blk.nc_panels * kernel.nr;
-        const AlignedBuffer partial = blk.k_blocks > 1 ? allocate_floats(checked_floats(
+        const AlignedBuffer partial = blk.k_blocks > 1 ? runtime::scratch_floats(checked_floats(
             checked_mul(mc_rows, partial_stride, what_partial), what_partial), what_partial) : AlignedBuffer{};
         args.partial_stride = static_cast<size_t>(partial_stride);
         const void* converted_rows[kMaxBandRows];
@@ -916,7 +916,7 @@ void PackedWeights::Impl::run_nchw(const TensorView& x, const TensorView& out, c
         std::vector<float> block(static_cast<size_t>(std::max<int64_t>(blk.kc, 1) * nr));
         // A split reduction's partial sums: the range's channel tiles x one panel of pixels.
         const char* what_partial = "partial sums of a split reduction";
-        const AlignedBuffer partial = blk.k_blocks > 1 ? allocate_floats(checked_floats(
+        const AlignedBuffer partial = blk.k_blocks > 1 ? runtime::scratch_floats(checked_floats(
             checked_mul((range.m_end - range.m_begin) * mr, nr, what_partial), what_partial), what_partial) : AlignedBuffer{};
         // Input offset of each pixel of the panel (negative strides make negative offsets), or
         // kPadding for pixels in the padding or past the last one.

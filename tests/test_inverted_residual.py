@@ -280,3 +280,25 @@ def test_squeeze_excitation_pickle_repr_and_errors(rng):
         pwcpu.InvertedResidual(**w, **se, se_gate="tanh")
     with pytest.raises(TypeError, match="se_expand_weight"):
         pwcpu.InvertedResidual(**w, **{**se, "se_expand_weight": "weights"})
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_repeated_calls_take_their_work_memory_from_the_threads_arenas(rng, threads):
+    """A fused block, a padded 5x5 depthwise layer (on a zero-padded copy) and a dense 3x3 layer
+    (im2col bands) called in turn: after the first calls, every work buffer comes from the calling
+    threads' scratch arenas (no fresh memory per call), and the results stay the same."""
+    pwcpu.set_num_threads(threads)
+    block = pwcpu.InvertedResidual(**block_weights(rng, 16, 96, 24), stride=2)
+    depthwise = pwcpu.DepthwiseConv(data(rng, 672, 5, 5), data(rng, 672), padding=2)
+    dense = pwcpu.DenseConv(data(rng, 32, 16, 3, 3, scale=0.1), None, padding=1)
+    x_block, x_depthwise = data(rng, 1, 56, 56, 16), data(rng, 1, 7, 7, 672)
+    layers = [(block, x_block), (depthwise, x_depthwise), (dense, x_block)]
+    first = [layer(x) for layer, x in layers]
+    for _ in range(3):  # the arenas grow to what the calls need at once, up to once per buffer
+        for layer, x in layers:
+            layer(x)
+    misses = pwcpu.runtime_info()["scratch_misses"]
+    for _ in range(3):
+        for (layer, x), expected in zip(layers, first):
+            np.testing.assert_array_equal(layer(x), expected)
+    assert pwcpu.runtime_info()["scratch_misses"] == misses

@@ -31,11 +31,15 @@ inline size_t checked_floats(int64_t count, const char* what) {
     return static_cast<size_t>(checked_mul(count, static_cast<int64_t>(sizeof(float)), what)) / sizeof(float);
 }
 
-// Packed weights and scratch. conv1x1 packs on every call, so they come from allocate_buffer, which
-// keeps the last one freed: page faults on fresh pages cost more than packing itself.
+class ScratchArena;
+
+// Packed weights (allocate_floats) and a call's scratch (scratch_floats). conv1x1 packs on every
+// call, so its weights come from allocate_buffer, which keeps the last few blocks freed: page
+// faults on fresh pages cost more than packing itself.
 struct BufferFree {
     size_t bytes;
-    void operator()(float* p) const { free_buffer(p, bytes, BufferKind::packed_weights); }
+    ScratchArena* arena = nullptr;  // the arena of the thread that took it from one
+    void operator()(float* p) const;
 };
 using AlignedBuffer = std::unique_ptr<float[], BufferFree>;
 
@@ -43,6 +47,16 @@ inline AlignedBuffer allocate_floats(size_t count, const char* what) {
     const size_t bytes = count * sizeof(float);
     return AlignedBuffer(static_cast<float*>(allocate_buffer(bytes, BufferKind::packed_weights, what)), BufferFree{bytes});
 }
+
+// Work memory that lives within one call on one thread (im2col bands, a fused block's rows, padded
+// copies, partial sums): the calling thread's arena, a block that grows to the most the thread has
+// needed at once (up to 32 MiB) and is then reused by every call, as TFLite's and ONNX Runtime's
+// planned arenas are. A network's layers ask for dozens of such buffers of different sizes per
+// call: fresh ones cost page faults and, from several threads, the TLB flushes of returning them.
+// The buffer must be freed by the thread that took it.
+AlignedBuffer scratch_floats(size_t count, const char* what);
+// Requests so far that the arenas could not serve (served by allocate_buffer instead).
+int64_t scratch_misses();
 
 // Flush denormals to zero for the duration of a call on this thread, then restore the caller's
 // floating-point state: denormal inputs must not make a call slow. (x86; elsewhere a no-op.)

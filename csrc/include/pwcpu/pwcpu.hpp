@@ -332,6 +332,7 @@ struct RuntimeInfo {
     int64_t stream_store_min_bytes = 0;  // outputs this large bypass the caches (non-temporal stores)
     int64_t streamed_output_calls = 0;   // calls so far that wrote their output that way
     int64_t reused_output_buffers = 0;   // outputs so far given a block freed before (see allocate_buffer)
+    int64_t scratch_misses = 0;          // work buffers so far that a thread's scratch arena could not hold
     // Calls so far of layers that time ways of running on their first calls (threads splitting
     // rows or panels; float32 rows that alias split and copied or read by half tiles), by the way
     // each ran (0: the way taken with PWCPU_LAYER_TIMING=0).
