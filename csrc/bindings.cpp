@@ -1008,6 +1008,7 @@ PYBIND11_MODULE(_core, m) {
           py::call_guard<py::gil_scoped_release>());
     m.def("select_isa", &pwcpu::select_isa, py::arg("name"));
     m.def("set_max_reduction_block", &pwcpu::set_max_reduction_block, py::arg("channels"));
+    m.def("set_take_rows_first", &pwcpu::set_take_rows_first, py::arg("first"));
     m.def("active_isa", &pwcpu::active_isa);
     m.def("runtime_info", [] {
         const pwcpu::RuntimeInfo info = pwcpu::runtime_info();

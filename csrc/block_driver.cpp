@@ -33,9 +33,7 @@ struct InvertedResidual::Impl {
     void filter_whole(const TensorView& x, const TensorView& mid) const;
     void run_with_excitation(const TensorView& x, const TensorView& out) const;
     Bands bands_for(int64_t w, int64_t ho, int64_t wo) const;
-    template <class Target, class Consume>
-    void expand_and_filter(const TensorView& x, int64_t ho, const Bands& bands, const runtime::WorkRange& range,
-                           const Target& target, const Consume& consume) const;
+    class BandWalker;
 };
 
 InvertedResidual::InvertedResidual(const InvertedResidualWeights& w) : impl_(std::make_unique<Impl>()) {
@@ -172,63 +170,82 @@ void scale_channels(float* rows, int64_t pixels, int64_t channels, const float* 
 
 }  // namespace
 
-// Expand and depthwise over the output rows of `range` (whole images' rows in order), a band at a
-// time: the band's expanded rows live in a per-thread buffer (the rows it shares with the next band
-// are moved, not computed again); the depthwise output goes to target(n, oh0, rows), then
-// consume(n, oh0, rows, that view) uses it.
-template <class Target, class Consume>
-void InvertedResidual::Impl::expand_and_filter(const TensorView& x, int64_t ho, const Bands& bands,
-                                               const runtime::WorkRange& range, const Target& target,
-                                               const Consume& consume) const {
-    const InvertedResidualWeights& o = options;
-    const ConvGeometry& g = o.depthwise_geometry;
-    const int64_t h = x.shape[1], w = x.shape[2], e = o.hidden_channels, kh = o.kernel_h, sh = g.stride_h;
-    const int64_t expanded_row = w * e;
-    runtime::AlignedBuffer expanded = runtime::scratch_floats(
-        runtime::checked_floats(runtime::checked_mul(bands.buffer_rows, expanded_row, "expanded rows"), "expanded rows"),
-        "the block's expanded rows");
-    for (int64_t row = range.m_begin; row < range.m_end;) {
-        const int64_t n = row / ho, image_end = std::min(range.m_end, (n + 1) * ho);
-        // Expanded input rows held in `expanded`: [have_lo, have_hi), none at the start of an image run.
-        int64_t have_lo = 0, have_hi = 0;
-        for (int64_t oh0 = row - n * ho; oh0 < image_end - n * ho; oh0 += bands.height) {
-            const int64_t rows_out = std::min(bands.height, image_end - n * ho - oh0);
-            const int64_t need_lo = oh0 * sh - g.pad_h, need_hi = (oh0 + rows_out - 1) * sh - g.pad_h + kh;
-            int64_t kept = 0;
-            if (have_hi > need_lo && have_lo <= need_lo) {
-                kept = have_hi - need_lo;
-                std::memmove(expanded.get(), expanded.get() + (need_lo - have_lo) * expanded_row,
-                             static_cast<size_t>(kept * expanded_row) * sizeof(float));
-            }
-            // Rows [need_lo + kept, need_hi): zeros outside the image (the depthwise padding), the
-            // expansion inside.
-            const int64_t first = need_lo + kept;
-            const int64_t inside_lo = std::clamp<int64_t>(first, 0, h), inside_hi = std::clamp<int64_t>(need_hi, 0, h);
-            float* base = expanded.get() + kept * expanded_row;
-            const auto zero_rows = [&](int64_t from, int64_t to) {
-                if (to > from) {
-                    std::memset(base + (from - first) * expanded_row, 0,
-                                static_cast<size_t>((to - from) * expanded_row) * sizeof(float));
-                }
-            };
-            zero_rows(first, std::min(need_hi, std::max(first, inside_lo)));
-            if (inside_hi > inside_lo) {
-                const TensorView dst = runtime::buffer_view(base + (inside_lo - first) * expanded_row, inside_hi - inside_lo, w, e);
-                expand->run(runtime::rows_of(x, n, inside_lo, inside_hi - inside_lo), dst, nullptr, ConvGeometry{},
-                            o.expand_activation);
-            }
-            zero_rows(std::max(first, inside_hi), need_hi);
-            have_lo = need_lo;
-            have_hi = need_hi;
+// Expand and depthwise over output rows, a band at a time: the band's expanded rows live in the
+// walker's buffer (the rows it shares with the next band are moved, not computed again); the
+// depthwise output goes to target(n, oh0, rows), then consume(n, oh0, rows, that view) uses it.
+// Rows given on from where the walker stopped, in the same image, reuse the expanded rows they
+// share with the rows before; others (a new image, rows taken from another thread's range) start
+// afresh. One walker per thread.
+class InvertedResidual::Impl::BandWalker {
+public:
+    BandWalker(const Impl& block, const TensorView& x, int64_t ho, const Bands& bands)
+        : block_(block), x_(x), ho_(ho), bands_(bands),
+          expanded_(runtime::scratch_floats(
+              runtime::checked_floats(
+                  runtime::checked_mul(bands.buffer_rows, runtime::checked_mul(x.shape[2], block.options.hidden_channels,
+                                                                               "expanded rows"), "expanded rows"),
+                  "expanded rows"),
+              "the block's expanded rows")) {}
 
-            const TensorView dw_in = runtime::buffer_view(expanded.get(), need_hi - need_lo, w, e);
-            const TensorView dw_out = target(n, oh0, rows_out);
-            depthwise->run(dw_in, dw_out, nullptr, ConvGeometry{sh, g.stride_w, 0, g.pad_w}, o.depthwise_activation);
-            consume(n, oh0, rows_out, dw_out);
+    // Output rows [begin, end) (rows of images in order: n * ho + oh).
+    template <class Target, class Consume>
+    void walk(int64_t begin, int64_t end, const Target& target, const Consume& consume) {
+        const InvertedResidualWeights& o = block_.options;
+        const ConvGeometry& g = o.depthwise_geometry;
+        const int64_t h = x_.shape[1], w = x_.shape[2], e = o.hidden_channels, kh = o.kernel_h, sh = g.stride_h;
+        const int64_t expanded_row = w * e, ho = ho_;
+        float* const expanded = expanded_.get();
+        for (int64_t row = begin; row < end;) {
+            const int64_t n = row / ho, image_end = std::min(end, (n + 1) * ho);
+            if (row != next_row_ || row == n * ho) have_lo_ = have_hi_ = 0;  // no expanded rows to reuse
+            for (int64_t oh0 = row - n * ho; oh0 < image_end - n * ho; oh0 += bands_.height) {
+                const int64_t rows_out = std::min(bands_.height, image_end - n * ho - oh0);
+                const int64_t need_lo = oh0 * sh - g.pad_h, need_hi = (oh0 + rows_out - 1) * sh - g.pad_h + kh;
+                int64_t kept = 0;
+                if (have_hi_ > need_lo && have_lo_ <= need_lo) {
+                    kept = have_hi_ - need_lo;
+                    std::memmove(expanded, expanded + (need_lo - have_lo_) * expanded_row,
+                                 static_cast<size_t>(kept * expanded_row) * sizeof(float));
+                }
+                // Rows [need_lo + kept, need_hi): zeros outside the image (the depthwise padding), the
+                // expansion inside.
+                const int64_t first = need_lo + kept;
+                const int64_t inside_lo = std::clamp<int64_t>(first, 0, h), inside_hi = std::clamp<int64_t>(need_hi, 0, h);
+                float* base = expanded + kept * expanded_row;
+                const auto zero_rows = [&](int64_t from, int64_t to) {
+                    if (to > from) {
+                        std::memset(base + (from - first) * expanded_row, 0,
+                                    static_cast<size_t>((to - from) * expanded_row) * sizeof(float));
+                    }
+                };
+                zero_rows(first, std::min(need_hi, std::max(first, inside_lo)));
+                if (inside_hi > inside_lo) {
+                    const TensorView dst = runtime::buffer_view(base + (inside_lo - first) * expanded_row, inside_hi - inside_lo, w, e);
+                    block_.expand->run(runtime::rows_of(x_, n, inside_lo, inside_hi - inside_lo), dst, nullptr, ConvGeometry{},
+                                       o.expand_activation);
+                }
+                zero_rows(std::max(first, inside_hi), need_hi);
+                have_lo_ = need_lo;
+                have_hi_ = need_hi;
+
+                const TensorView dw_in = runtime::buffer_view(expanded, need_hi - need_lo, w, e);
+                const TensorView dw_out = target(n, oh0, rows_out);
+                block_.depthwise->run(dw_in, dw_out, nullptr, ConvGeometry{sh, g.stride_w, 0, g.pad_w}, o.depthwise_activation);
+                consume(n, oh0, rows_out, dw_out);
+            }
+            row = image_end;
         }
-        row = image_end;
+        next_row_ = end;
     }
-}
+
+private:
+    const Impl& block_;
+    const TensorView& x_;
+    int64_t ho_;
+    Bands bands_;
+    runtime::AlignedBuffer expanded_;
+    int64_t next_row_ = -1, have_lo_ = 0, have_hi_ = 0;  // expanded rows [have_lo_, have_hi_) of the image
+};
 
 void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) const {
     const InvertedResidualWeights& o = options;
@@ -258,21 +275,43 @@ void InvertedResidual::Impl::run(const TensorView& x, const TensorView& out) con
                          static_cast<double>(o.in_channels + o.kernel_h * o.kernel_w + o.out_channels);
     const std::vector<runtime::WorkRange> ranges =
         runtime::partition(batch * ho, 1, batch * ho, 1, e, o.in_channels, runtime::call_threads(flops));
-    runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-        runtime::ThreadsForThisThread one(1);
-        runtime::AlignedBuffer filtered = runtime::scratch_floats(
-            runtime::checked_floats(runtime::checked_mul(bands.height, wo * e, "depthwise rows"), "depthwise rows"),
-            "the block's depthwise rows");
-        const auto band_buffer = [&](int64_t, int64_t, int64_t rows) {
-            return runtime::buffer_view(filtered.get(), rows, wo, e);
+    // A thread's own rows go a band at a time; rows taken from another's range cost their band's
+    // overlap with the rows before (kh - stride expanded rows) again.
+    runtime::run_rows_balanced(ranges, bands.height, [&] {
+        // Each thread's worker: its buffers and walker stay for the call.
+        struct Worker {
+            Worker(const Impl& b, const TensorView& x_in, const TensorView& y, int64_t image_rows, int64_t y_w,
+                   const Bands& bands_of)
+                : block(b), x(x_in), out(y), wo(y_w),
+                  filtered(runtime::scratch_floats(
+                      runtime::checked_floats(runtime::checked_mul(bands_of.height, y_w * b.options.hidden_channels,
+                                                                   "depthwise rows"), "depthwise rows"),
+                      "the block's depthwise rows")),
+                  walker(b, x_in, image_rows, bands_of) {}
+            void operator()(int64_t begin, int64_t end) {
+                const InvertedResidualWeights& o = block.options;
+                const int64_t e = o.hidden_channels;
+                const auto band_buffer = [&](int64_t, int64_t, int64_t rows) {
+                    return runtime::buffer_view(filtered.get(), rows, wo, e);
+                };
+                const auto project_band = [&](int64_t n, int64_t oh0, int64_t rows, const TensorView& dw_out) {
+                    TensorView identity;
+                    if (o.residual) identity = runtime::rows_of(x, n, oh0, rows);  // stride 1, "same": x's rows align with out's
+                    block.project->run(dw_out, runtime::rows_of(out, n, oh0, rows), o.residual ? &identity : nullptr,
+                                       ConvGeometry{}, o.project_activation);
+                };
+                walker.walk(begin, end, band_buffer, project_band);
+            }
+
+            const Impl& block;
+            const TensorView& x;
+            const TensorView& out;
+            int64_t wo;
+            runtime::ThreadsForThisThread one{1};
+            runtime::AlignedBuffer filtered;
+            BandWalker walker;
         };
-        const auto project_band = [&](int64_t n, int64_t oh0, int64_t rows, const TensorView& dw_out) {
-            TensorView identity;
-            if (o.residual) identity = runtime::rows_of(x, n, oh0, rows);  // stride 1, "same": x's rows align with out's
-            project->run(dw_out, runtime::rows_of(out, n, oh0, rows), o.residual ? &identity : nullptr, ConvGeometry{},
-                         o.project_activation);
-        };
-        expand_and_filter(x, ho, bands, range, band_buffer, project_band);
+        return Worker(*this, x, out, ho, wo, bands);
     });
 }
 
@@ -310,7 +349,7 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
         runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
             runtime::ThreadsForThisThread one(1);
             const auto rows_of_mid = [&](int64_t n, int64_t oh0, int64_t count) { return runtime::rows_of(mid, n, oh0, count); };
-            expand_and_filter(x, ho, bands, range, rows_of_mid, sum_rows);
+            BandWalker(*this, x, ho, bands).walk(range.m_begin, range.m_end, rows_of_mid, sum_rows);
         });
     } else {
         filter_whole(x, mid);

@@ -149,53 +149,57 @@ void DepthwiseWeights::Impl::run(const TensorView& x, const TensorView& out, con
     const std::vector<runtime::WorkRange> ranges =
         runtime::partition(rows, 1, rows, 1, c, taps, runtime::call_threads(flops));
 
-    const auto work = [&](const runtime::WorkRange& range) {
-        std::vector<const float*> taps_of(static_cast<size_t>(taps));
-        kernels::DwRowArgs args{};
-        args.channels = static_cast<size_t>(c);
-        args.taps = static_cast<size_t>(taps);
-        args.input = taps_of.data();
-        args.input_step = geo.stride_w * x.strides[2];
-        args.tap_step = x.strides[2];
-        args.stride_w = static_cast<int>(std::min<int64_t>(geo.stride_w, 1 << 20));
-        args.w = packed.get();
-        args.out_step = out.strides[2];
-        args.residual_step = residual != nullptr ? residual->strides[2] : 0;
-        args.act = act;
-        // Output pixels [ow0, ow0 + count) of row (n, oh): one run for the columns whose taps lie
-        // inside the input horizontally (taps above or below it read the row of zeros), else pixel
-        // by pixel.
-        const auto compute = [&](int64_t n, int64_t oh, int64_t ow0, int64_t count, bool inside) {
-            const float* x_image = x.data + n * x.strides[0];
-            for (int64_t p = 0; p < count; p += inside ? count : 1) {
-                const int64_t ow = ow0 + p;
-                for (int64_t i = 0; i < kh; ++i) {
-                    const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
-                    for (int64_t j = 0; j < kw; ++j) {
-                        const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
-                        const bool tap_inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
-                        taps_of[i * kw + j] = (tap_inside ? x_image + ih * x.strides[1] : zero_row) + iw * x.strides[2];
+    // Each thread's worker: output rows [begin, end), its pointers to their taps kept between calls.
+    const auto make_worker = [&] {
+        return [&, taps_of = std::vector<const float*>(static_cast<size_t>(taps))](int64_t begin, int64_t end) mutable {
+            kernels::DwRowArgs args{};
+            args.channels = static_cast<size_t>(c);
+            args.taps = static_cast<size_t>(taps);
+            args.input = taps_of.data();
+            args.input_step = geo.stride_w * x.strides[2];
+            args.tap_step = x.strides[2];
+            args.stride_w = static_cast<int>(std::min<int64_t>(geo.stride_w, 1 << 20));
+            args.w = packed.get();
+            args.out_step = out.strides[2];
+            args.residual_step = residual != nullptr ? residual->strides[2] : 0;
+            args.act = act;
+            // Output pixels [ow0, ow0 + count) of row (n, oh): one run for the columns whose taps lie
+            // inside the input horizontally (taps above or below it read the row of zeros), else pixel
+            // by pixel.
+            const auto compute = [&](int64_t n, int64_t oh, int64_t ow0, int64_t count, bool inside) {
+                const float* x_image = x.data + n * x.strides[0];
+                for (int64_t p = 0; p < count; p += inside ? count : 1) {
+                    const int64_t ow = ow0 + p;
+                    for (int64_t i = 0; i < kh; ++i) {
+                        const int64_t ih = oh * geo.stride_h - geo.pad_h + i;
+                        for (int64_t j = 0; j < kw; ++j) {
+                            const int64_t iw = ow * geo.stride_w - geo.pad_w + j;
+                            const bool tap_inside = ih >= 0 && ih < x.shape[1] && iw >= 0 && iw < x.shape[2];
+                            taps_of[i * kw + j] = (tap_inside ? x_image + ih * x.strides[1] : zero_row) + iw * x.strides[2];
+                        }
                     }
+                    args.pixels = static_cast<size_t>(inside ? count : 1);
+                    // A run's taps are its filter's rows of columns tap_step apart (the row of zeros is
+                    // laid out as an input row); a border pixel's are whatever its window holds.
+                    args.kernel_w = inside ? static_cast<int>(kw) : 0;
+                    args.out = out.data + n * out.strides[0] + oh * out.strides[1] + ow * out.strides[2];
+                    args.residual = residual != nullptr
+                                        ? residual->data + n * residual->strides[0] + oh * residual->strides[1] + ow * residual->strides[2]
+                                        : nullptr;
+                    kernel.row(args);
                 }
-                args.pixels = static_cast<size_t>(inside ? count : 1);
-                // A run's taps are its filter's rows of columns tap_step apart (the row of zeros is
-                // laid out as an input row); a border pixel's are whatever its window holds.
-                args.kernel_w = inside ? static_cast<int>(kw) : 0;
-                args.out = out.data + n * out.strides[0] + oh * out.strides[1] + ow * out.strides[2];
-                args.residual = residual != nullptr
-                                    ? residual->data + n * residual->strides[0] + oh * residual->strides[1] + ow * residual->strides[2]
-                                    : nullptr;
-                kernel.row(args);
+            };
+            for (int64_t row = begin; row < end; ++row) {
+                const int64_t n = row / ho, oh = row % ho;
+                compute(n, oh, 0, first_inside, false);
+                if (end_inside > first_inside) compute(n, oh, first_inside, end_inside - first_inside, true);
+                compute(n, oh, end_inside, wo - end_inside, false);
             }
         };
-        for (int64_t row = range.m_begin; row < range.m_end; ++row) {
-            const int64_t n = row / ho, oh = row % ho;
-            compute(n, oh, 0, first_inside, false);
-            if (end_inside > first_inside) compute(n, oh, first_inside, end_inside - first_inside, true);
-            compute(n, oh, end_inside, wo - end_inside, false);
-        }
     };
-    runtime::run_ranges(ranges, false, work);
+    // A thread's rows are claimed in about 8 parts (see run_rows_balanced).
+    runtime::run_rows_balanced(ranges, std::max<int64_t>(1, runtime::ceil_div(rows, 8 * static_cast<int64_t>(ranges.size()))),
+                               make_worker);
 }
 
 }  // namespace pwcpu

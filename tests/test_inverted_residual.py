@@ -302,3 +302,34 @@ def test_repeated_calls_take_their_work_memory_from_the_threads_arenas(rng, thre
         for (layer, x), expected in zip(layers, first):
             np.testing.assert_array_equal(layer(x), expected)
     assert pwcpu.runtime_info()["scratch_misses"] == misses
+
+
+@pytest.fixture
+def rows_taken_first():
+    """Threads start on the others' rows, from their ends (the path a thread takes once its own
+    rows are done, when another is held up): every call of a balanced layer runs it."""
+    from pwcpu import _core
+
+    _core.set_take_rows_first(True)
+    try:
+        yield
+    finally:
+        _core.set_take_rows_first(False)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_rows_taken_from_other_threads_give_the_same_result(rng, rows_taken_first, stride):
+    """Rows a thread takes from the end of another's range (fused blocks recompute the expanded
+    rows they share with the rows before, depthwise layers just compute them) give bitwise the
+    result of one thread, over images of several bands, batches and thread counts."""
+    w = block_weights(rng, 24, 96, 24)
+    x = data(rng, 3, 29, 10, 24)
+    block = pwcpu.InvertedResidual(**w, stride=stride)
+    depthwise = pwcpu.DepthwiseConv(data(rng, 24, 5, 5), data(rng, 24), stride=stride, padding=2)
+    pwcpu.set_num_threads(1)
+    check(block, x, w, stride, 1, residual=stride == 1)
+    expected = block(x), depthwise(x)
+    for threads in (2, 3):
+        pwcpu.set_num_threads(threads)
+        np.testing.assert_array_equal(block(x), expected[0])
+        np.testing.assert_array_equal(depthwise(x), expected[1])

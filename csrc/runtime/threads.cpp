@@ -60,6 +60,8 @@ std::atomic<int> calls_in_flight{0};
 
 }  // namespace
 
+std::atomic<bool> take_rows_first{false};
+
 CallGuard::CallGuard() { calls_in_flight.fetch_add(1, std::memory_order_relaxed); }
 CallGuard::~CallGuard() { calls_in_flight.fetch_sub(1, std::memory_order_relaxed); }
 
@@ -121,6 +123,8 @@ int get_num_threads() {
     const int requested = scoped > 0 ? scoped : runtime::requested_threads.load(std::memory_order_relaxed);
     return requested > 0 ? std::min(requested, omp_threads) : omp_threads;
 }
+
+void set_take_rows_first(bool first) { runtime::take_rows_first.store(first, std::memory_order_relaxed); }
 
 void set_num_threads(int n) {
     if (n < 1) throw std::invalid_argument("set_num_threads: the number of threads must be >= 1");

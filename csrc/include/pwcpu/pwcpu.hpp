@@ -314,6 +314,11 @@ double measure_fma_peak_gflops(int threads, double seconds);
 // which splits only very deep layers; tests set it small so that the split path runs everywhere.
 void set_max_reduction_block(int64_t channels);
 
+// Layers whose threads balance their rows while they run (depthwise, the fused block) normally take
+// rows from another thread's range only when their own is done. With `first`, each thread starts
+// on the others' ranges (from their ends) before its own, so that tests run that path every call.
+void set_take_rows_first(bool first);
+
 // Runtime introspection.
 struct RuntimeInfo {
     std::string isa;             // ISA whose kernels are used
