@@ -206,16 +206,18 @@ void DenseConvWeights::Impl::run(const TensorView& x, const TensorView& out, con
         runtime::CallGuard guard;
         const std::vector<runtime::WorkRange> ranges =
             runtime::partition(pixel_rows, 1, pixel_rows, 1, k, patch, threads);
-        runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-            runtime::ThreadsForThisThread one(1);
-            runtime::AlignedBuffer columns = columns_buffer();
-            for (int64_t row = range.m_begin; row < range.m_end;) {
-                const int64_t n = row / ho, oh0 = row - n * ho;
-                const int64_t rows = std::min({band, range.m_end - row, ho - oh0});
-                for (int64_t r = 0; r < rows; ++r) fill_row(n, oh0 + r, columns.get() + r * row_floats);
-                multiply(n, oh0, rows, columns.get());
-                row += rows;
-            }
+        // Threads claim a band of rows at a time, their own first (see run_rows_balanced).
+        runtime::run_rows_balanced(ranges, band, [&] {
+            return [&, columns = columns_buffer()](int64_t begin, int64_t end) {
+                runtime::ThreadsForThisThread one(1);
+                for (int64_t row = begin; row < end;) {
+                    const int64_t n = row / ho, oh0 = row - n * ho;
+                    const int64_t rows = std::min({band, end - row, ho - oh0});
+                    for (int64_t r = 0; r < rows; ++r) fill_row(n, oh0 + r, columns.get() + r * row_floats);
+                    multiply(n, oh0, rows, columns.get());
+                    row += rows;
+                }
+            };
         });
         return;
     }

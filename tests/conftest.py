@@ -31,6 +31,17 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture
+def rows_taken_first():
+    """Threads start on the others' rows, from their ends (the path a thread takes once its own
+    rows are done, when another is held up): every call of a layer that balances rows runs it."""
+    _core.set_take_rows_first(True)
+    try:
+        yield
+    finally:
+        _core.set_take_rows_first(False)
+
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     before = pwcpu.get_num_threads()

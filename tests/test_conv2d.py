@@ -87,9 +87,13 @@ def test_out_is_residual(isa, rng):
 
 
 # Tall images take many bands of im2col rows; wide layers take the whole image at once (their
-# weights outweigh a band). Batches restart the bands per image.
+# weights outweigh a band). Batches restart the bands per image. With rows_taken_first, threads
+# start on each other's bands.
+@pytest.mark.parametrize("taken", [False, True])
 @pytest.mark.parametrize("shape,k", [((2, 150, 40, 16), 24), ((1, 7, 7, 256), 256), ((3, 30, 20, 3), 32)])
-def test_bands_and_thread_counts(isa, rng, shape, k):
+def test_bands_and_thread_counts(isa, rng, shape, k, taken, request):
+    if taken:
+        request.getfixturevalue("rows_taken_first")
     x, w, b = data(rng, shape), data(rng, (k, shape[3], 3, 3)), data(rng, (k,))
     r = data(rng, shape[:3] + (k,))
     results = []

@@ -304,19 +304,6 @@ def test_repeated_calls_take_their_work_memory_from_the_threads_arenas(rng, thre
     assert pwcpu.runtime_info()["scratch_misses"] == misses
 
 
-@pytest.fixture
-def rows_taken_first():
-    """Threads start on the others' rows, from their ends (the path a thread takes once its own
-    rows are done, when another is held up): every call of a balanced layer runs it."""
-    from pwcpu import _core
-
-    _core.set_take_rows_first(True)
-    try:
-        yield
-    finally:
-        _core.set_take_rows_first(False)
-
-
 @pytest.mark.parametrize("stride", [1, 2])
 def test_rows_taken_from_other_threads_give_the_same_result(rng, rows_taken_first, stride):
     """Rows a thread takes from the end of another's range (fused blocks recompute the expanded
