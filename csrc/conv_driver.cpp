@@ -34,12 +34,12 @@ inline void fill_zeros(float* dst, int64_t count) {
 // of consecutive pixels (a window's row is contiguous in x). The stems' short runs (kw x C of 3x3,
 // 5x5 and 7x7 windows on 1 or 3 channels) are compiled at a fixed length: straight-line copies
 // instead of a loop whose set-up costs as much as the few floats it moves.
+// (A memcpy of a constant length is expanded in place; GCC turned the loop it replaced into a call
+// to memmove per run, 9 % of a 7x7 stem's time.)
 template <int64_t Run>
 void copy_fixed_runs(float* __restrict dst, int64_t dst_step, const float* __restrict src, int64_t src_step,
                      int64_t count) {
-    for (int64_t r = 0; r < count; ++r, dst += dst_step, src += src_step) {
-        for (int64_t q = 0; q < Run; ++q) dst[q] = src[q];
-    }
+    for (int64_t r = 0; r < count; ++r, dst += dst_step, src += src_step) std::memcpy(dst, src, Run * sizeof(float));
 }
 
 void copy_runs(float* dst, int64_t dst_step, const float* src, int64_t src_step, int64_t count, int64_t run) {
