@@ -86,30 +86,6 @@ void f32_gemm_tile(const GemmTileArgs& p) {
         }
     }
 
-    // Start fetching the residual now, for this panel and the next: it is read only after the k
-    // loop, which hides the latency even when the loop is short. (Prefetches never fault.)
-    if (p.residual != nullptr) {
-#pragma GCC unroll 32
-        for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-            for (int v = 0; v < 2 * NV; ++v) __builtin_prefetch(p.residual[m] + p.col + v * W);
-    }
-    // The output's lines too, where the tile writes them through the caches: an output the caches
-    // do not hold (a fresh tensor from PyTorch's allocator, a buffer last written long ago) would
-    // else be read from memory store by store at the tile's end, each store waiting for its line.
-    // A k loop of 64 steps or more outlasts the memory's latency; shorter ones would wait anyway
-    // and pay for the prefetches (1-3 % of a 16- or 32-channel layer whose output is in cache).
-    // AMD Zen 4, 1 thread, a 56x56x64->256 layer writing a fresh 3 MiB PyTorch tensor each call
-    // (medians, processes alternating): 1.94-1.96 -> 1.55-1.76 ms; converted ResNet-50 and
-    // MobileNetV2 1-3 % faster.
-    constexpr size_t kPrefetchedOutputMinReduction = 64;
-    if (p.final && !p.stream && p.c != nullptr && p.kc >= kPrefetchedOutputMinReduction) {
-        constexpr int kVectorsPerLine = W * sizeof(float) >= 64 ? 1 : 64 / (W * sizeof(float));
-#pragma GCC unroll 32
-        for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; v += kVectorsPerLine) __builtin_prefetch(p.c[m] + p.col + v * W, 1);
-    }
     const float* a[MR];
 #pragma GCC unroll 32
     for (int m = 0; m < MR; ++m) a[m] = p.a[m];
