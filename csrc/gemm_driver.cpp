@@ -628,6 +628,13 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
     // (Static int8 writes bytes with plain stores.)
     const bool stream = !quantized && runtime::streams_output(rows * k);
 
+    // Rows are fetched ahead (see prefetch_out) only from arrays larger than L2: smaller ones, such
+    // as the bands a fused block or a dense convolution passes in, are in cache already, and
+    // fetching them cost converted MobileNetV2 2 % (AMD Zen 4, 1 thread, alternating processes).
+    const int64_t l2_bytes = detail::cache_sizes().l2;
+    const bool x_beyond_l2 = rows * channels * int64_t{sizeof(T)} > l2_bytes;
+    const bool out_beyond_l2 = rows * k * int64_t{sizeof(TOut)} > l2_bytes;
+
     runtime::CallGuard guard;
     const int64_t mc_rows = blk.mc_tiles * mr;
 
@@ -843,7 +850,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                 one_stream = next.a[m] == next.a[m - 1] + kc_floats;
                             }
                             const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(T));
-                            const bool wide = (pe - pb) * kernel.nr >= 64;
+                            const bool wide = (pe - pb) * kernel.nr >= 64 && x_beyond_l2;
                             for (int64_t m = 0; m < next_rows && (!one_stream || wide); ++m) {
                                 const char* row = reinterpret_cast<const char*>(next.a[m]);
                                 for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
@@ -852,7 +859,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         // The epilogue's rows, too: a tile writes (and reads the residual of) short
                         // runs of many rows, far apart, which the hardware's prefetchers do not follow
                         // when the rows come from L3 or memory, as they do inside a network. Residual
-                        // rows are always fetched ahead; output rows only over reductions of 64
+                        // rows are fetched ahead (of arrays beyond L2); output rows only over reductions of 64
                         // channels or more: on Zen 4, where the output was in L3 anyway, fetching it
                         // cost 9-10 % of a 112x112x16->96 or 56x56x24->144 layer's time, 2-4 % of a
                         // 56x56x64->256 one's. 56x56x64->256 + residual + ReLU, arrays from memory, 1
@@ -860,8 +867,8 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                         // it ran 1.55 ms against 1.2 ms alone) 1.33 ms. This replaces the tile kernels' own prefetches
                         // of their rows at their start, a k loop ahead: with these, layers ran 0-1 % faster
                         // without them, NHWC and NCHW, arrays in cache or not. (Streamed output skips the cache.)
-                        const bool prefetch_out = args.final && !stream && kc_floats >= kShallowestPrefetchedOutput;
-                        const bool prefetch_residual = args.final && !stream && residual != nullptr;
+                        const bool prefetch_out = args.final && !stream && out_beyond_l2 && kc_floats >= kShallowestPrefetchedOutput;
+                        const bool prefetch_residual = args.final && !stream && out_beyond_l2 && residual != nullptr;
                         int64_t group = first_group, j = first_j;
                         // Panels pb..pe-1, walked as (group, panel within group) without divisions.
                         for (int64_t p = pb; p < pe; ++p) {
