@@ -856,17 +856,16 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                                 for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
                             }
                         }
-                        // The epilogue's rows, too: a tile writes (and reads the residual of) short
-                        // runs of many rows, far apart, which the hardware's prefetchers do not follow
-                        // when the rows come from L3 or memory, as they do inside a network. Residual
-                        // rows are fetched ahead (of arrays beyond L2); output rows only over reductions of 64
-                        // channels or more: on Zen 4, where the output was in L3 anyway, fetching it
-                        // cost 9-10 % of a 112x112x16->96 or 56x56x24->144 layer's time, 2-4 % of a
-                        // 56x56x64->256 one's. 56x56x64->256 + residual + ReLU, arrays from memory, 1
-                        // thread: 2.2 ms -> 1.6 ms with all three fetched ahead; in ResNet-50 (where
-                        // it ran 1.55 ms against 1.2 ms alone) 1.33 ms. This replaces the tile kernels' own prefetches
-                        // of their rows at their start, a k loop ahead: with these, layers ran 0-1 % faster
-                        // without them, NHWC and NCHW, arrays in cache or not. (Streamed output skips the cache.)
+                        // The epilogue's rows, too: a tile writes (and reads the residual of) short runs of
+                        // many rows far apart, which the hardware's prefetchers do not follow from L3 or
+                        // memory, as happens inside a network. Only from arrays beyond L2 (see
+                        // out_beyond_l2), and output rows only over K blocks of 64 channels or more: where
+                        // the output was in L3 anyway, fetching it cost 9-10 % of a 112x112x16->96 or
+                        // 56x56x24->144 layer's time on Zen 4, 2-4 % of a 56x56x64->256 one's. That layer +
+                        // residual + ReLU with its arrays in memory, 1 thread: 2.2 -> 1.6 ms; inside
+                        // ResNet-50 (1.55 ms, against 1.2 ms alone) 1.33 ms. The tile kernels' own
+                        // prefetches at their start, a k loop ahead, which this replaced, added nothing
+                        // beside it. (Streamed output skips the cache.)
                         const bool prefetch_out = args.final && !stream && out_beyond_l2 && kc_floats >= kShallowestPrefetchedOutput;
                         const bool prefetch_residual = args.final && !stream && out_beyond_l2 && residual != nullptr;
                         int64_t group = first_group, j = first_j;
