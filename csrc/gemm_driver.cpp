@@ -852,8 +852,7 @@ void PackedWeights::Impl::run(const BasicTensorView<T>& x, const BasicTensorView
                             const int64_t bytes = kc_floats * static_cast<int64_t>(sizeof(T));
                             const bool wide = (pe - pb) * kernel.nr >= 64 && x_beyond_l2;
                             for (int64_t m = 0; m < next_rows && (!one_stream || wide); ++m) {
-                                const char* row = reinterpret_cast<const char*>(next.a[m]);
-                                for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
+                                prefetch_to_l2<false>(next.a[m], bytes);
                             }
                         }
                         // The epilogue's rows, too: a tile writes (and reads the residual of) short runs of
