@@ -139,8 +139,36 @@ bool kernel_layout(const py::array& a, pwcpu::Layout layout, bool gathered = fal
     return gathered || (rows && (a.shape(last - 1) <= 1 || a.strides(last - 1) == a.shape(last) * item));
 }
 
+// `view` copied into `copy` (a contiguous float32 array of its shape), as a view of the copy.
+TensorView copy_nhwc(const TensorView& view, py::array& copy) {
+    float* data = static_cast<float*>(copy.mutable_data());
+    {
+        py::gil_scoped_release no_gil;
+        pwcpu::copy_to_nhwc(view, data);
+    }
+    TensorView contiguous = view;
+    contiguous.data = data;
+    contiguous.strides[3] = 1;
+    for (int d = 2; d >= 0; --d) contiguous.strides[d] = contiguous.strides[d + 1] * view.shape[d + 1];
+    return contiguous;
+}
+
+// `a`, or a contiguous copy where the kernels cannot read it in place. An NHWC image whose channels
+// are strided (an NCHW array transposed) is copied by pwcpu, several times faster than NumPy's copy.
 py::array readable(const py::array& a, pwcpu::Layout layout, bool gathered = false) {
-    return kernel_layout(a, layout, gathered) ? a : py::array(numpy().attr("ascontiguousarray")(a));
+    if (kernel_layout(a, layout, gathered)) return a;
+    if (layout == pwcpu::Layout::nhwc && a.ndim() == 4 && float_aligned(a) && is_native_float32(a)) {
+        TensorView view;
+        view.data = static_cast<float*>(const_cast<void*>(a.data()));
+        for (int d = 0; d < 4; ++d) {
+            view.shape[d] = a.shape(d);
+            view.strides[d] = a.strides(d) / static_cast<py::ssize_t>(sizeof(float));
+        }
+        py::array copy = aligned_output({a.shape(0), a.shape(1), a.shape(2), a.shape(3)});
+        copy_nhwc(view, copy);
+        return copy;
+    }
+    return py::array(numpy().attr("ascontiguousarray")(a));
 }
 
 // Byte range [lo, hi) that `a` touches; empty for a zero-size array.
@@ -264,14 +292,15 @@ class OperatorPlan {
 public:
     virtual ~OperatorPlan() = default;
 
-    // The eager PyTorch path: an NCHW-shaped tensor's channels_last memory read in place and a
-    // contiguous NHWC output written, through raw pointers (no NumPy views on the way). False,
-    // with nothing computed, when x's or the residual's channels are not contiguous.
+    // The eager PyTorch path: an NCHW-shaped tensor's channels_last memory read in place (a plain
+    // NCHW tensor's copied to NHWC first) and a contiguous NHWC output written, through raw
+    // pointers (no NumPy views on the way). False, with nothing computed, when the residual's
+    // channels are not contiguous.
     bool conv_channels_last(uintptr_t x_data, const py::tuple& x_shape, const py::tuple& x_strides, uintptr_t out_data,
                             uintptr_t residual_data, const py::object& residual_strides) {
         if (layout_ != pwcpu::Layout::nhwc) return false;
         TensorView xv, ov, rv;
-        if (!nhwc_of_nchw(x_data, x_shape, x_strides, xv)) return false;
+        const bool x_in_place = nhwc_of_nchw(x_data, x_shape, x_strides, xv);
         if (xv.shape[3] != expected_in_channels()) throw py::value_error("x has the wrong number of channels");
         const std::array<int64_t, 4> shape = output_shape_of(xv);
         ov.data = reinterpret_cast<float*>(out_data);
@@ -283,6 +312,11 @@ public:
             if (!nhwc_of_nchw(residual_data, residual_shape, py::reinterpret_borrow<py::tuple>(residual_strides), rv)) {
                 return false;
             }
+        }
+        py::array x_copy;  // a model's input is usually plain NCHW: its first layer reads this copy
+        if (!x_in_place) {
+            x_copy = aligned_output({xv.shape[0], xv.shape[1], xv.shape[2], xv.shape[3]});
+            xv = copy_nhwc(xv, x_copy);
         }
         run(xv, ov, residual_data != 0 ? &rv : nullptr);
         return true;

@@ -131,6 +131,14 @@ def test_non_contiguous_channels_are_copied(isa, rng):
     check_conv(pwcpu.conv1x1(x, weight), x, weight)
     channels_first = np.moveaxis(randn(rng, 2, 10, 5, 5), 1, -1)
     check_conv(pwcpu.conv1x1(channels_first, weight), channels_first, weight)
+    reversed_channels = randn(rng, 2, 3, 7, 10)[..., ::-1]
+    check_conv(pwcpu.conv1x1(reversed_channels, weight), reversed_channels, weight)
+    wide_rows = np.moveaxis(randn(rng, 1, 10, 2, 900), 1, -1)  # copied a piece of each row at a time
+    check_conv(pwcpu.conv1x1(wide_rows, weight), wide_rows, weight)
+    for planes in (1, 2, 3, 4):  # NCHW images of a few channels: interleaved whole
+        image = np.moveaxis(randn(rng, 2, planes, 3, 11), 1, -1)
+        w_planes = randn(rng, 5, planes)
+        check_conv(pwcpu.conv1x1(image, w_planes), image, w_planes, context=f"{planes} planes")
 
 
 def test_strided_weight_views(isa, rng):

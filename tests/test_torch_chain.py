@@ -151,10 +151,27 @@ def test_concurrent_calls_do_not_share_buffers():
     assert failures == []
 
 
+def test_a_plain_nchw_input_runs_in_the_buffers():
+    model = straight_model()
+    converted = pt.convert(model)
+    chain = chain_of(converted)
+    x = torch.randn(2, 3, 40, 36)  # NCHW-contiguous, as a model's input usually is: the stem reads a copy
+    expected = one_by_one(converted, x)
+    with torch.inference_mode():
+        converted(x)  # makes the run
+        chain._one_by_one = None  # a call that left the buffers would fail
+        try:
+            y = converted(x)
+        finally:
+            del chain._one_by_one
+        torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_other_inputs_take_the_layers_own_paths():
     model = straight_model()
     converted = pt.convert(model)
-    x = torch.randn(1, 3, 32, 32)  # NCHW-contiguous: the stem cannot read it in place
+    x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         for _ in range(2):
             torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)

@@ -125,7 +125,7 @@ def _new_output(size: Sequence[int], stride: Optional[Sequence[int]] = None) -> 
 
 def _run_conv(layer, x: Tensor, residual: Optional[Tensor], kernel: Tuple[int, int] = (1, 1)) -> Tensor:
     """A prepacked convolution (PointwiseConv, DepthwiseConv, DenseConv) on tensor memory:
-    NCHW-shaped x (channels_last is read in place), result channels_last."""
+    NCHW-shaped x (channels_last is read in place, plain NCHW copied to NHWC), result channels_last."""
     ho, wo = _output_hw(x, layer.stride, layer.padding, kernel)
     out = _new_output((x.shape[0], ho, wo, layer.out_channels))
     if x.shape[1] == layer.in_channels and (residual is None or residual.shape == (x.shape[0], layer.out_channels,
@@ -662,8 +662,9 @@ class PwcpuChain(nn.Module):
     and returned). The layers stay where they are in the model and the chain registers none of
     them: ``state_dict`` and ``load_state_dict`` see them under their own names, and new weights
     reach the chain. Calls that cannot take this path (autograd, tracing, ``torch.compile``, a
-    concurrent call from another thread while the buffers are in use, a tensor the first layer
-    cannot read in place) run the layers one by one, as an unchained model does."""
+    concurrent call from another thread while the buffers are in use) run the layers one by one,
+    as an unchained model does. A plain NCHW input (channels not contiguous) is copied to NHWC for
+    the first layer, as an unchained model's first layer copies it."""
 
     def __init__(self, layers: Sequence[nn.Module], names: Sequence[str]) -> None:
         super().__init__()
@@ -723,7 +724,7 @@ class PwcpuChain(nn.Module):
             if i == last:
                 out_data = out.data_ptr()
             if not conv_channels_last(x_data, x_shape, x_strides, out_data, 0, None):
-                return None  # the first layer refused x (channels not contiguous), computing nothing
+                return None  # refused (only a residual with strided channels is), computing nothing
         return out
 
     def _one_by_one(self, x):

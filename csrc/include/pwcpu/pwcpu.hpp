@@ -93,6 +93,11 @@ int64_t reused_buffers(BufferKind kind);  // requests served so far from kept bl
 // padded input is shorter than the kernel.
 int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride, int64_t kernel = 1);
 
+// Copies `src`, an NHWC view of any strides (an NCHW tensor's memory seen as NHWC has its channels
+// H * W apart), into `dst`: N * H * W * C floats, contiguous NHWC, which every operator reads in
+// place. Threaded for large views.
+void copy_to_nhwc(const TensorView& src, float* dst);
+
 struct ConvGeometry {
     int64_t stride_h = 1, stride_w = 1;
     int64_t pad_h = 0, pad_w = 0;  // zero padding, as in PyTorch
