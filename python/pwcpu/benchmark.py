@@ -522,7 +522,8 @@ def _tflite_model(name: str) -> Optional[bytes]:
 def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, pause: float,
                  only: Sequence[str] = ()) -> List[Dict]:
     """End-to-end, batch 1, 224x224 channels_last input: PyTorch (the model in channels_last), its
-    pwcpu.torch.convert copy made from the model as it is and from the channels_last model, ONNX
+    pwcpu.torch.convert copy made from the model as it is and from the channels_last model (and the
+    first on a plain NCHW input), ONNX
     Runtime on the exported model and TFLite (XNNPACK) on Keras' definition of the same network.
     Implementations alternate in rounds. ``only``: the models whose names contain one of these."""
     import torch
@@ -551,12 +552,15 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
                     return m(x)
             return run
 
+        # The converted model also on a plain NCHW tensor, what most PyTorch code passes (its first
+        # layer reads an NHWC copy).
         runners = {"pytorch": runner(model), "converted": runner(converted), "converted (channels_last model)":
-                   runner(converted_cl)}
+                   runner(converted_cl), "converted (NCHW input)": runner(converted, x.contiguous())}
         expected = runners["pytorch"]()
         tolerance = dict(rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
         torch.testing.assert_close(runners["converted"](), expected, **tolerance)
         torch.testing.assert_close(runners["converted (channels_last model)"](), expected, **tolerance)
+        torch.testing.assert_close(runners["converted (NCHW input)"](), expected, **tolerance)
         onnx_model = _onnx_export(model, x)
         tflite_model = _tflite_model(name)
         for threads in threads_list:
@@ -574,11 +578,12 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
                             "pwcpu_dense_layers": dense,
                             "ms": {k: v * 1e3 for k, v in seconds.items()},
                             "speedup": base / seconds["converted"],
-                            "speedup_channels_last_model": base / seconds["converted (channels_last model)"]})
+                            "speedup_channels_last_model": base / seconds["converted (channels_last model)"],
+                            "speedup_nchw_input": base / seconds["converted (NCHW input)"]})
             runtimes = [seconds[k] for k in ("onnxruntime", "tflite") if k in seconds]
-            if runtimes:  # the slower conversion against the faster runtime
+            if runtimes:  # the slowest conversion against the faster runtime
                 results[-1]["against_fastest_runtime"] = min(runtimes) / max(
-                    seconds["converted"], seconds["converted (channels_last model)"])
+                    seconds["converted"], seconds["converted (channels_last model)"], seconds["converted (NCHW input)"])
             line = "   ".join(f"{k} {v * 1e3:.2f} ms" + (f" ({base / v:.2f}x)" if k != "pytorch" else "")
                              for k, v in seconds.items())
             print(f"{name:<34} {layers:>3} 1x1 + {depthwise:>2} depthwise + {dense:>2} dense layers, {threads}T: {line}",
