@@ -346,10 +346,12 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
                              static_cast<double>(o.in_channels + o.kernel_h * o.kernel_w);
         const std::vector<runtime::WorkRange> ranges =
             runtime::partition(rows, 1, rows, 1, e, o.in_channels, runtime::call_threads(flops));
-        runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-            runtime::ThreadsForThisThread one(1);
-            const auto rows_of_mid = [&](int64_t n, int64_t oh0, int64_t count) { return runtime::rows_of(mid, n, oh0, count); };
-            BandWalker(*this, x, ho, bands).walk(range.m_begin, range.m_end, rows_of_mid, sum_rows);
+        const auto rows_of_mid = [&](int64_t n, int64_t oh0, int64_t count) { return runtime::rows_of(mid, n, oh0, count); };
+        runtime::run_rows_balanced(ranges, bands.height, [&] {
+            return [&, walker = BandWalker(*this, x, ho, bands)](int64_t begin, int64_t end) mutable {
+                runtime::ThreadsForThisThread one(1);
+                walker.walk(begin, end, rows_of_mid, sum_rows);
+            };
         });
     } else {
         filter_whole(x, mid);
@@ -398,13 +400,15 @@ void InvertedResidual::Impl::run_with_excitation(const TensorView& x, const Tens
     runtime::CallGuard guard;
     const std::vector<runtime::WorkRange> ranges = runtime::partition(
         rows, 1, rows, 1, o.out_channels, e, runtime::call_threads(e_flops * static_cast<double>(rows * wo * o.out_channels)));
-    runtime::run_ranges(ranges, false, [&](const runtime::WorkRange& range) {
-        runtime::ThreadsForThisThread one(1);
-        for (int64_t r = range.m_begin; r < range.m_end;) {
-            const int64_t n = r / ho, count = std::min({band, range.m_end - r, (n + 1) * ho - r});
-            scale_and_project(n, r - n * ho, count);
-            r += count;
-        }
+    runtime::run_rows_balanced(ranges, band, [&] {
+        return [&](int64_t begin, int64_t end) {
+            runtime::ThreadsForThisThread one(1);
+            for (int64_t r = begin; r < end;) {
+                const int64_t n = r / ho, count = std::min({band, end - r, (n + 1) * ho - r});
+                scale_and_project(n, r - n * ho, count);
+                r += count;
+            }
+        };
     });
 }
 

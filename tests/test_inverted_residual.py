@@ -308,15 +308,20 @@ def test_repeated_calls_take_their_work_memory_from_the_threads_arenas(rng, thre
 def test_rows_taken_from_other_threads_give_the_same_result(rng, rows_taken_first, stride):
     """Rows a thread takes from the end of another's range (fused blocks recompute the expanded
     rows they share with the rows before, depthwise layers just compute them) give bitwise the
-    result of one thread, over images of several bands, batches and thread counts."""
+    result of one thread, over images of several bands, batches and thread counts; with
+    squeeze-excitation too (its fused bands and its scaled-and-projected bands)."""
     w = block_weights(rng, 24, 96, 24)
+    se = excitation_weights(rng, 96, 6)
     x = data(rng, 3, 29, 10, 24)
     block = pwcpu.InvertedResidual(**w, stride=stride)
+    excited = pwcpu.InvertedResidual(**w, **se, stride=stride, activation="silu")
     depthwise = pwcpu.DepthwiseConv(data(rng, 24, 5, 5), data(rng, 24), stride=stride, padding=2)
     pwcpu.set_num_threads(1)
     check(block, x, w, stride, 1, residual=stride == 1)
-    expected = block(x), depthwise(x)
+    check(excited, x, w, stride, 1, activation="silu", residual=stride == 1, se=se_tuple(se))
+    expected = block(x), excited(x), depthwise(x)
     for threads in (2, 3):
         pwcpu.set_num_threads(threads)
         np.testing.assert_array_equal(block(x), expected[0])
-        np.testing.assert_array_equal(depthwise(x), expected[1])
+        np.testing.assert_array_equal(excited(x), expected[1])
+        np.testing.assert_array_equal(depthwise(x), expected[2])
