@@ -523,9 +523,9 @@ def bench_models(threads_list: Sequence[int], min_seconds: float, rounds: int, p
                  only: Sequence[str] = ()) -> List[Dict]:
     """End-to-end, batch 1, 224x224 channels_last input: PyTorch (the model in channels_last), its
     pwcpu.torch.convert copy made from the model as it is and from the channels_last model (and the
-    first on a plain NCHW input), ONNX
-    Runtime on the exported model and TFLite (XNNPACK) on Keras' definition of the same network.
-    Implementations alternate in rounds. ``only``: the models whose names contain one of these."""
+    first on a plain NCHW input), ONNX Runtime on the exported model and TFLite (XNNPACK) on Keras'
+    definition of the same network. Implementations alternate in rounds. ``only``: the models whose
+    names contain one of these."""
     import torch
 
     from . import torch as pwcpu_torch
