@@ -82,7 +82,8 @@ PWCPU_INLINE void dw_tile_columns(const DwRowArgs& p, size_t pixel, size_t c, si
 #pragma GCC unroll 32
         for (int u = 0; u < kColumns; ++u) {
             const float* xu = x + u * p.tap_step;
-            const R xv = lanes == static_cast<size_t>(W) ? Vec::load(xu) : Vec::load_n(xu, lanes);
+            R xv = lanes == static_cast<size_t>(W) ? Vec::load(xu) : Vec::load_n(xu, lanes);
+            Vec::keep_in_register(xv);  // loaded once for every weight that meets it
 #pragma GCC unroll 8
             for (int q = 0; q < P; ++q) {
                 const int j = u - q * S;

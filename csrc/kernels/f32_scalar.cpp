@@ -30,6 +30,7 @@ struct Vec {
     }
     static R set1(float x) { return map([&](int) { return x; }); }
     static R load(const float* p) { return map([&](int i) { return p[i]; }); }
+    static void keep_in_register(R&) {}  // (the column form it serves runs on the SIMD units only)
     static R load_n(const float* p, size_t n) {
         return map([&](int i) { return static_cast<size_t>(i) < n ? p[i] : 0.0f; });
     }
