@@ -14,7 +14,8 @@
   ``nn.Linear`` (with a BatchNorm2d and an activation directly following it in a ``Sequential``)
   runs on pwcpu, and, where the model can be traced, its depthwise convolutions, stems and deep
   dense layers too; straight runs of converted layers then run as one ``PwcpuChain``, whose
-  intermediate outputs reuse two buffers from call to call.
+  intermediate outputs reuse two buffers from call to call, and ShuffleNet's channel shuffles
+  (with the concatenation before them) become one NHWC pass, ``channel_shuffle``.
 
 Converted modules are frozen, as ``torch.jit.freeze`` freezes: their weights are packed once and
 are reached only through copies (``module.weight`` returns one), so no write through ``.data``,
@@ -47,7 +48,7 @@ from ._block import fold_batchnorm
 
 __all__ = ["PwcpuBatchNorm2d", "PwcpuChain", "PwcpuConv2d", "PwcpuConversionWarning", "PwcpuDenseConv2d",
            "PwcpuDepthwiseConv2d", "PwcpuInvertedResidual", "PwcpuLinear", "PwcpuSequential",
-           "conv1x1", "convert", "pointwise"]
+           "channel_shuffle", "conv1x1", "convert", "pointwise"]
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
                        nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}
@@ -993,6 +994,7 @@ def _convert_graph(model: nn.Module, report: List[str], skipped: List[str], prec
     modules = dict(graph_module.named_modules())
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     _drop_inference_identities(graph, report)
+    _shuffle_channels_in_nhwc(graph, report)
 
     def single_use_module(node: fx.Node) -> Optional[nn.Module]:
         if node.op != "call_module" or calls[node.target] != 1:
@@ -1173,6 +1175,75 @@ def _chain_straight_runs(graph_module: fx.GraphModule, report: List[str]) -> Non
                       "in two buffers it keeps)")
 
 
+def channel_shuffle(parts: Sequence[Tensor], groups: int) -> Tensor:
+    """ShuffleNet's ``channel_shuffle(torch.cat(parts, 1), groups)`` (channel ``g * (C / groups) + i``
+    moves to ``i * groups + g``), computed on NHWC memory in one pass: the result is channels_last,
+    and its channel halves (ShuffleNet's ``chunk``) are NHWC views that pwcpu's layers read in
+    place. The NCHW original makes a plain NCHW tensor (and a channels_last model copies every
+    activation twice more). Where the parts are ``groups`` tensors of one shape, the result just
+    interleaves their channels, and the concatenation is never made."""
+    if len(parts) == groups and all(p.shape == parts[0].shape for p in parts[1:]):
+        n, per_group, h, w = parts[0].shape
+        nhwc = torch.stack([p.permute(0, 2, 3, 1) for p in parts], dim=4)  # (n, h, w, per_group, groups)
+    else:
+        x = torch.cat(tuple(parts), 1) if len(parts) > 1 else parts[0]
+        n, c, h, w = x.shape
+        if c % groups:
+            raise ValueError(f"channel_shuffle: {c} channels do not split into {groups} groups")
+        per_group = c // groups
+        nhwc = x.permute(0, 2, 3, 1).unflatten(3, (groups, per_group)).transpose(3, 4).contiguous()
+    return nhwc.view(n, h, w, per_group * groups).permute(0, 3, 1, 2)
+
+
+def _shuffle_channels_in_nhwc(graph: fx.Graph, report: List[str]) -> None:
+    """Each traced channel shuffle (torchvision's ``channel_shuffle``: ``n, c, h, w = x.size()``,
+    ``x.view(n, g, c // g, h, w)``, ``transpose(1, 2)``, ``contiguous()``, ``view(n, c, h, w)``),
+    with the ``torch.cat(..., 1)`` that makes x when x has no other use, becomes one call of
+    :func:`channel_shuffle`. Every node of the pattern is proven from the graph."""
+    def only(node, op: str, targets: tuple) -> bool:
+        return isinstance(node, fx.Node) and node.op == op and node.target in targets and not node.kwargs
+
+    def size_item(node, size: fx.Node, index: int) -> bool:
+        return only(node, "call_function", (operator.getitem,)) and node.args == (size, index)
+
+    for last in list(graph.nodes):
+        if not only(last, "call_method", ("view",)) or len(last.args) != 5:
+            continue
+        contiguous = last.args[0]
+        if not only(contiguous, "call_method", ("contiguous",)) or len(contiguous.args) != 1 \
+                or len(contiguous.users) != 1:
+            continue
+        transpose = contiguous.args[0]
+        if not (only(transpose, "call_function", (torch.transpose,)) or only(transpose, "call_method", ("transpose",))) \
+                or tuple(transpose.args[1:]) not in ((1, 2), (2, 1)) or len(transpose.users) != 1:
+            continue
+        split = transpose.args[0]
+        if not only(split, "call_method", ("view",)) or len(split.args) != 6 or len(split.users) != 1:
+            continue
+        x, n, groups, per_group, h, w = split.args
+        size = n.args[0] if only(n, "call_function", (operator.getitem,)) else None
+        if not isinstance(groups, int) or groups < 1 or not only(size, "call_method", ("size",)) \
+                or size.args != (x,) or not all(size_item(*a) for a in ((n, size, 0), (h, size, 2), (w, size, 3))):
+            continue
+        c = last.args[2]
+        if not size_item(c, size, 1) or last.args[1:] != (n, c, h, w) \
+                or not (only(per_group, "call_function", (operator.floordiv,)) and per_group.args == (c, groups)):
+            continue
+        parts = (x,)
+        concatenated = isinstance(x, fx.Node) and x.op == "call_function" and x.target is torch.cat \
+            and set(x.kwargs) <= {"dim"} and len(x.args) + len(x.kwargs) == 2
+        if concatenated and (x.kwargs["dim"] if x.kwargs else x.args[1]) == 1 and set(x.users) == {size, split}:
+            parts = tuple(x.args[0])
+        with graph.inserting_after(last):
+            call = graph.call_function(channel_shuffle, (parts, groups))
+        last.replace_all_uses_with(call)
+        for node in (last, contiguous, transpose, split, per_group, c, n, h, w, size) + ((x,) if parts != (x,) else ()):
+            if not node.users:
+                graph.erase_node(node)
+        report.append(f"{last.name}: channel shuffle ({groups} groups"
+                      + (", with the concatenation before it" if parts != (x,) else "") + ") in NHWC, one pass")
+
+
 def _drop_inference_identities(graph: fx.Graph, report: List[str]) -> None:
     """torchvision's stochastic depth in inference (``training=False``) returns its input: removed,
     so that the residual addition after it reaches the convolution before it."""
@@ -1215,7 +1286,9 @@ def convert(model: nn.Module, *, channels_last: bool = True, trace: bool = True,
     bfloat16 ones); fused inverted residual blocks compute their 1x1 stages in bf16 and the depthwise
     one in float32. ``precision="int8"`` does the same with dynamic int8 quantization. In a traced
     copy, each straight run of converted layers (each the previous one's only use) runs as one
-    ``PwcpuChain`` (see its docstring).
+    ``PwcpuChain`` (see its docstring), and each channel shuffle written as torchvision's
+    ShuffleNetV2 writes it becomes a call of :func:`channel_shuffle`, which keeps the activations
+    channels_last.
     """
     _precision_code(precision)
     converted = copy.deepcopy(model).eval()
