@@ -139,6 +139,18 @@ bool kernel_layout(const py::array& a, pwcpu::Layout layout, bool gathered = fal
     return gathered || (rows && (a.shape(last - 1) <= 1 || a.strides(last - 1) == a.shape(last) * item));
 }
 
+// The NHWC view of an NCHW-shaped tensor's memory (a PyTorch tensor's data pointer, size and
+// strides); false unless its channels are contiguous.
+bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
+    constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
+    v.data = reinterpret_cast<float*>(data);
+    for (int d = 0; d < 4; ++d) {
+        v.shape[d] = shape[kAxis[d]].cast<int64_t>();
+        v.strides[d] = strides[kAxis[d]].cast<int64_t>();
+    }
+    return v.strides[3] == 1 || v.shape[3] <= 1;
+}
+
 // `view` copied into `copy` (a contiguous float32 array of its shape), as a view of the copy.
 TensorView copy_nhwc(const TensorView& view, py::array& copy) {
     float* data = static_cast<float*>(copy.mutable_data());
@@ -350,17 +362,6 @@ protected:
     // x's channel count, and the NHWC output shape for an NHWC x, for conv_channels_last.
     virtual int64_t expected_in_channels() const = 0;
     virtual std::array<int64_t, 4> output_shape_of(const TensorView& x) const = 0;
-
-    // The NHWC view of an NCHW-shaped tensor's memory; false unless its channels are contiguous.
-    static bool nhwc_of_nchw(uintptr_t data, const py::tuple& shape, const py::tuple& strides, TensorView& v) {
-        constexpr int kAxis[4] = {0, 2, 3, 1};  // NHWC axis d is NCHW axis kAxis[d]
-        v.data = reinterpret_cast<float*>(data);
-        for (int d = 0; d < 4; ++d) {
-            v.shape[d] = shape[kAxis[d]].cast<int64_t>();
-            v.strides[d] = strides[kAxis[d]].cast<int64_t>();
-        }
-        return v.strides[3] == 1 || v.shape[3] <= 1;
-    }
 
     void check_out(const py::object& out, const std::vector<py::ssize_t>& shape) const {
         if (!py::isinstance<py::array>(out)) {
@@ -1035,6 +1036,23 @@ PYBIND11_MODULE(_core, m) {
           "A new float32 array of `floats` elements on pwcpu's output buffers (for the PyTorch bridge).");
     m.def("as_float32", [](const py::object& value, const std::string& name) { return float32_array(value, name); },
           py::arg("value"), py::arg("name"));
+    m.def("interleave_channels", [](uintptr_t out_data, const py::list& sources) {
+        // For pwcpu.torch.channel_shuffle: each source a float32 tensor's (data pointer, NCHW size,
+        // strides); out_data a channels_last tensor of their interleaved channels.
+        if (sources.empty()) throw py::value_error("interleave_channels: no sources");
+        std::vector<TensorView> views(sources.size());
+        for (size_t g = 0; g < views.size(); ++g) {
+            const py::tuple source = sources[g].cast<py::tuple>();
+            const py::tuple shape = source[1].cast<py::tuple>(), strides = source[2].cast<py::tuple>();
+            if (shape.size() != 4 || strides.size() != 4) throw py::value_error("interleave_channels: 4-D sources only");
+            nhwc_of_nchw(source[0].cast<uintptr_t>(), shape, strides, views[g]);
+            if (!std::equal(views[g].shape, views[g].shape + 4, views[0].shape)) {
+                throw py::value_error("interleave_channels: the sources' shapes differ");
+            }
+        }
+        py::gil_scoped_release no_gil;
+        pwcpu::interleave_channels(views.data(), static_cast<int>(views.size()), reinterpret_cast<float*>(out_data));
+    }, py::arg("out_data"), py::arg("sources"));
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
     m.def("set_num_threads_for_this_thread", &pwcpu::set_num_threads_for_this_thread, py::arg("n"));

@@ -97,6 +97,7 @@ def parts_in(layout, shapes):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel slices"])
 @pytest.mark.parametrize("shapes, groups", [
     ([(2, 5, 3, 4)] * 2, 2),                       # equal halves: interleaved, no concatenation
+    ([(2, 40, 30, 30)] * 2, 2),                     # large enough to be split among threads
     ([(1, 3, 7, 1)] * 3, 3),
     ([(1, 1, 2, 2)] * 4, 4),                        # one channel a group
     ([(2, 6, 3, 4)], 2), ([(1, 12, 5, 5)], 3),      # a tensor alone
@@ -154,3 +155,19 @@ def test_other_graphs_keep_their_meaning():
         torch.testing.assert_close(converted(x), twice(x), rtol=1e-5, atol=1e-6)
         y = torch.randn(2, 4, 6, 6)
         assert torch.equal(converted_other(y), other(y))
+
+
+@pytest.mark.parametrize("how", ["float64", "autograd"])
+def test_calls_outside_pwcpus_kernel_take_pytorchs_ops(how):
+    """Other dtypes and calls that record gradients are computed by PyTorch's operators."""
+    dtype = torch.float64 if how == "float64" else torch.float32
+    parts = [torch.randn(2, 3, 4, 5, dtype=dtype, requires_grad=how == "autograd") for _ in range(2)]
+    twins = [p.detach().clone().requires_grad_(p.requires_grad) for p in parts]
+    y, expected = pt.channel_shuffle(parts, 2), reference_shuffle(torch.cat(twins, 1), 2)
+    assert torch.equal(y, expected)
+    if how == "autograd":
+        weights = torch.randn(y.shape)
+        (y * weights).sum().backward()
+        (expected * weights).sum().backward()
+        for part, twin in zip(parts, twins):
+            assert torch.equal(part.grad, twin.grad)

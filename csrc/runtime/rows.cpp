@@ -108,4 +108,37 @@ void copy_to_nhwc(const TensorView& src, float* dst) {
     }
 }
 
+void interleave_channels(const TensorView* sources, int count, float* dst) {
+    const int64_t h = sources[0].shape[1], w = sources[0].shape[2], c = sources[0].shape[3];
+    const int64_t rows = sources[0].shape[0] * h, pixel_floats = c * count;
+    if (rows == 0 || w == 0 || c == 0) return;
+    bool pairs = count == 2;  // two sources with contiguous channels: one vectorized interleave
+    for (int g = 0; g < count; ++g) pairs = pairs && (c == 1 || sources[g].strides[3] == 1);
+    const int threads = runtime::region_threads(rows * w * pixel_floats > (1 << 16) ? get_num_threads() : 1);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = r / h, y = r % h;
+        for (int64_t p = 0; p < w; ++p) {
+            float* __restrict to = dst + (r * w + p) * pixel_floats;
+            const auto pixel = [&](int g) {
+                const TensorView& s = sources[g];
+                return s.data + n * s.strides[0] + y * s.strides[1] + p * s.strides[2];
+            };
+            if (pairs) {
+                const float* __restrict a = pixel(0);
+                const float* __restrict b = pixel(1);
+                for (int64_t i = 0; i < c; ++i) {
+                    to[2 * i] = a[i];
+                    to[2 * i + 1] = b[i];
+                }
+                continue;
+            }
+            for (int g = 0; g < count; ++g) {
+                const float* from = pixel(g);
+                for (int64_t i = 0; i < c; ++i) to[i * count + g] = from[i * sources[g].strides[3]];
+            }
+        }
+    }
+}
+
 }  // namespace pwcpu

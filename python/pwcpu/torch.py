@@ -1184,6 +1184,11 @@ def channel_shuffle(parts: Sequence[Tensor], groups: int) -> Tensor:
     interleaves their channels, and the concatenation is never made."""
     if len(parts) == groups and all(p.shape == parts[0].shape for p in parts[1:]):
         n, per_group, h, w = parts[0].shape
+        if not torch.compiler.is_compiling() and all(type(p) is Tensor and p.dtype is torch.float32 and p.is_cpu
+                                                     and not p.requires_grad for p in parts):
+            out = _new_output((n, h, w, per_group * groups)).permute(0, 3, 1, 2)
+            _core.interleave_channels(out.data_ptr(), [(p.data_ptr(), p.shape, p.stride()) for p in parts])
+            return out
         nhwc = torch.stack([p.permute(0, 2, 3, 1) for p in parts], dim=4)  # (n, h, w, per_group, groups)
     else:
         x = torch.cat(tuple(parts), 1) if len(parts) > 1 else parts[0]

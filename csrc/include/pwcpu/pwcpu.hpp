@@ -98,6 +98,12 @@ int64_t conv_output_size(int64_t in, int64_t pad, int64_t stride, int64_t kernel
 // place. Threaded for large views.
 void copy_to_nhwc(const TensorView& src, float* dst);
 
+// Interleaves the channels of `count` NHWC views of one shape (N, H, W, C; any strides) into `dst`:
+// N * H * W * (count * C) floats, contiguous NHWC, whose channel i * count + g is source g's
+// channel i. That is ShuffleNet's channel shuffle of the sources' concatenation, in one pass.
+// Threaded for large views.
+void interleave_channels(const TensorView* sources, int count, float* dst);
+
 struct ConvGeometry {
     int64_t stride_h = 1, stride_w = 1;
     int64_t pad_h = 0, pad_w = 0;  // zero padding, as in PyTorch
