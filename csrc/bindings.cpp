@@ -1053,6 +1053,15 @@ PYBIND11_MODULE(_core, m) {
         py::gil_scoped_release no_gil;
         pwcpu::interleave_channels(views.data(), static_cast<int>(views.size()), reinterpret_cast<float*>(out_data));
     }, py::arg("out_data"), py::arg("sources"));
+    m.def("channel_means", [](uintptr_t out_data, uintptr_t x_data, const py::tuple& shape, const py::tuple& strides) {
+        // For pwcpu.torch's global average pooling: x a float32 tensor's (data pointer, NCHW size,
+        // strides), out_data N x C floats.
+        if (shape.size() != 4 || strides.size() != 4) throw py::value_error("channel_means: a 4-D x only");
+        TensorView view;
+        nhwc_of_nchw(x_data, shape, strides, view);
+        py::gil_scoped_release no_gil;
+        pwcpu::channel_means(view, reinterpret_cast<float*>(out_data));
+    }, py::arg("out_data"), py::arg("x_data"), py::arg("shape"), py::arg("strides"));
     m.def("get_num_threads", &pwcpu::get_num_threads);
     m.def("set_num_threads", &pwcpu::set_num_threads, py::arg("n"));
     m.def("set_num_threads_for_this_thread", &pwcpu::set_num_threads_for_this_thread, py::arg("n"));

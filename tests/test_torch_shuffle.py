@@ -171,3 +171,17 @@ def test_calls_outside_pwcpus_kernel_take_pytorchs_ops(how):
         (expected * weights).sum().backward()
         for part, twin in zip(parts, twins):
             assert torch.equal(part.grad, twin.grad)
+
+
+def test_a_saved_copy_keeps_its_shuffles():
+    import io
+
+    converted = pt.convert(shufflenet_like())
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    copied = torch.load(buffer, weights_only=False)
+    assert [n.target for n in copied.graph.nodes].count(pt.channel_shuffle) == 5
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x), converted(x), rtol=0, atol=0)

@@ -104,6 +104,10 @@ void copy_to_nhwc(const TensorView& src, float* dst);
 // Threaded for large views.
 void interleave_channels(const TensorView* sources, int count, float* dst);
 
+// out[n * C + c]: the mean of channel c of image n of the NHWC view `x` (any strides) over its
+// H * W pixels (global average pooling); NaN where there are no pixels, as 0 / 0 gives.
+void channel_means(const TensorView& x, float* out);
+
 struct ConvGeometry {
     int64_t stride_h = 1, stride_w = 1;
     int64_t pad_h = 0, pad_w = 0;  // zero padding, as in PyTorch
