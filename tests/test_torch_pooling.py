@@ -46,12 +46,16 @@ def test_large_maps_keep_their_accuracy():
     assert relative < 1e-6
 
 
-@pytest.mark.parametrize("how", ["float64", "autograd", "other axes", "three axes"])
+@pytest.mark.parametrize("how", ["float64", "autograd", "other axes", "three axes", "axes out of range"])
 def test_other_calls_take_pytorchs_ops(how):
     x = torch.randn(2, 6, 3, 4, dtype=torch.float64 if how == "float64" else torch.float32,
                     requires_grad=how == "autograd")
     if how == "other axes":
         assert torch.equal(pt.mean_over_pixels(x, (1, 2)), x.mean((1, 2)))
+        return
+    if how == "axes out of range":  # 6 is no axis of a 4-D tensor, though 6 % 4 == 2: PyTorch's error
+        with pytest.raises(IndexError):
+            pt.mean_over_pixels(x, (6, 3))
         return
     if how == "three axes":
         y = torch.randn(6, 3, 4)  # unbatched: the pool takes its last two axes
@@ -116,3 +120,8 @@ def test_saved_and_traced_copies_keep_the_pwcpu_calls(how):
     x = torch.randn(2, 5, 6, 7).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(copied(x), converted(x), rtol=0, atol=0)
+
+
+def test_only_axes_2_and_3_of_a_4d_tensor_are_pixel_axes():
+    assert pt._pixel_axes((2, 3)) and pt._pixel_axes([-1, -2]) and pt._pixel_axes((3, -2))
+    assert not any(pt._pixel_axes(d) for d in [(6, 3), (2, 7), (-6, 3), (1, 2), (2,), (2, 3, 1), (2.0, 3), "23", None])

@@ -1218,6 +1218,12 @@ def channel_shuffle(parts: Sequence[Tensor], groups: int) -> Tensor:
     return nhwc.view(n, h, w, per_group * groups).permute(0, 3, 1, 2)
 
 
+def _pixel_axes(dim) -> bool:
+    """Whether ``dim`` names axes 2 and 3 of a 4-D tensor (an out-of-range axis is not taken)."""
+    return isinstance(dim, (list, tuple)) and len(dim) == 2 and all(type(d) is int and -4 <= d < 4 for d in dim) \
+        and sorted(d % 4 for d in dim) == [2, 3]
+
+
 def _pixel_means(x, keepdim: bool) -> Optional[Tensor]:
     """The means of a 4-D tensor over H and W by pwcpu's kernel, for a float32 CPU tensor with
     contiguous channels (channels_last) outside autograd and tracing; else None."""
@@ -1243,7 +1249,7 @@ def adaptive_avg_pool_to_one(x: Tensor) -> Tensor:
 def mean_over_pixels(x: Tensor, dim: Tuple[int, ...], keepdim: bool = False) -> Tensor:
     """``x.mean(dim, keepdim=keepdim)``, by pwcpu's kernel where ``dim`` names axes 2 and 3 of a
     4-D tensor (as :func:`adaptive_avg_pool_to_one`)."""
-    out = _pixel_means(x, keepdim) if x.dim() == 4 and sorted(d % 4 for d in dim) == [2, 3] else None
+    out = _pixel_means(x, keepdim) if x.dim() == 4 and _pixel_axes(dim) else None
     return x.mean(dim, keepdim=keepdim) if out is None else out
 
 
@@ -1253,11 +1259,6 @@ def _pool_pixels_on_pwcpu(graph_module: fx.GraphModule, report: List[str]) -> No
     of :func:`adaptive_avg_pool_to_one` or :func:`mean_over_pixels`."""
     graph = graph_module.graph
     modules = dict(graph_module.named_modules())
-
-    def axes(value) -> Optional[Tuple[int, ...]]:
-        """The two axes a mean reduces, where they can be a 4-D tensor's 2 and 3."""
-        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(type(d) is int for d in value)
-        return tuple(value) if ok and sorted(d % 4 for d in value) == [2, 3] else None
 
     for node in list(graph.nodes):
         replacement = None
@@ -1270,9 +1271,9 @@ def _pool_pixels_on_pwcpu(graph_module: fx.GraphModule, report: List[str]) -> No
             replacement = (adaptive_avg_pool_to_one, node.args[:1])
         elif (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
             arguments = dict(zip(("x", "dim", "keepdim"), node.args), **node.kwargs)
-            dims, keepdim = axes(arguments.get("dim")), arguments.get("keepdim", False)
-            if set(arguments) <= {"x", "dim", "keepdim"} and dims is not None and type(keepdim) is bool:
-                replacement = (mean_over_pixels, (arguments["x"], dims, keepdim))
+            dims, keepdim = arguments.get("dim"), arguments.get("keepdim", False)
+            if set(arguments) <= {"x", "dim", "keepdim"} and _pixel_axes(dims) and type(keepdim) is bool:
+                replacement = (mean_over_pixels, (arguments["x"], tuple(dims), keepdim))
         if replacement is None or not isinstance(replacement[1][0], fx.Node):
             continue
         with graph.inserting_after(node):
