@@ -81,7 +81,8 @@ class Pools(nn.Module):
     def forward(self, x):
         h = self.conv(x)
         taken = (self.pool(h).flatten(1), F.adaptive_avg_pool2d(h, 1).flatten(1), h.mean((2, 3)),
-                 h.mean([-1, -2], keepdim=True).flatten(1), torch.mean(h, dim=(2, 3)), h.mean(dim=[2, 3], keepdim=False))
+                 h.mean([-1, -2], keepdim=True).flatten(1), torch.mean(h, dim=(2, 3)),
+                 h.mean(dim=[2, 3], keepdim=False))
         left = (self.pool2(h).flatten(1), h.mean(1).flatten(1), h.mean((1, 2)))
         return torch.cat(taken + left, 1)
 
@@ -125,3 +126,17 @@ def test_saved_and_traced_copies_keep_the_pwcpu_calls(how):
 def test_only_axes_2_and_3_of_a_4d_tensor_are_pixel_axes():
     assert pt._pixel_axes((2, 3)) and pt._pixel_axes([-1, -2]) and pt._pixel_axes((3, -2))
     assert not any(pt._pixel_axes(d) for d in [(6, 3), (2, 7), (-6, 3), (1, 2), (2,), (2, 3, 1), (2.0, 3), "23", None])
+
+
+def test_plain_channels_last_tensors_reach_pwcpus_kernel(monkeypatch):
+    """The comparisons above test pwcpu's kernel only if plain tensors reach it: count its calls."""
+    calls = []
+    kernel = pt._core.channel_means
+    monkeypatch.setattr(pt._core, "channel_means", lambda *args: calls.append(args) or kernel(*args))
+    x = torch.randn(2, 6, 3, 4).contiguous(memory_format=torch.channels_last)
+    pt.adaptive_avg_pool_to_one(x)
+    pt.mean_over_pixels(x, (2, 3))
+    assert len(calls) == 2
+    pt.adaptive_avg_pool_to_one(x.contiguous())  # NCHW memory: PyTorch's reduction
+    pt.adaptive_avg_pool_to_one(x.clone().requires_grad_())
+    assert len(calls) == 2

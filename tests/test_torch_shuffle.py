@@ -185,3 +185,16 @@ def test_a_saved_copy_keeps_its_shuffles():
     x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(copied(x), converted(x), rtol=0, atol=0)
+
+
+def test_plain_equal_parts_reach_pwcpus_kernel(monkeypatch):
+    """The comparisons above test pwcpu's kernel only if plain tensors reach it: count its calls."""
+    calls = []
+    kernel = pt._core.interleave_channels
+    monkeypatch.setattr(pt._core, "interleave_channels", lambda *args: calls.append(args) or kernel(*args))
+    parts = [torch.randn(1, 4, 3, 3) for _ in range(2)]
+    pt.channel_shuffle(parts, 2)
+    assert len(calls) == 1
+    pt.channel_shuffle([p.clone().requires_grad_() for p in parts], 2)
+    pt.channel_shuffle(parts, 1)  # not one part a group: concatenated, then shuffled by PyTorch
+    assert len(calls) == 1

@@ -207,6 +207,13 @@ def _plain_operand(t, dims: Optional[int]) -> bool:
             and (t.dim() == dims if dims is not None else t.dim() >= 1))
 
 
+def _kernel_input(t) -> bool:
+    """A tensor the kernels may read and nothing has to record: a plain float32 CPU tensor, no
+    gradient wanted of it (the caller also checks that no tracing is under way)."""
+    return (type(t) is Tensor and t.dtype is torch.float32 and t.is_cpu
+            and not (t.requires_grad and torch.is_grad_enabled()))
+
+
 def _check_inference(op: str, *tensors: Optional[Tensor]) -> None:
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise RuntimeError(f"{op} is an inference module (converted by pwcpu) and computes no gradients; "
@@ -221,8 +228,7 @@ def _fast_lane(plan, geometries: Dict[torch.Size, tuple], x) -> Optional[Tensor]
     """The common call, with nothing on the way that costs more than it must: a plain float32 CPU
     tensor of a shape run before (its output's size and strides in ``geometries``), channels_last,
     no gradients, no tracing, straight to the plan; else None."""
-    if (type(x) is Tensor and x.dtype is torch.float32 and x.is_cpu and not torch.compiler.is_compiling()
-            and not (x.requires_grad and torch.is_grad_enabled())):
+    if _kernel_input(x) and not torch.compiler.is_compiling():
         geometry = geometries.get(x.shape)
         if geometry is not None:
             out = _new_output(*geometry)
@@ -707,8 +713,7 @@ class PwcpuChain(nn.Module):
         return self._one_by_one(x)
 
     def _eager_plain(self, x) -> bool:
-        return (type(x) is Tensor and not torch.compiler.is_compiling() and x.dtype is torch.float32 and x.is_cpu
-                and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()))
+        return _kernel_input(x) and x.dim() == 4 and not torch.compiler.is_compiling()
 
     def _run_for(self, x: Tensor) -> Optional[tuple]:
         """The buffered run for x's shape, if one was made with the layers' current weights (the
@@ -1202,8 +1207,7 @@ def channel_shuffle(parts: Sequence[Tensor], groups: int) -> Tensor:
     interleaves their channels, and the concatenation is never made."""
     if len(parts) == groups and all(p.shape == parts[0].shape for p in parts[1:]):
         n, per_group, h, w = parts[0].shape
-        if not torch.compiler.is_compiling() and all(type(p) is Tensor and p.dtype is torch.float32 and p.is_cpu
-                                                     and not p.requires_grad for p in parts):
+        if all(_kernel_input(p) for p in parts) and not torch.compiler.is_compiling():
             out = _new_output((n, h, w, per_group * groups)).permute(0, 3, 1, 2)
             _core.interleave_channels(out.data_ptr(), [(p.data_ptr(), p.shape, p.stride()) for p in parts])
             return out
@@ -1227,8 +1231,7 @@ def _pixel_axes(dim) -> bool:
 def _pixel_means(x, keepdim: bool) -> Optional[Tensor]:
     """The means of a 4-D tensor over H and W by pwcpu's kernel, for a float32 CPU tensor with
     contiguous channels (channels_last) outside autograd and tracing; else None."""
-    if type(x) is not Tensor or x.dtype is not torch.float32 or not x.is_cpu or x.dim() != 4 \
-            or (x.stride(1) != 1 and x.shape[1] > 1) or x.requires_grad or torch.compiler.is_compiling():
+    if not _kernel_input(x) or x.dim() != 4 or (x.stride(1) != 1 and x.shape[1] > 1) or torch.compiler.is_compiling():
         return None
     n, c = x.shape[:2]
     out = torch.empty((n, c, 1, 1) if keepdim else (n, c))
@@ -1269,7 +1272,8 @@ def _pool_pixels_on_pwcpu(graph_module: fx.GraphModule, report: List[str]) -> No
         elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d and len(node.args) == 2 \
                 and not node.kwargs and node.args[1] in (1, (1, 1), [1, 1]):
             replacement = (adaptive_avg_pool_to_one, node.args[:1])
-        elif (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+        elif (node.op == "call_method" and node.target == "mean") \
+                or (node.op == "call_function" and node.target is torch.mean):
             arguments = dict(zip(("x", "dim", "keepdim"), node.args), **node.kwargs)
             dims, keepdim = arguments.get("dim"), arguments.get("keepdim", False)
             if set(arguments) <= {"x", "dim", "keepdim"} and _pixel_axes(dims) and type(keepdim) is bool:
@@ -1302,8 +1306,8 @@ def _shuffle_channels_in_nhwc(graph: fx.Graph, report: List[str]) -> None:
                 or len(contiguous.users) != 1:
             continue
         transpose = contiguous.args[0]
-        if not (only(transpose, "call_function", (torch.transpose,)) or only(transpose, "call_method", ("transpose",))) \
-                or tuple(transpose.args[1:]) not in ((1, 2), (2, 1)) or len(transpose.users) != 1:
+        transposes = only(transpose, "call_function", (torch.transpose,)) or only(transpose, "call_method", ("transpose",))
+        if not transposes or tuple(transpose.args[1:]) not in ((1, 2), (2, 1)) or len(transpose.users) != 1:
             continue
         split = transpose.args[0]
         if not only(split, "call_method", ("view",)) or len(split.args) != 6 or len(split.users) != 1:
