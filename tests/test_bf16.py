@@ -141,19 +141,21 @@ def test_bfloat16_arrays_in_and_out(rng):
     np.testing.assert_array_equal(acc.view(np.uint16), expected.astype(bf16).view(np.uint16))
 
 
+@pytest.mark.parametrize("channels", [37, 36])  # odd: rows copied into pairs; even: pairs read in place
 @pytest.mark.parametrize("view,stride,padding", [("whole", 1, 0), ("strided", 2, 1), ("channel_slice", 1, 1),
                                                   ("reversed", 1, 0)])
-def test_bfloat16_x_read_as_it_is_equals_the_widened_path(isa, rng, view, stride, padding):
+def test_bfloat16_x_read_as_it_is_equals_the_widened_path(isa, rng, view, stride, padding, channels):
     """Where precision "bf16" has kernels of its own (a bfloat16 dot product, AMX), a 4-D bfloat16 x
     is read as it is, without a widening copy: the same values, so the same results, on any view."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     big = randn(rng, 2, 9, 11, 80).astype(ml_dtypes.bfloat16)
-    xb = {"whole": big[..., :37], "strided": big[:, ::2, 1::3, :37], "channel_slice": big[..., 5:42],
-          "reversed": big[:, ::-1, ::-1, :37]}[view]
+    c = channels
+    xb = {"whole": big[..., :c], "strided": big[:, ::2, 1::3, :c], "channel_slice": big[..., 5:5 + c],
+          "reversed": big[:, ::-1, ::-1, :c]}[view]
     if view == "whole":
         xb = np.ascontiguousarray(xb)
         xb.flags.writeable = False  # read only
-    weight, bias, residual_shape = randn(rng, 19, 37), randn(rng, 19), None
+    weight, bias, residual_shape = randn(rng, 19, c), randn(rng, 19), None
     layer = pwcpu.PointwiseConv(weight, bias, stride=stride, padding=padding, activation="relu", precision="bf16")
     assert layer._plan.reads_bfloat16 == (not float32_kernels()), isa
     expected = layer(xb.astype(np.float32))
@@ -174,6 +176,17 @@ def test_bfloat16_x_read_as_it_is_equals_the_widened_path(isa, rng, view, stride
     reversed_out = np.empty(expected.shape, ml_dtypes.bfloat16)[:, ::-1]
     layer(xb, out=reversed_out)
     np.testing.assert_array_equal(reversed_out.view(np.uint16), rounded)
+
+
+@pytest.mark.parametrize("c,groups,stride", [(36, 2, 1), (36, 2, 2), (2048, 1, 1), (1024, 1, 2)])
+def test_bfloat16_x_groups_and_pixels_4_kib_apart_equal_the_widened_path(isa, rng, c, groups, stride):
+    """bfloat16 rows read in place take each group's pairs from its own channels; pixels 4 KiB apart
+    (2048 channels, or 1024 at stride 2), whose rows would share L1's sets, are copied instead."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    xb = randn(rng, 1, 3, 5, c).astype(ml_dtypes.bfloat16)
+    layer = pwcpu.PointwiseConv(randn(rng, 8, c // groups), randn(rng, 8), stride=stride, groups=groups,
+                                activation="relu", precision="bf16")
+    np.testing.assert_array_equal(layer(xb), layer(xb.astype(np.float32)))
 
 
 def test_bfloat16_out_over_its_input_and_errors(rng):
