@@ -189,6 +189,18 @@ def test_bfloat16_x_groups_and_pixels_4_kib_apart_equal_the_widened_path(isa, rn
     np.testing.assert_array_equal(layer(xb), layer(xb.astype(np.float32)))
 
 
+@pytest.mark.parametrize("k", [1, 8, 16, 17, 31, 32, 33, 40, 64, 77])
+def test_bfloat16_out_written_by_the_kernels_for_every_column_count(isa, rng, k):
+    """The kernels round a tile's columns to bfloat16 as they store them, two vectors at a time where
+    they can: whole and partial pairs and a last single vector, for every number of columns."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    xb = randn(rng, 1, 3, 11, 24).astype(ml_dtypes.bfloat16)
+    layer = pwcpu.PointwiseConv(randn(rng, k, 24), randn(rng, k), activation="relu6", precision="bf16")
+    out = np.full((1, 3, 11, k), np.nan, ml_dtypes.bfloat16)
+    layer(xb, out=out)
+    np.testing.assert_array_equal(out.view(np.uint16), layer(xb).astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
 def test_bfloat16_out_over_its_input_and_errors(rng):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     x = randn(rng, 1, 3, 4, 6).astype(ml_dtypes.bfloat16)

@@ -37,6 +37,11 @@ struct Vec {
     static void store_bfloat16_n(uint16_t* p, R x, size_t n) {
         _mm256_mask_storeu_epi16(p, mask(n), (__m256i)_mm512_cvtneps_pbh(x));
     }
+    // The first n of 2W lanes (low's, then high's) likewise, in one conversion and one store.
+    static void store_bfloat16_pair_n(uint16_t* p, R low, R high, size_t n) {
+        const __mmask32 lanes = n >= 2 * W ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1u);
+        _mm512_mask_storeu_epi16(p, lanes, (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    }
 #endif
     static void store_stream_n(float* p, R x, size_t n) {
         if (n == W && reinterpret_cast<uintptr_t>(p) % 64 == 0) {

@@ -183,9 +183,13 @@ struct StoresBfloat16 : std::false_type {};
 template <class V>
 struct StoresBfloat16<V, std::void_t<decltype(V::store_bfloat16_n(static_cast<uint16_t*>(nullptr), typename V::R{}, size_t{}))>>
     : std::true_type {};
-template <class V>  // (looked up when used: only where V has it)
+template <class V>  // (looked up when used: only where V has them)
 PWCPU_INLINE void store_bfloat16_lanes(uint16_t* p, typename V::R x, size_t n) {
     V::store_bfloat16_n(p, x, n);
+}
+template <class V>
+PWCPU_INLINE void store_bfloat16_pair_lanes(uint16_t* p, typename V::R low, typename V::R high, size_t n) {
+    V::store_bfloat16_pair_n(p, low, high, n);
 }
 
 // A final tile's end, for every kernel family: the residual (joining after the sums, so that its
@@ -198,10 +202,17 @@ PWCPU_INLINE void store_tile(R (&acc)[MR][NV], const GemmTileArgs& p) {
     if constexpr (StoresBfloat16<Vec>::value) {
         if (p.c_bfloat16 != nullptr) {  // (no residual)
             activate_tile<MR, NV>(acc, p.act);
+            // Vectors in pairs: one conversion and one store for two (half as many of each as a
+            // vector at a time; on narrow layers they weigh against few multiply-adds).
 #pragma GCC unroll 32
-            for (int m = 0; m < MR; ++m)
+            for (int m = 0; m < MR; ++m) {
+                uint16_t* const row = p.c_bfloat16[m] + p.col;
 #pragma GCC unroll 4
-                for (int v = 0; v < NV; ++v) store_bfloat16_lanes<Vec>(p.c_bfloat16[m] + p.col + v * W, acc[m][v], lanes[v]);
+                for (int v = 0; v + 1 < NV; v += 2) {
+                    store_bfloat16_pair_lanes<Vec>(row + v * W, acc[m][v], acc[m][v + 1], lanes[v] + lanes[v + 1]);
+                }
+                if constexpr (NV % 2 == 1) store_bfloat16_lanes<Vec>(row + (NV - 1) * W, acc[m][NV - 1], lanes[NV - 1]);
+            }
             return;
         }
     }
