@@ -180,8 +180,9 @@ def test_bfloat16_x_read_as_it_is_equals_the_widened_path(isa, rng, view, stride
 
 @pytest.mark.parametrize("c,groups,stride", [(36, 2, 1), (36, 2, 2), (2048, 1, 1), (1024, 1, 2)])
 def test_bfloat16_x_groups_and_pixels_4_kib_apart_equal_the_widened_path(isa, rng, c, groups, stride):
-    """bfloat16 rows read in place take each group's pairs from its own channels; pixels 4 KiB apart
-    (2048 channels, or 1024 at stride 2), whose rows would share L1's sets, are copied instead."""
+    """bfloat16 rows read in place take each group's pairs from its own channels. Pixels 4 KiB apart
+    (2048 channels, or 1024 at stride 2), whose rows would share L1's sets, are copied instead: for
+    speed only, which this test cannot see; it holds the copied rows' values."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     xb = randn(rng, 1, 3, 5, c).astype(ml_dtypes.bfloat16)
     layer = pwcpu.PointwiseConv(randn(rng, 8, c // groups), randn(rng, 8), stride=stride, groups=groups,
